@@ -1,0 +1,24 @@
+"""Build the compiled core (Cython sources in cython/); everything else is in setup.cfg."""
+import numpy
+import zmq
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+compile_args = ["-O3"]
+
+extensions = [
+    Extension(
+        "tango_dectris_live.receiver._headers",
+        ["cython/headers.pyx"],
+        extra_compile_args=compile_args,
+    ),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
+        include_path=zmq.get_includes(),
+    ),
+    include_dirs=[numpy.get_include()] + zmq.get_includes(),
+)

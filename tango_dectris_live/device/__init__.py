@@ -1,0 +1,1 @@
+"""The DectrisLive Tango device: a thin translation of Tango calls onto the layers below."""

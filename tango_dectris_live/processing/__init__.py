@@ -1,0 +1,1 @@
+"""Live analysis: LiberTEM live dataset, analyses registry, acquisition runner, result snapshots."""

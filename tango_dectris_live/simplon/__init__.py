@@ -1,0 +1,1 @@
+"""DCU (SIMPLON REST) client: typed parameters with metadata, commands, specific errors. Tango-free."""
