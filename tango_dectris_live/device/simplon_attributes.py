@@ -1,0 +1,160 @@
+"""How a SIMPLON parameter becomes a Tango attribute: its name, type, format and limits.
+
+Names: detector config keys keep their SIMPLON name (``count_time``); ``/`` becomes ``_``
+(``threshold/1/energy`` → ``threshold_1_energy``); detector status ``state``/``error`` become
+``detector_state``/``detector_error``; keys of the other modules carry the module as prefix
+(``stream_mode``, ``filewriter_name_pattern``, ``stream_dropped``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import tango
+
+from ..simplon.parameters import ParameterInfo
+
+# Keys clients can rely on: created from the DCU's metadata like every other key, but listed here
+# so that a DCU without ``keys`` listings (older firmware, other simulators) still gets them.
+CORE_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("detector", "config"): (
+        "count_time", "frame_time", "nimages", "ntrigger", "trigger_mode", "photon_energy",
+        "threshold_energy", "compression", "roi_mode", "bit_depth_image", "x_pixels_in_detector",
+        "y_pixels_in_detector", "description", "beam_center_x", "beam_center_y",
+    ),
+    ("detector", "status"): ("state", "temperature", "humidity"),
+    ("stream", "config"): ("mode", "format", "header_detail", "header_appendix", "image_appendix"),
+    ("stream", "status"): ("state", "dropped"),
+    ("filewriter", "config"): ("mode", "name_pattern", "nimages_per_file"),
+    ("monitor", "config"): ("mode",),
+}
+
+# Keys the DCU answers but does not list (SIMPLON.md §1.1 quirks).
+UNLISTED_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("detector", "config"): ("wavelength",),
+    ("detector", "status"): ("error",),
+}
+
+_DETECTOR_STATUS_RENAMES = {"state": "detector_state", "error": "detector_error"}
+
+# 2-D values (flatfield, pixel mask) are megabytes and not parameters a scientist sets from a GUI.
+_SKIPPED_VALUE_TYPES = {"float[][]", "uint[][]", "int[][]"}
+
+_SCALAR_TYPES = {
+    "bool": tango.CmdArgType.DevBoolean,
+    "float": tango.CmdArgType.DevDouble,
+    "int": tango.CmdArgType.DevLong64,
+    "uint": tango.CmdArgType.DevLong64,
+    "string": tango.CmdArgType.DevString,
+    "date": tango.CmdArgType.DevString,
+    "datetime": tango.CmdArgType.DevString,
+    "State": tango.CmdArgType.DevString,
+}
+_SPECTRUM_TYPES = {
+    "list": tango.CmdArgType.DevString,
+    "string[]": tango.CmdArgType.DevString,
+    "float[]": tango.CmdArgType.DevDouble,
+    "int[]": tango.CmdArgType.DevLong64,
+    "uint[]": tango.CmdArgType.DevLong64,
+}
+MAX_SPECTRUM_LENGTH = 4096
+
+
+def attribute_name(module: str, task: str, key: str) -> str:
+    """The Tango attribute name of a SIMPLON key (see the module docstring)."""
+    flat = key.replace("/", "_").replace("-", "_")
+    if module == "detector":
+        if task == "status":
+            return _DETECTOR_STATUS_RENAMES.get(key, flat)
+        return flat
+    return f"{module}_{flat}"
+
+
+@dataclass(frozen=True)
+class SimplonAttribute:
+    """One SIMPLON parameter exposed as a Tango attribute."""
+
+    name: str
+    info: ParameterInfo
+    dtype: tango.CmdArgType
+    dformat: tango.AttrDataFormat
+    access: tango.AttrWriteType
+    enum_labels: tuple[str, ...] = ()
+
+    @property
+    def module(self) -> str:
+        return self.info.module
+
+    @property
+    def key(self) -> str:
+        return self.info.key
+
+    def to_tango(self, value: Any) -> Any:
+        """DCU value → the value Tango sends (enum index, empty list for null spectra...)."""
+        if self.enum_labels:
+            if value not in self.enum_labels:
+                raise ValueError(f"the DCU reports {self.key} = {value!r}, which is not one of its "
+                                 f"allowed values {list(self.enum_labels)}")
+            return self.enum_labels.index(value)
+        if self.dformat == tango.AttrDataFormat.SPECTRUM:
+            return [] if value is None else list(value)
+        if value is None:
+            raise ValueError(f"the DCU reports no valid value for {self.key} (null)")
+        return value
+
+    def from_tango(self, value: Any) -> Any:
+        """A written Tango value → the DCU value."""
+        if self.enum_labels:
+            return self.enum_labels[int(value)]
+        if self.dformat == tango.AttrDataFormat.SPECTRUM:
+            return [v.item() if hasattr(v, "item") else v for v in value]
+        if hasattr(value, "item"):  # numpy scalar → plain Python for JSON
+            return value.item()
+        return value
+
+
+def describe_attribute(info: ParameterInfo) -> SimplonAttribute | None:
+    """The Tango description of a parameter, or None if it is not exposed (2-D arrays,
+    unknown value types)."""
+    if info.value_type in _SKIPPED_VALUE_TYPES:
+        return None
+    name = attribute_name(info.module, info.task, info.key)
+    writable = info.task == "config" and info.writable
+    access = tango.AttrWriteType.READ_WRITE if writable else tango.AttrWriteType.READ
+    if info.value_type in _SPECTRUM_TYPES:
+        return SimplonAttribute(name, info, _SPECTRUM_TYPES[info.value_type],
+                                tango.AttrDataFormat.SPECTRUM, access)
+    dtype = _SCALAR_TYPES.get(info.value_type)
+    if dtype is None:
+        return None
+    labels: tuple[str, ...] = ()
+    if dtype == tango.CmdArgType.DevString and info.allowed_values and writable:
+        labels = tuple(str(v) for v in info.allowed_values)
+        dtype = tango.CmdArgType.DevEnum
+    return SimplonAttribute(name, info, dtype, tango.AttrDataFormat.SCALAR, access, labels)
+
+
+def tango_attribute_kwargs(attr: SimplonAttribute) -> dict[str, Any]:
+    """Keyword arguments for ``tango.server.attribute`` (unit, limits, labels, description)."""
+    info = attr.info
+    kwargs: dict[str, Any] = {
+        "name": attr.name,
+        "dtype": attr.dtype,
+        "dformat": attr.dformat,
+        "access": attr.access,
+        "doc": f"SIMPLON {info.module}/{info.task}/{info.key} ({info.value_type}, "
+               f"access {info.access_mode})",
+    }
+    if attr.dformat == tango.AttrDataFormat.SPECTRUM:
+        kwargs["max_dim_x"] = MAX_SPECTRUM_LENGTH
+    if info.unit:
+        kwargs["unit"] = info.unit
+    numeric = attr.dtype in (tango.CmdArgType.DevDouble, tango.CmdArgType.DevLong64)
+    if numeric and attr.dformat == tango.AttrDataFormat.SCALAR:
+        if info.min is not None:
+            kwargs["min_value"] = str(info.min)
+        if info.max is not None and info.max <= 2**63 - 1:
+            kwargs["max_value"] = str(info.max)
+    if attr.enum_labels:
+        kwargs["enum_labels"] = list(attr.enum_labels)
+    return kwargs

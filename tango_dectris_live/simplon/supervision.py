@@ -1,0 +1,200 @@
+"""Watching a DCU: its state, its reachability, and the slow commands running against it.
+
+The device layer turns a :class:`DetectorHealth` into a Tango State/Status; everything that decides
+*what* the health is lives here so it can be tested without Tango.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from .client import DetectorClient
+from .errors import DcuConnectionError, SimplonError
+
+log = logging.getLogger(__name__)
+
+
+class DetectorCondition(enum.Enum):
+    UNREACHABLE = "unreachable"  # no answer from the DCU (reconnecting)
+    NOT_INITIALIZED = "not_initialized"  # SIMPLON state "na": Initialize is needed
+    INITIALIZING = "initializing"
+    IDLE = "idle"
+    BUSY = "busy"  # configure / ready / acquire, or a blocking command in progress
+    ERROR = "error"  # SIMPLON state "error", or a command failed
+
+
+# SIMPLON detector/status/state values (SIMPLON.md §2.2) → condition.
+_CONDITION_OF_STATE = {
+    "na": DetectorCondition.NOT_INITIALIZED,
+    "initialize": DetectorCondition.INITIALIZING,
+    "idle": DetectorCondition.IDLE,
+    "configure": DetectorCondition.BUSY,
+    "ready": DetectorCondition.BUSY,
+    "acquire": DetectorCondition.BUSY,
+    "test": DetectorCondition.BUSY,
+    "error": DetectorCondition.ERROR,
+}
+
+
+@dataclass(frozen=True)
+class DetectorHealth:
+    condition: DetectorCondition
+    dcu_state: str | None  # the raw SIMPLON state, None when unreachable
+    message: str  # one human sentence for Status
+
+
+class DetectorSupervisor:
+    """Polls ``detector/status/state`` and reports every change of health.
+
+    ``on_change`` is called from the polling thread (or from the thread that called
+    :meth:`refresh`) whenever the health differs from the previous one; ``on_reconnect`` once each
+    time the DCU answers again after being unreachable (and at the first successful poll), so the
+    caller can (re)read the DCU's parameter set.
+    """
+
+    def __init__(self, client: DetectorClient, poll_period: float = 1.0,
+                 on_change: Callable[[DetectorHealth], None] | None = None,
+                 on_reconnect: Callable[[], None] | None = None) -> None:
+        self.client = client
+        self.poll_period = poll_period
+        self._on_change = on_change
+        self._on_reconnect = on_reconnect
+        self._lock = threading.Lock()
+        self._health = DetectorHealth(DetectorCondition.UNREACHABLE, None,
+                                      f"not yet connected to the DCU at {client.host}:{client.port}")
+        self._reachable = False
+        self._running_command: str | None = None
+        self._last_command_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._background: threading.Thread | None = None
+
+    @property
+    def health(self) -> DetectorHealth:
+        with self._lock:
+            return self._health
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll_loop, name="dcu-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, 2 * self.poll_period))
+            self._thread = None
+        if self._background is not None:
+            self._background.join(timeout=1.0)
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(self.poll_period)
+
+    def refresh(self) -> DetectorHealth:
+        """Poll the DCU now and publish the resulting health."""
+        was_reachable = self._reachable
+        try:
+            dcu_state = self.client.state()
+        except DcuConnectionError as exc:
+            self._reachable = False
+            return self._publish(DetectorHealth(
+                DetectorCondition.UNREACHABLE, None,
+                f"DCU unreachable: {exc}; retrying every {self.poll_period:g} s"))
+        except SimplonError as exc:
+            self._reachable = True
+            return self._publish(DetectorHealth(
+                DetectorCondition.ERROR, None, f"DCU answered the state request with an error: {exc}"))
+        self._reachable = True
+        if not was_reachable and self._on_reconnect is not None:
+            try:
+                self._on_reconnect()
+            except SimplonError as exc:
+                # The DCU went away again while its parameters were read: retry on the next poll.
+                self._reachable = False
+                return self._publish(DetectorHealth(
+                    DetectorCondition.UNREACHABLE, None,
+                    f"DCU answered but reading its parameters failed: {exc}; retrying"))
+        return self._publish(self._health_from_state(dcu_state))
+
+    def _health_from_state(self, dcu_state: str) -> DetectorHealth:
+        condition = _CONDITION_OF_STATE.get(dcu_state)
+        if condition is None:
+            return DetectorHealth(DetectorCondition.ERROR, dcu_state,
+                                  f"DCU reports an unknown state {dcu_state!r}")
+        with self._lock:
+            running, failed = self._running_command, self._last_command_error
+        if running is not None:
+            return DetectorHealth(
+                DetectorCondition.INITIALIZING if running == "initialize" else DetectorCondition.BUSY,
+                dcu_state, f"{running} in progress (DCU state {dcu_state})")
+        if condition is DetectorCondition.ERROR:
+            return DetectorHealth(condition, dcu_state, f"DCU in error: {self._read_dcu_error()}")
+        if failed is not None and condition is not DetectorCondition.BUSY:
+            return DetectorHealth(DetectorCondition.ERROR, dcu_state, failed)
+        messages = {
+            DetectorCondition.NOT_INITIALIZED: "detector not initialized (DCU state na): run Initialize",
+            DetectorCondition.INITIALIZING: "detector initializing",
+            DetectorCondition.IDLE: "detector idle",
+            DetectorCondition.BUSY: f"detector {dcu_state}",
+        }
+        return DetectorHealth(condition, dcu_state, messages[condition])
+
+    def _read_dcu_error(self) -> str:
+        try:
+            error = self.client.get_value("detector", "status", "error")
+        except SimplonError as exc:
+            return f"(the DCU's error text could not be read: {exc})"
+        if isinstance(error, list):
+            error = "; ".join(str(e) for e in error)
+        return str(error) if error else "(the DCU gives no error text)"
+
+    def _publish(self, health: DetectorHealth) -> DetectorHealth:
+        with self._lock:
+            changed = health != self._health
+            self._health = health
+        if changed and self._on_change is not None:
+            self._on_change(health)
+        return health
+
+    # -- blocking commands -------------------------------------------------------------------
+
+    def run_in_background(self, name: str, action: Callable[[], object]) -> None:
+        """Run a command that blocks on the DCU (initialize, an ints trigger) without blocking
+        the caller; health says BUSY/INITIALIZING meanwhile and ERROR with the reason if it fails.
+        Only one such command runs at a time."""
+        with self._lock:
+            if self._running_command is not None:
+                raise SimplonError(f"cannot {name}: {self._running_command} is still in progress")
+            self._running_command = name
+            self._last_command_error = None
+        self._background = threading.Thread(target=self._run_command, args=(name, action),
+                                            name=f"dcu-{name}", daemon=True)
+        self._background.start()
+        self.refresh()
+
+    def _run_command(self, name: str, action: Callable[[], object]) -> None:
+        error = None
+        try:
+            action()
+        except SimplonError as exc:
+            error = f"{name} failed: {exc}"
+            log.error(error)
+        with self._lock:
+            self._running_command = None
+            self._last_command_error = error
+        self.refresh()
+
+    def clear_command_error(self) -> None:
+        """Forget the last failed command (a new command was accepted)."""
+        with self._lock:
+            self._last_command_error = None
+
+    @property
+    def running_command(self) -> str | None:
+        with self._lock:
+            return self._running_command

@@ -1,0 +1,74 @@
+"""The server as a user runs it: `tango-dectris-live INSTANCE` against an embedded Tango database."""
+from __future__ import annotations
+
+import pytest
+import tango
+from tango import DevState
+
+from tango_dectris_live.device.embedded_db import EmbeddedTangoDatabase
+
+from ..waiting import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DEVICE = "test/dectris/1"
+
+
+@pytest.fixture
+def tango_db():
+    with EmbeddedTangoDatabase() as db:
+        yield db
+
+
+def test_entry_point_serves_the_device_from_the_database(tango_db, simulator):
+    tango_db.register_device("it", DEVICE, {"DcuHost": "127.0.0.1", "DcuPort": simulator.port,
+                                            "StatePollPeriod": 0.1})
+    tango_db.start_server("it", DEVICE)
+    proxy = tango.DeviceProxy(f"tango://{tango_db.tango_host}/{DEVICE}")
+    assert proxy.info().dev_class == "DectrisLive"
+    assert proxy.get_property("DcuPort")["DcuPort"] == [str(simulator.port)]
+    assert proxy.state() == DevState.OFF
+    proxy.Initialize()
+    wait_for(lambda: proxy.state() == DevState.ON, what="ON after Initialize")
+    proxy.nimages = 4
+    assert proxy.nimages == 4
+    labels = list(proxy.get_attribute_config("trigger_mode").enum_labels)
+    proxy.trigger_mode = labels.index("exts")
+    series = proxy.Arm()
+    assert proxy.state() == DevState.RUNNING
+    assert proxy.Disarm() == series
+    wait_for(lambda: proxy.state() == DevState.ON, what="ON after Disarm")
+
+
+def test_entry_point_without_database(simulator, tmp_path):
+    """-nodb -port N -dlist NAME with the DCU address given by --dcu."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tango_dectris_live.device.embedded_db import stop_process
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "tango-dectris-live"
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(exe), "nodb", "-nodb", "-port", str(port), "-dlist", DEVICE,
+                                 "-ORBendPoint", f"giop:tcp:127.0.0.1:{port}",
+                                 "--dcu", f"127.0.0.1:{simulator.port}"], stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        proxy = tango.DeviceProxy(f"tango://127.0.0.1:{port}/{DEVICE}#dbase=no")
+
+        def answers():
+            try:
+                return proxy.state()
+            except tango.DevFailed:
+                assert proc.poll() is None, log.read_text()
+                return None
+
+        assert wait_for(answers, what="the -nodb server to answer") == DevState.OFF
+    finally:
+        stop_process(proc)

@@ -1,0 +1,191 @@
+"""The DectrisLive device against the simulator, in its own process (DeviceTestContext)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import tango
+from tango import DevState
+from tango.test_context import DeviceTestContext
+
+from tango_dectris_live.device.dectris_live import DectrisLive
+
+from .waiting import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+class EventLog:
+    """Collects change events of one attribute from a subscription."""
+
+    def __init__(self) -> None:
+        self.values: list = []
+        self.errors: list = []
+        self._lock = threading.Lock()
+
+    def push_event(self, event) -> None:
+        with self._lock:
+            if event.err:
+                self.errors.append(event.errors)
+            else:
+                self.values.append(event.attr_value.value)
+
+    def snapshot(self) -> list:
+        with self._lock:
+            return list(self.values)
+
+
+@pytest.fixture
+def device(simulator):
+    properties = {"DcuHost": "127.0.0.1", "DcuPort": simulator.port, "StatePollPeriod": 0.1}
+    with DeviceTestContext(DectrisLive, properties=properties, process=True, timeout=30) as proxy:
+        yield proxy
+
+
+def wait_state(proxy, state, timeout=20.0):
+    return wait_for(lambda: proxy.state() == state, timeout, f"State {state} (Status: {proxy.status()})")
+
+
+def initialized(proxy):
+    proxy.Initialize()
+    wait_state(proxy, DevState.ON)
+    return proxy
+
+
+def test_starts_off_until_initialized(device):
+    assert device.state() == DevState.OFF
+    assert "Initialize" in device.status()
+    initialized(device)
+    assert "idle" in device.status()
+
+
+def test_core_attributes_carry_dcu_metadata(device):
+    initialized(device)
+    names = {n.lower() for n in device.get_attribute_list()}
+    for name in ("count_time", "frame_time", "nimages", "ntrigger", "trigger_mode", "photon_energy",
+                 "compression", "roi_mode", "bit_depth_image", "x_pixels_in_detector",
+                 "y_pixels_in_detector", "description", "detector_state", "temperature", "humidity",
+                 "stream_mode", "stream_format", "stream_header_detail", "filewriter_mode",
+                 "filewriter_name_pattern", "filewriter_nimages_per_file", "monitor_mode",
+                 "threshold_1_energy"):
+        assert name in names, f"{name} missing"
+    count_time = device.get_attribute_config("count_time")
+    assert count_time.unit == "s"
+    assert float(count_time.max_value) > float(count_time.min_value) > 0
+    assert count_time.writable == tango.AttrWriteType.READ_WRITE
+    trigger_mode = device.get_attribute_config("trigger_mode")
+    assert set(trigger_mode.enum_labels) >= {"ints", "inte", "exts", "exte"}
+    assert device.get_attribute_config("x_pixels_in_detector").writable == tango.AttrWriteType.READ
+    assert device.x_pixels_in_detector == 512 and device.y_pixels_in_detector == 512
+    assert "QUADRO" in device.description
+    assert device.detector_state == "idle"
+
+
+def test_writes_go_to_the_dcu_and_limits_are_enforced(device, simulator):
+    initialized(device)
+    device.nimages = 7
+    assert device.nimages == 7
+    labels = list(device.get_attribute_config("trigger_mode").enum_labels)
+    device.trigger_mode = labels.index("exts")
+    assert labels[device.trigger_mode] == "exts"
+    maximum = float(device.get_attribute_config("count_time").max_value)
+    with pytest.raises(tango.DevFailed) as failure:
+        device.count_time = maximum * 10
+    assert f"{maximum:g}"[:4] in str(failure.value) or str(int(maximum)) in str(failure.value)
+    assert device.count_time < maximum * 10
+
+
+def test_side_effects_of_a_write_are_pushed_as_events(device):
+    initialized(device)
+    device.count_time = 0.001
+    device.frame_time = 0.001
+    log = EventLog()
+    event_id = device.subscribe_event("frame_time", tango.EventType.CHANGE_EVENT, log)
+    try:
+        device.count_time = 0.5  # longer than frame_time: the DCU lengthens frame_time
+        frame_time = device.frame_time
+        assert frame_time >= 0.5
+        wait_for(lambda: any(v is not None and abs(v - frame_time) < 1e-12 for v in log.snapshot()),
+                 what="a frame_time change event with the DCU's new value")
+    finally:
+        device.unsubscribe_event(event_id)
+
+
+def test_commands_and_state_transitions_with_events(device):
+    log = EventLog()
+    event_id = device.subscribe_event("State", tango.EventType.CHANGE_EVENT, log)
+    try:
+        initialized(device)
+        device.trigger_mode = list(device.get_attribute_config("trigger_mode").enum_labels).index("ints")
+        device.count_time = 0.01
+        device.frame_time = 0.01
+        device.nimages = 20
+        device.ntrigger = 1
+        first = device.Arm()
+        assert device.state() == DevState.RUNNING
+        device.Trigger()
+        wait_state(device, DevState.ON)  # the detector disarms itself after the series
+        second = device.Arm()
+        assert second == first + 1
+        assert device.Disarm() == second
+        wait_state(device, DevState.ON)
+        states = wait_for(lambda: (s := log.snapshot()) and DevState.RUNNING in s and s[-1] == DevState.ON and s,
+                          what="State events up to ON after the series")
+        assert states[0] in (DevState.OFF, DevState.UNKNOWN)
+        assert DevState.ON in states and DevState.RUNNING in states
+    finally:
+        device.unsubscribe_event(event_id)
+
+
+def test_cancel_and_abort_return_the_series(device):
+    initialized(device)
+    device.count_time = 0.05
+    device.frame_time = 0.05
+    device.nimages = 1000
+    series = device.Arm()
+    device.Trigger()
+    assert device.Cancel() == series
+    wait_state(device, DevState.ON)
+    series = device.Arm()
+    assert device.Abort() == series
+    wait_state(device, DevState.ON)
+
+
+def test_bad_commands_are_refused_with_the_dcu_message(device):
+    initialized(device)
+    with pytest.raises(tango.DevFailed):
+        device.Trigger()  # not armed: Tango refuses (state ON)
+    device.trigger_mode = list(device.get_attribute_config("trigger_mode").enum_labels).index("exts")
+    device.Arm()
+    with pytest.raises(tango.DevFailed):
+        device.Arm()  # already armed: the DCU refuses
+    device.Disarm()
+
+
+def test_unreachable_dcu_then_reconnection(simulator):
+    from sim.server import SimulatorServer
+
+    port = simulator.port
+    properties = {"DcuHost": "127.0.0.1", "DcuPort": port, "StatePollPeriod": 0.1}
+    with DeviceTestContext(DectrisLive, properties=properties, process=True, timeout=30) as proxy:
+        initialized(proxy)
+        simulator.stop()
+        wait_state(proxy, DevState.UNKNOWN)
+        assert "unreachable" in proxy.status() and str(port) in proxy.status()
+        with pytest.raises(tango.DevFailed):
+            proxy.Arm()
+        restarted = SimulatorServer(host="127.0.0.1", port=port, model="QUADRO")
+        restarted.start()
+        try:
+            wait_state(proxy, DevState.OFF)  # a fresh DCU needs Initialize again
+            initialized(proxy)
+            proxy.nimages = 3
+            assert proxy.nimages == 3
+        finally:
+            restarted.stop()
+
+
+def test_missing_dcu_host_is_a_clear_fault():
+    with DeviceTestContext(DectrisLive, properties={}, process=True, timeout=30) as proxy:
+        assert proxy.state() == DevState.FAULT
+        assert "DcuHost" in proxy.status()
