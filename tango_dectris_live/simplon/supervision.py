@@ -189,6 +189,14 @@ class DetectorSupervisor:
             self._last_command_error = error
         self.refresh()
 
+    def wait_for_command(self, timeout: float) -> bool:
+        """Wait until the background command (if any) has finished; False on timeout."""
+        thread = self._background
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
     def clear_command_error(self) -> None:
         """Forget the last failed command (a new command was accepted)."""
         with self._lock:
