@@ -12,6 +12,17 @@ extensions = [
         ["cython/headers.pyx"],
         extra_compile_args=compile_args,
     ),
+    Extension(
+        "tango_dectris_live.receiver._receiver",
+        ["cython/receiver.pyx"],
+        extra_compile_args=compile_args,
+        define_macros=[("_GNU_SOURCE", None)],  # memmem()
+    ),
+    Extension(
+        "sim._fastsend",
+        ["cython/sim_fastsend.pyx"],
+        extra_compile_args=compile_args,
+    ),
 ]
 
 setup(

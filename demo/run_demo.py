@@ -113,7 +113,7 @@ def run(output: Path, model: str) -> dict:
         summary["series"] = series
         summary["state_events"] = recorder.events
         summary["settings"] = {name: proxy.read_attribute(name).value for name in settings}
-        summary["description"] = proxy.description
+        summary["description"] = proxy.read_attribute("description").value
     finally:
         db.stop()
         if sim_proc is not None:

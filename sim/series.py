@@ -8,6 +8,7 @@ replay) without touching the state machine.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -84,8 +85,13 @@ class NullStreamSink:
 
     def send_frames(self, series: SeriesInfo, first_frame: int, count: int, period_s: float,
                     stop: threading.Event) -> int:
+        # Pace against a deadline (start + i*period) so per-frame overhead does not add up.
+        start = time.monotonic()
         for sent in range(count):
-            if stop.wait(period_s) if period_s > 0 else stop.is_set():
+            if period_s > 0:
+                if stop.wait(max(0.0, start + (sent + 1) * period_s - time.monotonic())):
+                    return sent
+            elif stop.is_set():
                 return sent
         return count
 

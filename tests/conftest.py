@@ -1,10 +1,17 @@
 """Shared pytest fixtures: the real captures in ../shared/testdata and the simulator."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 from pathlib import Path
 
 import pytest
+
+# Device servers started by DeviceTestContext(process=True) must not be forked from a test process
+# that holds a simulator's sockets: a forked child keeps the listening socket open, so a "stopped"
+# simulator still accepts connections and its port cannot be bound again. forkserver children are
+# exec'ed, and Python sockets are close-on-exec.
+multiprocessing.set_start_method("forkserver", force=True)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = Path(os.environ.get("DECTRIS_TESTDATA", PROJECT_ROOT.parent / "shared" / "testdata"))

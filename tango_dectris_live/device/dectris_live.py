@@ -16,7 +16,7 @@ from tango import DevState
 from tango.server import Device, command, device_property
 
 from ..simplon.client import DetectorClient
-from ..simplon.errors import SimplonError, UnknownParameterError
+from ..simplon.errors import DetectorNotInitializedError, SimplonError, UnknownParameterError
 from ..simplon.supervision import DetectorCondition, DetectorHealth, DetectorSupervisor
 from .simplon_attributes import (
     CORE_KEYS,
@@ -128,21 +128,22 @@ class DectrisLive(Device):
 
     def _build_simplon_attributes(self) -> None:
         """Create an attribute for every parameter the DCU lists (plus the core set and the
-        unlisted quirks). Config parameters only exist after Initialize, so this runs again
-        when the DCU leaves the ``na`` state; existing attributes are kept."""
+        unlisted quirks). Before Initialize (``na``) a DCU answers only its state, so the rest is
+        built when it leaves ``na``; existing attributes are kept."""
         dcu_state = self._client.state()
         with self._attribute_lock:
             missing = []
             for module, task in _PARAMETER_GROUPS:
-                if task == "config" and dcu_state == "na":
+                if dcu_state == "na" and (module, task) != ("detector", "status"):
                     continue
-                for key in self._keys_of(module, task, missing):
+                keys = ["state"] if dcu_state == "na" else self._keys_of(module, task, missing)
+                for key in keys:
                     name = attribute_name(module, task, key)
                     if name in self._attributes:
                         continue
                     try:
                         info = self._client.describe(module, task, key)
-                    except UnknownParameterError:
+                    except (UnknownParameterError, DetectorNotInitializedError):
                         if key in CORE_KEYS.get((module, task), ()):
                             missing.append(f"{module}/{task}/{key}")
                         continue
@@ -217,6 +218,11 @@ class DectrisLive(Device):
 
     # -- SIMPLON commands -------------------------------------------------------------------
 
+    def _require(self, condition: bool, name: str, reason: str) -> None:
+        if not condition:
+            tango.Except.throw_exception("CommandNotAllowed", f"{name} refused in State "
+                                         f"{self.get_state()}: {reason}", f"DectrisLive.{name}")
+
     def _call(self, name: str, action: Callable[[], Any]) -> Any:
         if self._supervisor is None:
             tango.Except.throw_exception("NotConfigured", self.get_status(), f"DectrisLive.{name}")
@@ -236,11 +242,15 @@ class DectrisLive(Device):
 
     @command(dtype_out=int, doc_out="the series id of the armed series")
     def Arm(self) -> int:
+        self._require(self.get_state() in (DevState.ON, DevState.FAULT), "Arm",
+                      "the detector must be idle (State ON) to arm")
         return self._call("Arm", self._client.arm)
 
     @command(doc_in="Software trigger (ints/inte). Returns at once; in ints the series runs in the "
                     "background and State is RUNNING until it is done")
     def Trigger(self) -> None:
+        self._require(self.get_state() == DevState.RUNNING and self._supervisor.running_command is None,
+                      "Trigger", "the detector must be armed (State RUNNING, no trigger in progress)")
         self._call("Trigger",
                    lambda: self._supervisor.run_in_background("trigger", self._client.trigger))
 
@@ -255,12 +265,6 @@ class DectrisLive(Device):
     @command(dtype_out=int, doc_out="the series id")
     def Abort(self) -> int:
         return self._call("Abort", self._client.abort)
-
-    def is_Arm_allowed(self) -> bool:
-        return self.get_state() not in (DevState.UNKNOWN, DevState.OFF, DevState.INIT)
-
-    def is_Trigger_allowed(self) -> bool:
-        return self.get_state() == DevState.RUNNING and self._supervisor.running_command is None
 
     # -- helpers for clients ----------------------------------------------------------------
 

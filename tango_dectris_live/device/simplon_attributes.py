@@ -113,6 +113,20 @@ class SimplonAttribute:
         return value
 
 
+def _limit(value: float | int | None) -> str:
+    return "-inf" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _usable_as_enum(values: tuple | list) -> bool:
+    """Whether allowed values can be DevEnum labels. PyTango clients build a Python Enum from the
+    labels (space-separated names), so a label that is empty, contains a space (filewriter
+    ``format``: "hdf5 nexus legacy nxmx") or repeats would break every client of the device;
+    such keys stay strings, and the DCU client checks the value against the allowed list."""
+    labels = [str(v) for v in values]
+    return (bool(labels) and len(set(labels)) == len(labels)
+            and all(label and not any(c.isspace() for c in label) for label in labels))
+
+
 def describe_attribute(info: ParameterInfo) -> SimplonAttribute | None:
     """The Tango description of a parameter, or None if it is not exposed (2-D arrays,
     unknown value types)."""
@@ -128,7 +142,7 @@ def describe_attribute(info: ParameterInfo) -> SimplonAttribute | None:
     if dtype is None:
         return None
     labels: tuple[str, ...] = ()
-    if dtype == tango.CmdArgType.DevString and info.allowed_values and writable:
+    if dtype == tango.CmdArgType.DevString and writable and _usable_as_enum(info.allowed_values):
         labels = tuple(str(v) for v in info.allowed_values)
         dtype = tango.CmdArgType.DevEnum
     return SimplonAttribute(name, info, dtype, tango.AttrDataFormat.SCALAR, access, labels)
@@ -145,16 +159,18 @@ def tango_attribute_kwargs(attr: SimplonAttribute) -> dict[str, Any]:
         "doc": f"SIMPLON {info.module}/{info.task}/{info.key} ({info.value_type}, "
                f"access {info.access_mode})",
     }
+    if info.allowed_values and not attr.enum_labels:
+        kwargs["doc"] += "; allowed values: " + ", ".join(repr(v) for v in info.allowed_values)
     if attr.dformat == tango.AttrDataFormat.SPECTRUM:
         kwargs["max_dim_x"] = MAX_SPECTRUM_LENGTH
     if info.unit:
         kwargs["unit"] = info.unit
-    numeric = attr.dtype in (tango.CmdArgType.DevDouble, tango.CmdArgType.DevLong64)
-    if numeric and attr.dformat == tango.AttrDataFormat.SCALAR:
-        if info.min is not None:
-            kwargs["min_value"] = str(info.min)
-        if info.max is not None and info.max <= 2**63 - 1:
-            kwargs["max_value"] = str(info.max)
+    # The DCU's limits are NOT set as Tango min_value/max_value: cppTango would then refuse an
+    # out-of-range write itself, with a message that does not name the limit. The DCU client
+    # refuses it instead ("count_time: 5000 s is above the maximum 3600 s"); the limits are in
+    # the description, and ``limits`` below, for GUIs.
+    if info.min is not None or info.max is not None:
+        kwargs["doc"] += f"; range {_limit(info.min)} .. {_limit(info.max)} {info.unit}".rstrip()
     if attr.enum_labels:
         kwargs["enum_labels"] = list(attr.enum_labels)
     return kwargs

@@ -1,1 +1,33 @@
 """Python face of the compiled receiver: ZeroMQ stream into shared-memory frame stacks."""
+from .decode import decode_frames_into
+from .framestack import FRAME_RECORD_DTYPE, FrameStackHandle, FrameStackLayout, SlotState, attach_segment, detach_all
+from .receiver import (
+    ReceiverError,
+    ReceiverEvent,
+    ReceiverMode,
+    SeriesFinished,
+    SeriesStarted,
+    SeriesSummary,
+    StackReady,
+    StreamReceiver,
+)
+from .stats import ReceiverStats
+
+__all__ = [
+    "FRAME_RECORD_DTYPE",
+    "FrameStackHandle",
+    "FrameStackLayout",
+    "ReceiverError",
+    "ReceiverEvent",
+    "ReceiverMode",
+    "ReceiverStats",
+    "SeriesFinished",
+    "SeriesStarted",
+    "SeriesSummary",
+    "SlotState",
+    "StackReady",
+    "StreamReceiver",
+    "attach_segment",
+    "decode_frames_into",
+    "detach_all",
+]

@@ -1,0 +1,86 @@
+"""Throughput of the simulator's compiled send path (``sim._fastsend``).
+
+For 96x96, 192x192 and 512x512 uint16 bslz4 frames, in stream v1 and v2, the sink sends a series
+as fast as it can (pacing "max") into a PULL consumer in another process that only counts
+(``sim._fastsend.count_messages``, GIL released). Prints frames/s and payload MB/s as seen by the
+consumer. No assertions on speed.
+
+    .venv/bin/python benchmarks/bench_sim_fastpath.py --frames 200000 --large-frames 20000
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import threading
+import time
+
+import zmq
+
+from sim import _fastsend
+from sim.series import SeriesInfo
+from sim.streams import DetectorStreamSink
+
+
+def consume(endpoint: str, expected_messages: int, ready, result) -> None:
+    context = zmq.Context()
+    sock = context.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, 10_000)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(endpoint)
+    ready.set()
+    # The header/start and frame 0 (sent after the encoded pool is built) start the clock.
+    first = _fastsend.count_messages(sock.underlying, 2)
+    t0 = time.perf_counter()
+    messages, parts, nbytes = _fastsend.count_messages(sock.underlying, expected_messages - 2)
+    elapsed = time.perf_counter() - t0
+    result.put((first[0] + messages, parts, nbytes, elapsed))
+    sock.close(linger=0)
+    context.term()
+
+
+def run_case(stream_format: str, size: int, frames: int) -> None:
+    series = SeriesInfo(series_id=1, series_unique_id="01HBV3JPF9T4ZDPADX6EMK6XMZ",
+                        arm_date="2026-11-23T19:14:02.123+00:00", trigger_mode="ints", nimages=frames,
+                        ntrigger=1, count_time=1e-5, frame_time=1e-5, width=size, height=size, bit_depth=16,
+                        compression="bslz4", detector_config={},
+                        stream_config={"mode": "enabled", "format": stream_format, "header_detail": "none"})
+    sink = DetectorStreamSink()
+    v1_port, v2_port = sink.bind()
+    sink.update_sim_config({"pacing": "max", "pool_size": 64, "send_timeout_ms": 30_000})
+    endpoint = f"tcp://127.0.0.1:{v1_port if stream_format == 'legacy' else v2_port}"
+    ctx = mp.get_context("spawn")
+    ready, result = ctx.Event(), ctx.Queue()
+    consumer = ctx.Process(target=consume, args=(endpoint, frames + 2, ready, result))
+    consumer.start()
+    try:
+        ready.wait(30)
+        sink.start_series(series)
+        sink.send_frames(series, 0, 1, 0.0, threading.Event())  # builds the encoded pool before timing
+        t0 = time.perf_counter()
+        sink.send_frames(series, 1, frames - 1, 0.0, threading.Event())
+        send_s = time.perf_counter() - t0
+        sink.end_series(series)
+        messages, parts, nbytes, elapsed = result.get(timeout=120)
+    finally:
+        consumer.join(timeout=30)
+        if consumer.is_alive():
+            consumer.kill()
+        sink.close()
+    payload = nbytes  # every byte the consumer received (JSON parts included)
+    print(f"{stream_format:6s} {size:4d}x{size:<4d} {messages - 2:8d} frames  "
+          f"{(messages - 3) / elapsed:11,.0f} frames/s  {payload / elapsed / 1e6:9,.1f} MB/s  "
+          f"(sender {frames / send_s:11,.0f} frames/s, {parts} parts)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, default=200_000, help="frames per case for 96x96 and 192x192")
+    parser.add_argument("--large-frames", type=int, default=20_000, help="frames per case for 512x512")
+    args = parser.parse_args()
+    for stream_format in ("legacy", "cbor"):
+        for size in (96, 192, 512):
+            run_case(stream_format, size, args.large_frames if size >= 512 else args.frames)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Compiled send loop of the simulator (module ``sim._fastsend``).
+
+A pool holds the pre-encoded constant pieces of every pool frame; the loop formats the per-frame
+numbers (frame / image_id, start and stop times) in C and sends with the GIL released.
+
+How libzmq is reached: the function addresses are taken at import time with ctypes from the
+libzmq that pyzmq has already loaded (``dlsym`` on pyzmq's own extension module also searches its
+dependencies, so this finds pyzmq's bundled ``pyzmq.libs/libzmq-*.so`` or a system libzmq alike),
+and called through C function pointers on the pyzmq socket's ``.underlying`` handle. Linking at
+build time was rejected: with ``pip install -e .`` the build runs in an isolated environment whose
+pyzmq (and its bundled libzmq path, needed for an rpath) is deleted after the build, and a socket
+handle is only valid in the very library instance that created it.
+
+Zero copy: v1 ``dimage_d`` parts and blobs are sent with ``zmq_send_const`` from bytes the pool
+owns; the owner of the pool must keep it alive until the ZeroMQ context is terminated.
+"""
+import ctypes
+
+import zmq
+from zmq.backend.cython import _zmq as _pyzmq_extension
+
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
+from libc.string cimport memcpy
+from libc.errno cimport EAGAIN, EINTR
+from posix.time cimport clock_gettime, timespec, nanosleep, CLOCK_MONOTONIC
+
+cdef extern from *:
+    """
+    typedef struct { unsigned char _[64]; } __attribute__((aligned(8))) sim_zmq_msg_t;
+    """
+    ctypedef struct sim_zmq_msg_t:
+        pass
+
+ctypedef int (*send_fn)(void *s, const void *buf, size_t n, int flags) noexcept nogil
+ctypedef int (*msg_init_size_fn)(sim_zmq_msg_t *msg, size_t size) noexcept nogil
+ctypedef int (*msg_init_fn)(sim_zmq_msg_t *msg) noexcept nogil
+ctypedef void *(*msg_data_fn)(sim_zmq_msg_t *msg) noexcept nogil
+ctypedef size_t (*msg_size_fn)(sim_zmq_msg_t *msg) noexcept nogil
+ctypedef int (*msg_send_fn)(sim_zmq_msg_t *msg, void *s, int flags) noexcept nogil
+ctypedef int (*msg_recv_fn)(sim_zmq_msg_t *msg, void *s, int flags) noexcept nogil
+ctypedef int (*msg_close_fn)(sim_zmq_msg_t *msg) noexcept nogil
+ctypedef int (*msg_more_fn)(sim_zmq_msg_t *msg) noexcept nogil
+ctypedef int (*errno_fn)() noexcept nogil
+
+cdef send_fn z_send
+cdef send_fn z_send_const
+cdef msg_init_size_fn z_msg_init_size
+cdef msg_init_fn z_msg_init
+cdef msg_data_fn z_msg_data
+cdef msg_size_fn z_msg_size
+cdef msg_send_fn z_msg_send
+cdef msg_recv_fn z_msg_recv
+cdef msg_close_fn z_msg_close
+cdef msg_more_fn z_msg_more
+cdef errno_fn z_errno
+
+cdef int ZMQ_SNDMORE = zmq.SNDMORE
+cdef int ZMQ_DONTWAIT = zmq.DONTWAIT
+
+
+def _address(lib, name):
+    return <uintptr_t>ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+
+
+def _load_libzmq():
+    global z_send, z_send_const, z_msg_init_size, z_msg_init, z_msg_data, z_msg_size
+    global z_msg_send, z_msg_recv, z_msg_close, z_msg_more, z_errno
+    lib = ctypes.CDLL(_pyzmq_extension.__file__)
+    major, minor, patch = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    lib.zmq_version(ctypes.byref(major), ctypes.byref(minor), ctypes.byref(patch))
+    if (major.value, minor.value, patch.value) != zmq.zmq_version_info():
+        raise ImportError("the libzmq found next to pyzmq is not the one pyzmq uses")
+    z_send = <send_fn><uintptr_t>_address(lib, "zmq_send")
+    z_send_const = <send_fn><uintptr_t>_address(lib, "zmq_send_const")
+    z_msg_init_size = <msg_init_size_fn><uintptr_t>_address(lib, "zmq_msg_init_size")
+    z_msg_init = <msg_init_fn><uintptr_t>_address(lib, "zmq_msg_init")
+    z_msg_data = <msg_data_fn><uintptr_t>_address(lib, "zmq_msg_data")
+    z_msg_size = <msg_size_fn><uintptr_t>_address(lib, "zmq_msg_size")
+    z_msg_send = <msg_send_fn><uintptr_t>_address(lib, "zmq_msg_send")
+    z_msg_recv = <msg_recv_fn><uintptr_t>_address(lib, "zmq_msg_recv")
+    z_msg_close = <msg_close_fn><uintptr_t>_address(lib, "zmq_msg_close")
+    z_msg_more = <msg_more_fn><uintptr_t>_address(lib, "zmq_msg_more")
+    z_errno = <errno_fn><uintptr_t>_address(lib, "zmq_errno")
+
+
+_load_libzmq()
+
+
+cdef inline size_t put_decimal(char *out, uint64_t value) noexcept nogil:
+    cdef char tmp[24]
+    cdef size_t n = 0, i
+    if value == 0:
+        out[0] = 48
+        return 1
+    while value:
+        tmp[n] = <char>(48 + value % 10)
+        value //= 10
+        n += 1
+    for i in range(n):
+        out[i] = tmp[n - 1 - i]
+    return n
+
+
+cdef inline size_t put_cbor_uint(unsigned char *out, uint64_t value) noexcept nogil:
+    """CBOR major type 0 in its shortest form, as cbor2 writes it."""
+    cdef int i
+    if value < 24:
+        out[0] = <unsigned char>value
+        return 1
+    if value < 0x100:
+        out[0] = 0x18
+        out[1] = <unsigned char>value
+        return 2
+    if value < 0x10000:
+        out[0] = 0x19
+        out[1] = <unsigned char>(value >> 8)
+        out[2] = <unsigned char>value
+        return 3
+    if (value >> 32) == 0:
+        out[0] = 0x1a
+        for i in range(4):
+            out[1 + i] = <unsigned char>(value >> (8 * (3 - i)))
+        return 5
+    out[0] = 0x1b
+    for i in range(8):
+        out[1 + i] = <unsigned char>(value >> (8 * (7 - i)))
+    return 9
+
+
+cdef inline size_t cbor_uint_len(uint64_t value) noexcept nogil:
+    if value < 24:
+        return 1
+    if value < 0x100:
+        return 2
+    if value < 0x10000:
+        return 3
+    if (value >> 32) == 0:
+        return 5
+    return 9
+
+
+cdef inline double monotonic_now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline void wait_until(double deadline) noexcept nogil:
+    """Sleep to the deadline; the deadline loop does not drift with the time spent sending."""
+    cdef double delay
+    cdef timespec ts
+    while True:
+        delay = deadline - monotonic_now()
+        if delay <= 0:
+            return
+        ts.tv_sec = <long>delay
+        ts.tv_nsec = <long>((delay - ts.tv_sec) * 1e9)
+        nanosleep(&ts, NULL)
+
+
+cdef inline int send_retry(send_fn fn, void *sock, const void *buf, size_t n, int flags) noexcept nogil:
+    cdef int rc
+    while True:
+        rc = fn(sock, buf, n, flags)
+        if rc >= 0 or z_errno() != EINTR:
+            return rc
+
+
+cdef class V1FramePool:
+    """Stream v1 pieces of every pool frame (see ``sim.streams.v1_fast_pieces``)."""
+
+    cdef list _keep
+    cdef bytes _tables
+    cdef const char **suffix_ptr
+    cdef size_t *suffix_len
+    cdef const char **dimage_d_ptr
+    cdef size_t *dimage_d_len
+    cdef const char **blob_ptr
+    cdef size_t *blob_len
+    cdef const char *dconfig_prefix
+    cdef size_t dconfig_prefix_len
+    cdef const char *appendix
+    cdef size_t appendix_len
+    cdef int64_t real_ns
+    cdef Py_ssize_t pool_size
+
+    def __init__(self, dimage_suffixes, dimage_d, blobs, bytes dconfig_prefix, bytes appendix,
+                 int64_t real_ns):
+        cdef Py_ssize_t i, n = len(blobs)
+        if not (len(dimage_suffixes) == len(dimage_d) == n) or n == 0:
+            raise ValueError("a v1 pool needs the same (non-zero) number of suffixes, dimage_d parts and blobs")
+        if max(len(s) for s in dimage_suffixes) > 200 or len(dconfig_prefix) > 160:
+            raise ValueError("dimage suffix or dconfig prefix too long for the send buffers")
+        suffixes, parts2, blob_list = [bytes(s) for s in dimage_suffixes], [bytes(d) for d in dimage_d], [bytes(b) for b in blobs]
+        self._keep = [suffixes, parts2, blob_list, dconfig_prefix, appendix]
+        self.pool_size = n
+        self.real_ns = real_ns
+        # One bytes object holds the pointer/length tables, so Python frees them with the pool.
+        self._tables = bytes(n * 3 * (sizeof(char *) + sizeof(size_t)))
+        cdef char *mem = <char *>self._tables
+        self.suffix_ptr = <const char **>mem
+        self.dimage_d_ptr = self.suffix_ptr + n
+        self.blob_ptr = self.dimage_d_ptr + n
+        self.suffix_len = <size_t *>(self.blob_ptr + n)
+        self.dimage_d_len = self.suffix_len + n
+        self.blob_len = self.dimage_d_len + n
+        for i in range(n):
+            self.suffix_ptr[i] = <const char *>suffixes[i]
+            self.suffix_len[i] = len(suffixes[i])
+            self.dimage_d_ptr[i] = <const char *>parts2[i]
+            self.dimage_d_len[i] = len(parts2[i])
+            self.blob_ptr[i] = <const char *>blob_list[i]
+            self.blob_len[i] = len(blob_list[i])
+        self.dconfig_prefix = <const char *>dconfig_prefix
+        self.dconfig_prefix_len = len(dconfig_prefix)
+        self.appendix = <const char *>appendix
+        self.appendix_len = len(appendix)
+
+    def send(self, uintptr_t socket_handle, int64_t first_frame, const int64_t[::1] pool_index,
+             int64_t t0_ns, int64_t frame_ns, double t_start, double period_s):
+        """Send frames ``first_frame + i`` (pool frame ``pool_index[i]``), frame i not before
+        ``t_start + i * period_s`` (monotonic clock). Returns (sent, dropped)."""
+        cdef void *sock = <void *>socket_handle
+        cdef Py_ssize_t i, n = pool_index.shape[0]
+        cdef int64_t p, frame, start
+        cdef char part1[256]
+        cdef char part4[256]
+        cdef size_t len1, len4
+        cdef int starved = 0, rc
+        cdef int last_flags = ZMQ_SNDMORE if self.appendix_len else 0
+        cdef Py_ssize_t sent = 0, dropped = 0
+        for i in range(n):
+            if pool_index[i] < 0 or pool_index[i] >= self.pool_size:
+                raise IndexError(f"pool index {pool_index[i]} out of range 0..{self.pool_size - 1}")
+        with nogil:
+            for i in range(n):
+                if period_s > 0:
+                    wait_until(t_start + i * period_s)
+                p = pool_index[i]
+                frame = first_frame + i
+                memcpy(part1, b'{"frame":', 9)
+                len1 = 9 + put_decimal(part1 + 9, <uint64_t>frame)
+                memcpy(part1 + len1, self.suffix_ptr[p], self.suffix_len[p])
+                len1 += self.suffix_len[p]
+                rc = send_retry(z_send, sock, part1, len1, ZMQ_SNDMORE | (ZMQ_DONTWAIT if starved else 0))
+                if rc < 0:
+                    # No consumer took the frame in time (SNDTIMEO): dropped, as a DCU counts it.
+                    dropped += 1
+                    starved = 1
+                    continue
+                starved = 0
+                start = t0_ns + frame * frame_ns
+                memcpy(part4, self.dconfig_prefix, self.dconfig_prefix_len)
+                len4 = self.dconfig_prefix_len
+                len4 += put_decimal(part4 + len4, <uint64_t>start)
+                memcpy(part4 + len4, b',"stop_time":', 13)
+                len4 += 13
+                len4 += put_decimal(part4 + len4, <uint64_t>(start + self.real_ns))
+                part4[len4] = 125  # '}'
+                part4[len4 + 1] = 10  # newline
+                len4 += 2
+                send_retry(z_send_const, sock, self.dimage_d_ptr[p], self.dimage_d_len[p], ZMQ_SNDMORE)
+                send_retry(z_send_const, sock, self.blob_ptr[p], self.blob_len[p], ZMQ_SNDMORE)
+                send_retry(z_send, sock, part4, len4, last_flags)
+                if self.appendix_len:
+                    send_retry(z_send_const, sock, self.appendix, self.appendix_len, 0)
+                sent += 1
+        return sent, dropped
+
+
+cdef class V2FramePool:
+    """Stream v2 pieces (see ``sim.streams.v2_fast_pieces``): one message is
+    prefix, uint(image_id), after_id, uint(start ticks), after_start, uint(stop ticks), tail[p]."""
+
+    cdef list _keep
+    cdef bytes _tables
+    cdef const char **tail_ptr
+    cdef size_t *tail_len
+    cdef const char *prefix
+    cdef size_t prefix_len
+    cdef const char *after_id
+    cdef size_t after_id_len
+    cdef const char *after_start
+    cdef size_t after_start_len
+    cdef int64_t real_ticks
+    cdef Py_ssize_t pool_size
+
+    def __init__(self, bytes prefix, bytes after_id, bytes after_start, tails, int64_t real_ticks):
+        cdef Py_ssize_t i, n = len(tails)
+        if n == 0:
+            raise ValueError("a v2 pool needs at least one frame")
+        tail_list = [bytes(t) for t in tails]
+        self._keep = [prefix, after_id, after_start, tail_list]
+        self.pool_size = n
+        self.real_ticks = real_ticks
+        self._tables = bytes(n * (sizeof(char *) + sizeof(size_t)))
+        self.tail_ptr = <const char **><char *>self._tables
+        self.tail_len = <size_t *>(self.tail_ptr + n)
+        for i in range(n):
+            self.tail_ptr[i] = <const char *>tail_list[i]
+            self.tail_len[i] = len(tail_list[i])
+        self.prefix, self.prefix_len = <const char *>prefix, len(prefix)
+        self.after_id, self.after_id_len = <const char *>after_id, len(after_id)
+        self.after_start, self.after_start_len = <const char *>after_start, len(after_start)
+
+    def send(self, uintptr_t socket_handle, int64_t first_frame, const int64_t[::1] pool_index,
+             int64_t t0_ticks, int64_t frame_ticks, double t_start, double period_s):
+        """Like ``V1FramePool.send``; times are 50 MHz ticks relative to the series date."""
+        cdef void *sock = <void *>socket_handle
+        cdef Py_ssize_t i, n = pool_index.shape[0]
+        cdef int64_t p, frame, start
+        cdef sim_zmq_msg_t msg
+        cdef unsigned char *out
+        cdef size_t size
+        cdef int starved = 0, rc
+        cdef Py_ssize_t sent = 0, dropped = 0
+        cdef size_t fixed = self.prefix_len + self.after_id_len + self.after_start_len
+        for i in range(n):
+            if pool_index[i] < 0 or pool_index[i] >= self.pool_size:
+                raise IndexError(f"pool index {pool_index[i]} out of range 0..{self.pool_size - 1}")
+        with nogil:
+            for i in range(n):
+                if period_s > 0:
+                    wait_until(t_start + i * period_s)
+                p = pool_index[i]
+                frame = first_frame + i
+                start = t0_ticks + frame * frame_ticks
+                size = (fixed + cbor_uint_len(<uint64_t>frame) + cbor_uint_len(<uint64_t>start)
+                        + cbor_uint_len(<uint64_t>(start + self.real_ticks)) + self.tail_len[p])
+                # One copy: the message is written straight into ZeroMQ's buffer.
+                if z_msg_init_size(&msg, size) != 0:
+                    dropped += 1
+                    continue
+                out = <unsigned char *>z_msg_data(&msg)
+                size = 0
+                memcpy(out, self.prefix, self.prefix_len)
+                size += self.prefix_len
+                size += put_cbor_uint(out + size, <uint64_t>frame)
+                memcpy(out + size, self.after_id, self.after_id_len)
+                size += self.after_id_len
+                size += put_cbor_uint(out + size, <uint64_t>start)
+                memcpy(out + size, self.after_start, self.after_start_len)
+                size += self.after_start_len
+                size += put_cbor_uint(out + size, <uint64_t>(start + self.real_ticks))
+                memcpy(out + size, self.tail_ptr[p], self.tail_len[p])
+                while True:
+                    rc = z_msg_send(&msg, sock, ZMQ_DONTWAIT if starved else 0)
+                    if rc >= 0 or z_errno() != EINTR:
+                        break
+                if rc < 0:
+                    z_msg_close(&msg)
+                    dropped += 1
+                    starved = 1
+                    continue
+                starved = 0
+                sent += 1
+        return sent, dropped
+
+
+def count_messages(uintptr_t socket_handle, Py_ssize_t max_messages):
+    """A consumer that only counts: receive whole messages until ``max_messages`` arrived or a
+    receive times out (the socket's RCVTIMEO). Returns (messages, parts, bytes)."""
+    cdef void *sock = <void *>socket_handle
+    cdef sim_zmq_msg_t msg
+    cdef Py_ssize_t messages = 0, parts = 0
+    cdef uint64_t nbytes = 0
+    cdef int rc
+    with nogil:
+        z_msg_init(&msg)
+        while messages < max_messages:
+            rc = z_msg_recv(&msg, sock, 0)
+            if rc < 0:
+                if z_errno() == EINTR:
+                    continue
+                break
+            parts += 1
+            nbytes += <uint64_t>rc
+            if not z_msg_more(&msg):
+                messages += 1
+        z_msg_close(&msg)
+    return messages, parts, nbytes

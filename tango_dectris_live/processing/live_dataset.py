@@ -1,0 +1,248 @@
+"""The live data of one series as LiberTEM sees it.
+
+* :class:`FrameSource`: where series events and frame stacks come from (the receiver through
+  :class:`ReceiverFrameSource`, or an in-memory source in the tests).
+* :class:`LiveDataSet`: the LiberTEM DataSet describing one series (scan shape x frame shape);
+  its result buffers are allocated from it in the main process.
+* :class:`FrameRunPartition`: a LiberTEM Partition over a run of consecutive frames decoded from
+  one stack in a worker process; LiberTEM's ``UDFPartRunner`` runs the UDFs over its tiles.
+* :func:`resolve_scan_shape`: the scan shape of a series from its image count.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, Union
+
+import numpy as np
+from libertem.common import Shape, Slice
+from sparseconverter import NUMPY
+from libertem.io.dataset.base import DataSet, DataSetMeta, DataTile, Partition, TilingScheme
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame sources
+
+
+class FrameStack(Protocol):
+    """What the processing needs of a frame-stack handle (it must be picklable)."""
+
+    series: int
+    frames: int
+    shape: tuple[int, int]
+    dtype: str
+
+
+# decode_frames_into(stack, start, stop, out) -> frame numbers of out[0..stop-start)
+StackDecoder = Callable[[Any, int, int, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class SeriesStarted:
+    """A series began; shape/dtype may be unknown (header_detail none): then the first stack tells."""
+
+    series: int
+    image_count: int | None
+    frame_shape: tuple[int, int] | None = None
+    dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class StackReady:
+    """A stack of frames is ready; the consumer must give it back with ``FrameSource.release``."""
+
+    stack: FrameStack
+
+
+@dataclass(frozen=True)
+class SeriesFinished:
+    """The series ended; ``missing_frames`` are frame numbers that never arrived."""
+
+    series: int
+    missing_frames: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    reason: str = "complete"
+
+
+SourceEvent = Union[SeriesStarted, StackReady, SeriesFinished]
+
+
+class FrameSource(Protocol):
+    """Series events and frame stacks of one stream.
+
+    ``decode_frames_into`` must be a module-level function: it is sent to the worker processes,
+    which decode the stacks themselves.
+    """
+
+    decode_frames_into: StackDecoder
+
+    def next_event(self, timeout: float) -> SourceEvent | None:
+        """The next event, or None when nothing happened within ``timeout`` seconds."""
+
+    def release(self, stack: FrameStack) -> None:
+        """Give a stack back once every frame of it has been processed (or dropped)."""
+
+
+class ReceiverFrameSource:
+    """A :class:`FrameSource` over the compiled receiver's :class:`StreamReceiver`."""
+
+    def __init__(self, receiver: Any):
+        from tango_dectris_live.receiver.decode import decode_frames_into
+
+        self._receiver = receiver
+        self.decode_frames_into = decode_frames_into
+        self.receiver_errors: list[tuple[str, str]] = []
+
+    def next_event(self, timeout: float) -> SourceEvent | None:
+        from tango_dectris_live.receiver import receiver as events
+
+        event = self._receiver.next_event(timeout)
+        if isinstance(event, events.SeriesStarted):
+            header = event.header
+            return SeriesStarted(
+                series=header.series_id, image_count=header.number_of_images,
+                frame_shape=tuple(header.shape) if header.shape is not None else None,
+                dtype=np.dtype(header.dtype).str if header.dtype is not None else None)
+        if isinstance(event, events.StackReady):
+            return StackReady(event.handle)
+        if isinstance(event, events.SeriesFinished):
+            return SeriesFinished(event.series, np.asarray(event.summary.missing_frames, np.int64),
+                                  event.summary.end_reason)
+        if isinstance(event, events.ReceiverError):
+            # the receiver counts these itself and keeps going; keep the latest for the status
+            self.receiver_errors = [*self.receiver_errors[-99:], (event.kind, event.message)]
+        return None
+
+    def release(self, stack: FrameStack) -> None:
+        self._receiver.release(stack)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scan shape
+
+
+class ScanShapeError(ValueError):
+    """The scan shape of a series cannot be determined."""
+
+
+@dataclass(frozen=True)
+class ScanShape:
+    """The scan shape used for a series, and why it was chosen."""
+
+    shape: tuple[int, ...]
+    note: str
+
+
+def resolve_scan_shape(image_count: int | None, nav_shape: tuple[int, ...] | None) -> ScanShape:
+    """``nav_shape`` if it holds exactly ``image_count`` frames, otherwise an inferred shape:
+    square if ``image_count`` is a perfect square, else one line."""
+    if nav_shape is not None:
+        nav_shape = tuple(int(n) for n in nav_shape)
+        if any(n < 1 for n in nav_shape) or not nav_shape:
+            raise ScanShapeError(f"nav_shape {nav_shape} must be one or more positive sizes")
+    if image_count is None:
+        if nav_shape is None:
+            raise ScanShapeError("the series header does not give the number of images; "
+                                 "set the scan shape (nav_shape) explicitly")
+        return ScanShape(nav_shape, f"scan shape {nav_shape} as configured (image count unknown)")
+    if image_count < 1:
+        raise ScanShapeError(f"the series announces {image_count} images; nothing to process")
+    if nav_shape is not None and math.prod(nav_shape) == image_count:
+        return ScanShape(nav_shape, f"scan shape {nav_shape} as configured")
+    side = math.isqrt(image_count)
+    inferred = (side, side) if side * side == image_count else (1, image_count)
+    if nav_shape is None:
+        note = f"scan shape {inferred} inferred from {image_count} images"
+    else:
+        note = (f"configured scan shape {nav_shape} does not hold the series' {image_count} images; "
+                f"using {inferred}")
+    return ScanShape(inferred, note)
+
+
+# ---------------------------------------------------------------------------------------------
+# LiberTEM DataSet / Partition
+
+
+def dataset_shape(scan_shape: tuple[int, ...], frame_shape: tuple[int, int]) -> Shape:
+    return Shape(tuple(scan_shape) + tuple(frame_shape), sig_dims=2)
+
+
+class LiveDataSet(DataSet):
+    """One live series: its shape and pixel type for LiberTEM.
+
+    Partitions are not known in advance: they are the frame runs of the stacks as they arrive
+    (see :class:`FrameRunPartition`), so :meth:`get_partitions` yields none.
+    """
+
+    def __init__(self, scan_shape: tuple[int, ...], frame_shape: tuple[int, int], dtype: np.dtype | str):
+        super().__init__()
+        self._shape = dataset_shape(scan_shape, frame_shape)
+        self._dtype = np.dtype(dtype)
+        self._meta = DataSetMeta(shape=self._shape, array_backends=(NUMPY,),
+                                 image_count=math.prod(scan_shape), raw_dtype=self._dtype)
+
+    def initialize(self, executor) -> LiveDataSet:
+        return self
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def shape(self) -> Shape:
+        return self._shape
+
+    @property
+    def meta(self) -> DataSetMeta:
+        return self._meta
+
+    @property
+    def array_backends(self):
+        return (NUMPY,)
+
+    def check_valid(self) -> bool:
+        return True
+
+    def get_partitions(self) -> Iterator[Partition]:
+        return iter(())
+
+    def partition_for_run(self, first_frame: int, frames: np.ndarray | None, count: int) -> FrameRunPartition:
+        """The partition of ``count`` consecutive scan positions from ``first_frame``."""
+        return FrameRunPartition(self._meta, first_frame, count, frames)
+
+
+class FrameRunPartition(Partition):
+    """Consecutive scan positions ``[first_frame, first_frame + count)`` with their decoded frames.
+
+    In the main process it is created without frames, only to place partial results.
+    """
+
+    def __init__(self, meta: DataSetMeta, first_frame: int, count: int, frames: np.ndarray | None):
+        sig = tuple(meta.shape.sig)
+        partition_slice = Slice(origin=(first_frame, 0, 0), shape=Shape((count, *sig), sig_dims=2))
+        super().__init__(meta=meta, partition_slice=partition_slice, io_backend=None, decoder=None)
+        self._frames = frames
+
+    def set_corrections(self, corrections) -> None:
+        if corrections is not None and corrections.have_corrections():
+            raise ValueError("live frames are processed as received: detector corrections are "
+                             "applied by the DCU, not here")
+
+    def set_io_backend(self, backend) -> None:
+        pass
+
+    def get_locations(self):
+        return None
+
+    def get_tiles(self, tiling_scheme: TilingScheme, dest_dtype="float32", roi=None, array_backend=None):
+        if roi is not None:
+            raise ValueError("live processing does not support a region of interest")
+        if self._frames is None:
+            raise RuntimeError("this partition only places results; it holds no frames")
+        depth = tiling_scheme.depth
+        origin = self.slice.origin[0]
+        sig = tuple(self.meta.shape.sig)
+        frames = self._frames.astype(dest_dtype, copy=False)
+        for start in range(0, frames.shape[0], depth):
+            tile = frames[start:start + depth]
+            tile_slice = Slice(origin=(origin + start, 0, 0), shape=Shape((tile.shape[0], *sig), sig_dims=2))
+            yield DataTile(tile, tile_slice=tile_slice, scheme_idx=0)

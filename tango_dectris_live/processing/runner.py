@@ -1,0 +1,492 @@
+"""Run the selected analyses on a live series in worker processes, merging results in order.
+
+Design (and why it is not LiberTEM's PipelinedExecutor): a LiberTEM DataSet fixes its partitions
+when a run starts, but the frame stacks of a live series have frame ranges known only when they
+arrive, and stop/abort must act on pending work at any moment. So this module keeps its own pool
+of worker processes (started once, reused for every series) and lets LiberTEM do the UDF work:
+each worker decodes a stack (the source's ``decode_frames_into``), cuts it into runs of
+consecutive frame numbers, and runs LiberTEM's ``UDFPartRunner`` on a
+:class:`~.live_dataset.FrameRunPartition` per run. The main process merges the partial results
+with each UDF's own ``merge``, in dispatch order, into buffers allocated from a
+:class:`~.live_dataset.LiveDataSet` -- the same steps LiberTEM's ``UDFRunner`` takes.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import queue
+import threading
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import cloudpickle
+import numpy as np
+from libertem.common import Shape
+from libertem.common.executor import Environment
+from libertem.io.dataset.base import TilingScheme
+from libertem.udf.base import MergeAttrMapping, UDF, UDFMeta, UDFParams, UDFPartRunner
+
+from .analyses import AnalysisParameters, AnalysisRegistry, SelectedAnalysis
+from .live_dataset import (FrameSource, LiveDataSet, ScanShape, SeriesFinished, SeriesStarted,
+                           StackDecoder, StackReady, resolve_scan_shape)
+from .snapshot import ResultSnapshot, RunState, blank_unprocessed, empty_snapshot
+
+log = logging.getLogger(__name__)
+
+_TILE_BYTES = 1 << 20  # tiles of whole frames, about 1 MiB each
+_NO_RUN = -1
+_POLL = 0.05  # seconds: how promptly stop/abort are noticed while waiting
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process died; the pool cannot go on."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+@dataclass
+class _SeriesSpec:
+    """Everything a worker needs for one series (sent once per series, with cloudpickle)."""
+
+    run_id: int
+    udf_classes: list[type[UDF]]
+    udf_kwargs: list[dict]
+    scan_shape: tuple[int, ...]
+    frame_shape: tuple[int, int]
+    raw_dtype: str
+    decode_dtype: str
+    tile_depth: int
+    decode_frames_into: StackDecoder
+
+
+def _frame_runs(numbers: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) index ranges of consecutive values in sorted unique ``numbers``."""
+    if numbers.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(numbers) != 1) + 1
+    bounds = [0, *breaks.tolist(), numbers.size]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment) -> tuple[list, int]:
+    """Decode ``stack`` and run the UDFs on each run of consecutive frames.
+
+    Returns ([(first_frame, count, [buffers per UDF]), ...], frames outside the scan)."""
+    frames = np.empty((stack.frames, *spec.frame_shape), dtype=spec.decode_dtype)
+    numbers = np.asarray(spec.decode_frames_into(stack, 0, stack.frames, frames), dtype=np.int64)
+    scan_size = int(np.prod(spec.scan_shape))
+    in_scan = (numbers >= 0) & (numbers < scan_size)
+    # stacks hold frames in arrival order; LiberTEM wants them in scan order
+    numbers, first_index = np.unique(numbers[in_scan], return_index=True)
+    frames = frames[in_scan][first_index]
+    dataset = LiveDataSet(spec.scan_shape, spec.frame_shape, spec.raw_dtype)
+    tiling_scheme = TilingScheme.make_for_shape(
+        tileshape=Shape((spec.tile_depth, *spec.frame_shape), sig_dims=2), dataset_shape=dataset.shape)
+    partial = []
+    for start, stop in _frame_runs(numbers):
+        partition = dataset.partition_for_run(int(numbers[start]), frames[start:stop], stop - start)
+        udfs = [cls.new_for_partition(kwargs, partition, None)
+                for cls, kwargs in zip(spec.udf_classes, spec.udf_kwargs)]
+        params = UDFParams(kwargs=spec.udf_kwargs, roi=None, corrections=None, tiling_scheme=tiling_scheme)
+        results = UDFPartRunner(udfs).run_for_partition(partition, params, env, None)
+        buffers = [{name: buf.raw_data for name, buf in data.items() if buf.has_data()} for data in results]
+        partial.append((int(numbers[start]), stop - start, buffers))
+    return partial, int(np.count_nonzero(~in_scan))
+
+
+def _worker_main(tasks: multiprocessing.Queue, results: multiprocessing.Queue, active_run) -> None:
+    """A worker process: series specs and stacks in, partial results out, until ``None``."""
+    env = Environment(threads_per_worker=1, threaded_executor=False)
+    spec: _SeriesSpec | None = None
+    while True:
+        message = tasks.get()
+        if message is None:
+            return
+        if message[0] == "series":
+            spec = cloudpickle.loads(message[1])
+            continue
+        _, run_id, seq, stack = message
+        if spec is None or spec.run_id != run_id or active_run.value != run_id:
+            results.put(("skipped", run_id, seq, None))
+            continue
+        try:
+            results.put(("done", run_id, seq, _process_stack(spec, stack, env)))
+        except Exception as error:  # reported to the main process, which fails the run with it
+            results.put(("failed", run_id, seq, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+
+
+class WorkerPool:
+    """``workers`` processes that decode stacks and run UDFs; started once, reused per series."""
+
+    def __init__(self, workers: int = 2, start_method: str = "spawn"):
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        context = multiprocessing.get_context(start_method)
+        self.active_run = context.Value("q", _NO_RUN, lock=False)
+        self.results: multiprocessing.Queue = context.Queue()
+        self._tasks = [context.Queue() for _ in range(workers)]
+        self._in_flight = [0] * workers
+        self._processes = [
+            context.Process(target=_worker_main, args=(tasks, self.results, self.active_run),
+                            name=f"tango-dectris-live-worker-{i}", daemon=True)
+            for i, tasks in enumerate(self._tasks)]
+        for process in self._processes:
+            process.start()
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return len(self._processes)
+
+    def begin_series(self, spec: _SeriesSpec) -> None:
+        blob = cloudpickle.dumps(spec)
+        for tasks in self._tasks:
+            tasks.put(("series", blob))
+        self.active_run.value = spec.run_id
+
+    def cancel_series(self) -> None:
+        """Workers skip every queued stack from now on (they still answer for each)."""
+        self.active_run.value = _NO_RUN
+
+    def dispatch(self, run_id: int, seq: int, stack: Any) -> int:
+        """Queue ``stack`` on the least busy worker; returns that worker's index."""
+        worker = min(range(self.size), key=self._in_flight.__getitem__)
+        self._in_flight[worker] += 1
+        self._tasks[worker].put(("stack", run_id, seq, stack))
+        return worker
+
+    def completed(self, worker: int) -> None:
+        self._in_flight[worker] -= 1
+
+    def check_alive(self) -> None:
+        dead = [p.name for p in self._processes if not p.is_alive()]
+        if dead and not self._closed:
+            raise WorkerFailed(f"worker process(es) {', '.join(dead)} died; restart live processing")
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the workers (idempotent); kills those that do not exit within ``timeout``."""
+        if self._closed:
+            return
+        self._closed = True
+        for tasks in self._tasks:
+            tasks.put(None)
+        for process in self._processes:
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for q in (*self._tasks, self.results):
+            q.close()
+            q.join_thread()
+
+
+# ---------------------------------------------------------------------------------------------
+# Main side
+
+
+def _decode_dtype(udfs: Sequence[UDF], raw_dtype: np.dtype) -> np.dtype:
+    """The pixel type the UDFs want their input in (LiberTEM's rule, numpy backend, no corrections)."""
+    wanted = [raw_dtype if udf.get_preferred_input_dtype() is UDF.USE_NATIVE_DTYPE
+              else np.dtype(udf.get_preferred_input_dtype()) for udf in udfs]
+    return np.result_type(*wanted)
+
+
+class SeriesRun:
+    """The processing of one series; created by :meth:`LiveRunner.process`.
+
+    Runs in a background thread; :meth:`snapshot` may be called at any moment from any thread.
+    """
+
+    def __init__(self, runner: LiveRunner, run_id: int, source: FrameSource, analyses: list[str],
+                 parameters: AnalysisParameters, nav_shape: tuple[int, ...] | None, series: int | None):
+        self._runner = runner
+        self._pool = runner.pool
+        self._run_id = run_id
+        self._source = source
+        self._analysis_names = analyses
+        self._parameters = parameters
+        self._nav_shape = nav_shape
+        self._wanted_series = series
+        self._stop = threading.Event()
+        self._abort = threading.Event()
+        self._ended = threading.Event()
+        self._lock = threading.Lock()
+        self._state = RunState.WAITING
+        self._error: str | None = None
+        self._series: int | None = None
+        self._scan: ScanShape | None = None
+        self._selected: list[SelectedAnalysis] = []
+        self._done: np.ndarray = np.zeros(0, bool)
+        self._frames_processed = 0
+        self._frames_out_of_scan = 0
+        self._dropped = np.zeros(0, np.int64)
+        self._stacks_merged = 0
+        self._stale_stacks = 0
+        self._in_flight: dict[int, tuple[Any, int]] = {}  # seq -> (stack, worker)
+        self._pending: dict[int, tuple[str, Any]] = {}  # results waiting for earlier ones
+        self._next_merge = 0
+        self._seq = itertools.count()
+        self._thread = threading.Thread(target=self._run, name=f"series-run-{run_id}", daemon=True)
+
+    # -- control ---------------------------------------------------------------------------
+
+    def start(self) -> SeriesRun:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Graceful: take no more stacks, finish those already taken, then a final snapshot."""
+        self._stop.set()
+
+    def abort(self) -> None:
+        """Drop every stack not processed yet; results merged so far stay in the snapshot."""
+        self._abort.set()
+
+    def wait(self, timeout: float | None = None) -> ResultSnapshot:
+        """The final snapshot once the run has ended; TimeoutError if it has not within ``timeout``."""
+        if not self._ended.wait(timeout):
+            raise TimeoutError(f"series processing still {self._state.value} after {timeout} s")
+        self._thread.join()
+        return self.snapshot()
+
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
+
+    # -- results -----------------------------------------------------------------------------
+
+    def snapshot(self) -> ResultSnapshot:
+        """A copy of the results merged so far (does not stop or slow the pipeline beyond a copy)."""
+        with self._lock:
+            if self._scan is None or not self._selected:
+                return empty_snapshot(self._state, self._series, self._error)
+            done = self._done.reshape(self._scan.shape)
+            buffers: dict[str, np.ndarray] = {}
+            for selected in self._selected:
+                udf = selected.udf
+                udf.meta.set_valid_nav_mask(self._done)
+                udf.clear_views()
+                with warnings.catch_warnings():
+                    # libertem 0.16's CoM divides with where= and no out= under numpy 2; it
+                    # overwrites the positions concerned right after, the warning is noise
+                    warnings.filterwarnings("ignore", message="'where' used without 'out'")
+                    # what LiberTEM's UDFRunner calls to turn merged buffers into results
+                    results = udf._do_get_results()
+                own = {name: blank_unprocessed(np.array(buf.data), done) if buf.kind == "nav"
+                       else np.array(buf.data) for name, buf in results.items()}
+                buffers.update({k: np.ascontiguousarray(v) for k, v in selected.extract_results(own).items()})
+            final = self._state.is_final
+            return ResultSnapshot(
+                series=self._series, state=self._state, scan_shape=self._scan.shape,
+                scan_shape_note=self._scan.note, buffers=buffers, done=done.copy(),
+                frames_expected=done.size, frames_processed=self._frames_processed,
+                frames_missing=int(done.size - np.count_nonzero(done)) if final else 0,
+                frames_dropped=int(self._dropped.size), frames_out_of_scan=self._frames_out_of_scan,
+                stacks_merged=self._stacks_merged, error=self._error)
+
+    # -- the run thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._process_series()
+        except Exception as error:  # the run ends FAILED with the reason; the runner stays usable
+            log.exception("live processing of series %s failed", self._series)
+            self._error = f"{type(error).__name__}: {error}"
+            self._abort.set()
+            self._pool.cancel_series()
+            try:
+                self._drain_in_flight()
+            except WorkerFailed:
+                self._in_flight.clear()  # their stacks died with the worker
+            self._state = RunState.FAILED
+        finally:
+            self._pool.cancel_series()
+            self._ended.set()
+
+    def _process_series(self) -> None:
+        started = self._wait_for_series_start()
+        if started is None:
+            self._state = RunState.ABORTED if self._abort.is_set() else RunState.STOPPED
+            return
+        self._series = started.series
+        self._state = RunState.RUNNING
+        frame_shape, dtype = started.frame_shape, started.dtype
+        finished = False
+        while not finished:
+            if self._abort.is_set() or self._stop.is_set():
+                break
+            self._pool.check_alive()
+            event = self._source.next_event(_POLL)
+            if isinstance(event, StackReady):
+                if event.stack.series != self._series:
+                    self._source.release(event.stack)
+                    self._stale_stacks += 1
+                    continue
+                if not self._selected:
+                    self._set_up(started, frame_shape or tuple(event.stack.shape), dtype or event.stack.dtype)
+                seq = next(self._seq)
+                worker = self._pool.dispatch(self._run_id, seq, event.stack)
+                self._in_flight[seq] = (event.stack, worker)
+            elif isinstance(event, SeriesFinished) and event.series == self._series:
+                self._dropped = np.asarray(event.missing_frames, np.int64)
+                finished = True
+            self._collect(block=False)
+        if self._abort.is_set():
+            self._pool.cancel_series()
+        self._drain_in_flight()
+        if not self._selected and frame_shape is not None and dtype is not None:
+            self._set_up(started, frame_shape, dtype)  # a series without any frame: all missing
+        with self._lock:
+            if self._error:
+                self._state = RunState.FAILED
+            elif self._abort.is_set():
+                self._state = RunState.ABORTED
+            else:
+                self._state = RunState.FINISHED if finished else RunState.STOPPED
+
+    def _wait_for_series_start(self) -> SeriesStarted | None:
+        """The start of the wanted series; stale stacks of earlier series are given back."""
+        while not (self._stop.is_set() or self._abort.is_set()):
+            event = self._source.next_event(_POLL)
+            if isinstance(event, SeriesStarted) and self._wanted_series in (None, event.series):
+                return event
+            if isinstance(event, StackReady):
+                self._source.release(event.stack)
+                self._stale_stacks += 1
+        return None
+
+    def _set_up(self, started: SeriesStarted, frame_shape: tuple[int, int], dtype: str) -> None:
+        scan = resolve_scan_shape(started.image_count, self._nav_shape)
+        frame_shape = tuple(int(n) for n in frame_shape)
+        raw_dtype = np.dtype(dtype)
+        selected = self._runner.registry.build(self._analysis_names, self._parameters, frame_shape)
+        dataset = LiveDataSet(scan.shape, frame_shape, raw_dtype)
+        udfs = [s.udf for s in selected]
+        decode_dtype = _decode_dtype(udfs, raw_dtype)
+        meta = UDFMeta(partition_slice=None, dataset_shape=dataset.shape, roi=None,
+                       dataset_dtype=raw_dtype, input_dtype=decode_dtype, corrections=None)
+        for udf in udfs:
+            udf.set_meta(meta)
+            udf.init_result_buffers()
+            udf.allocate_for_full(dataset, None)
+        frame_bytes = int(np.prod(frame_shape)) * decode_dtype.itemsize
+        spec = _SeriesSpec(
+            run_id=self._run_id, udf_classes=[type(u) for u in udfs], udf_kwargs=[u._kwargs for u in udfs],
+            scan_shape=scan.shape, frame_shape=frame_shape, raw_dtype=raw_dtype.str,
+            decode_dtype=decode_dtype.str, tile_depth=max(1, _TILE_BYTES // frame_bytes),
+            decode_frames_into=self._source.decode_frames_into)
+        self._pool.begin_series(spec)
+        with self._lock:
+            self._dataset = dataset
+            self._scan = scan
+            self._selected = selected
+            self._done = np.zeros(int(np.prod(scan.shape)), bool)
+
+    def _drain_in_flight(self) -> None:
+        while self._in_flight:
+            self._pool.check_alive()
+            self._collect(block=True)
+
+    def _collect(self, block: bool) -> None:
+        """Take the partial results that came back and merge those that are next in order."""
+        try:
+            message = self._pool.results.get(timeout=_POLL) if block else self._pool.results.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, run_id, seq, payload = message
+            if run_id == self._run_id and seq in self._in_flight:
+                stack, worker = self._in_flight.pop(seq)
+                self._pool.completed(worker)
+                self._source.release(stack)
+                self._pending[seq] = (kind, payload)
+            else:
+                log.warning("result of an unknown run/stack (%s, %s) ignored", run_id, seq)
+            try:
+                message = self._pool.results.get_nowait()
+            except queue.Empty:
+                break
+        self._merge_pending()
+
+    def _merge_pending(self) -> None:
+        while self._next_merge in self._pending:
+            kind, payload = self._pending.pop(self._next_merge)
+            self._next_merge += 1
+            if kind == "failed":
+                self._error = self._error or payload.splitlines()[0]
+                log.error("analysis failed in a worker: %s", payload)
+                self._abort.set()
+                self._pool.cancel_series()
+            elif kind == "done" and not self._abort.is_set():
+                self._merge(*payload)
+
+    def _merge(self, runs: list, out_of_scan: int) -> None:
+        with self._lock:
+            for first_frame, count, buffers in runs:
+                partition = self._dataset.partition_for_run(first_frame, None, count)
+                for selected, src in zip(self._selected, buffers):
+                    udf = selected.udf
+                    udf.set_views_for_partition(partition)
+                    udf.merge(dest=udf.results.get_proxy(), src=MergeAttrMapping(src))
+                    udf.clear_views()
+                newly_done = count - int(np.count_nonzero(self._done[first_frame:first_frame + count]))
+                self._done[first_frame:first_frame + count] = True
+                self._frames_processed += newly_done
+            self._frames_out_of_scan += out_of_scan
+            self._stacks_merged += 1
+
+
+class LiveRunner:
+    """Live processing of series with named analyses, in a pool of worker processes.
+
+    One series at a time: ``run = runner.process(source, ["sum", "bf"])`` returns a
+    :class:`SeriesRun` at once; ``run.snapshot()``, ``run.stop()``, ``run.abort()``,
+    ``run.wait()``. The workers are reused for the next series; :meth:`close` shuts them down.
+    """
+
+    def __init__(self, workers: int = 2, registry: AnalysisRegistry | None = None, start_method: str = "spawn"):
+        self.registry = registry if registry is not None else AnalysisRegistry.discover()
+        self.pool = WorkerPool(workers, start_method)
+        self._run_ids = itertools.count()
+        self._current: SeriesRun | None = None
+
+    def process(self, source: FrameSource, analyses: Iterable[str],
+                parameters: AnalysisParameters = AnalysisParameters(),
+                nav_shape: tuple[int, ...] | None = None, series: int | None = None) -> SeriesRun:
+        """Start processing the next series of ``source`` (or series ``series``) in the background.
+
+        Unknown analysis names raise :class:`~.analyses.UnknownAnalysisError` here, before anything runs.
+        """
+        names = self.registry.validate(analyses)
+        if self._current is not None and not self._current.ended:
+            raise RuntimeError("a series is still being processed; stop or abort it (and wait) first")
+        self.pool.check_alive()
+        self._current = SeriesRun(self, next(self._run_ids), source, names, parameters,
+                                  tuple(nav_shape) if nav_shape is not None else None, series)
+        return self._current.start()
+
+    @property
+    def current(self) -> SeriesRun | None:
+        return self._current
+
+    def close(self) -> None:
+        """Abort a running series and shut the worker processes down (idempotent)."""
+        if self._current is not None and not self._current.ended:
+            self._current.abort()
+            self._current.wait(timeout=30)
+        self.pool.close()
+
+    def __enter__(self) -> LiveRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

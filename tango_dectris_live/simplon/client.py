@@ -1,0 +1,394 @@
+"""HTTP client of a DECTRIS DCU (SIMPLON API 1.8.0 and 1.6.0): parameters, commands, errors."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from .errors import (
+    DcuConnectionError,
+    DcuRequestError,
+    DcuTimeoutError,
+    DetectorNotInitializedError,
+    InvalidValueError,
+    SimplonError,
+    UnknownParameterError,
+)
+from .parameters import MODULES, ParameterInfo, ParameterValue, is_image_parameter
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_API_VERSIONS = ("1.8.0", "1.6.0")
+
+ChangedCallback = Callable[[str, str, Any], None]  # (module, key, new value)
+
+_NO_BODY = object()
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds each kind of call may take before :class:`DcuTimeoutError` (ADEiger's figures)."""
+
+    default: float = 5.0
+    initialize: float = 240.0
+    arm: float = 120.0
+    trigger_margin: float = 10.0  # added to the series duration for a blocking ints trigger
+
+
+class _SessionPool:
+    """Keep-alive sessions handed to one thread at a time.
+
+    ``requests.Session`` is not thread-safe, but one shared session behind a lock would make an
+    Abort wait for a blocking ints Trigger to return; each call therefore borrows its own session.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[requests.Session] = []
+        self._closed = False
+
+    @contextmanager
+    def session(self) -> Iterator[requests.Session]:
+        with self._lock:
+            if self._closed:
+                raise SimplonError("the DCU client is closed; create a new DetectorClient")
+            session = self._idle.pop() if self._idle else requests.Session()
+        try:
+            yield session
+        finally:
+            with self._lock:
+                if self._closed:
+                    session.close()
+                else:
+                    self._idle.append(session)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for session in idle:
+            session.close()
+
+
+class DetectorClient:
+    """Talks to one DCU over HTTP; thread-safe; Tango-free.
+
+    Metadata (type, unit, limits, allowed values) is cached per key and dropped for a module when
+    one of its parameters is written, because a write can move the limits of other keys.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 80,
+        api_version: str | None = None,
+        timeouts: Timeouts = Timeouts(),
+        on_changed: ChangedCallback | None = None,
+    ) -> None:
+        if api_version is not None and api_version not in SUPPORTED_API_VERSIONS:
+            raise SimplonError(
+                f"SIMPLON API version {api_version!r} is not supported; use one of {', '.join(SUPPORTED_API_VERSIONS)}"
+            )
+        self.host = host
+        self.port = port
+        self.base_url = f"http://{host}:{port}"
+        self.timeouts = timeouts
+        self.on_changed = on_changed
+        self._api_version = api_version
+        self._sessions = _SessionPool()
+        self._metadata_lock = threading.Lock()
+        self._metadata: dict[tuple[str, str, str], ParameterInfo] = {}
+
+    def __repr__(self) -> str:
+        return f"DetectorClient({self.base_url!r}, api_version={self._api_version!r})"
+
+    def __enter__(self) -> "DetectorClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP connections; the client cannot be used afterwards."""
+        self._sessions.close()
+
+    # ---------------------------------------------------------------- version and listings
+
+    @property
+    def api_version(self) -> str:
+        """The SIMPLON version used in URLs; asked from the DCU on first use if not given."""
+        if self._api_version is None:
+            self._api_version = self.discover_version()
+        return self._api_version
+
+    def discover_version(self) -> str:
+        """Ask the DCU which SIMPLON version it speaks (``GET /detector/api/version/``); a client
+        created without ``api_version`` uses it from then on."""
+        url = f"{self.base_url}/detector/api/version/"
+        try:
+            response = self._request("GET", url, call="version discovery")
+        except UnknownParameterError:
+            # Clients disagree on the trailing slash (ADEiger omits it); a DCU may serve only one form.
+            url = url.rstrip("/")
+            response = self._request("GET", url, call="version discovery")
+        body = self._parse_json(response, "GET", url)
+        version = body.get("value") if isinstance(body, dict) else None
+        if version not in SUPPORTED_API_VERSIONS:
+            raise SimplonError(
+                f"the DCU at {self.host}:{self.port} speaks SIMPLON API {version!r}; "
+                f"this client supports {', '.join(SUPPORTED_API_VERSIONS)} only"
+            )
+        if self._api_version is None:
+            self._api_version = version
+        return version
+
+    def list_keys(self, module: str, task: str) -> list[str]:
+        """Names the DCU lists under ``<module>/<task>/keys`` (task: config, status or command)."""
+        url = self._url(module, task, "keys")
+        body = self._parse_json(self._request("GET", url, call=f"{module}/{task}/keys"), "GET", url)
+        if not isinstance(body, list):
+            raise SimplonError(f"GET {url}: expected a JSON list of names, the DCU answered {body!r}")
+        return [str(name) for name in body]
+
+    # ---------------------------------------------------------------- parameters
+
+    def read(self, module: str, task: str, key: str) -> ParameterValue:
+        """Value and metadata of one config or status parameter, in one GET."""
+        url = self._url(module, task, key)
+        body = self._parse_json(self._request("GET", url, call=f"{module}/{task}/{key}"), "GET", url)
+        if not isinstance(body, dict) or "value" not in body:
+            raise SimplonError(f"GET {url}: expected a JSON object with 'value', the DCU answered {body!r}")
+        info = ParameterInfo.from_response(module, task, key, body)
+        with self._metadata_lock:
+            self._metadata[(module, task, key)] = info
+        return ParameterValue(info=info, value=body["value"], time=body.get("time"), state=body.get("state"))
+
+    def get_value(self, module: str, task: str, key: str) -> Any:
+        """The value of one parameter."""
+        return self.read(module, task, key).value
+
+    def describe(self, module: str, task: str, key: str) -> ParameterInfo:
+        """Metadata of one parameter, from the cache or from one GET."""
+        with self._metadata_lock:
+            info = self._metadata.get((module, task, key))
+        return info if info is not None else self.read(module, task, key).info
+
+    def write(self, module: str, key: str, value: Any, validate: bool = True) -> dict[str, Any]:
+        """Set a config parameter; return ``{key: new value}`` for every key the write changed.
+
+        With ``validate`` the value is checked against the DCU's metadata first and refused
+        client-side (ReadOnlyParameterError, WrongTypeError, OutOfRangeError, NotAllowedValueError).
+        Each changed key that can be read is re-read and passed to ``on_changed``.
+        """
+        if validate:
+            value = self.describe(module, "config", key).validate(value)
+        url = self._url(module, "config", key)
+        response = self._request("PUT", url, call=f"{module}/config/{key}", value=value)
+        changed_keys = self._changed_keys(response, url)
+        if key not in changed_keys:
+            changed_keys.insert(0, key)
+        self._forget_metadata(module)
+        new_values: dict[str, Any] = {}
+        for changed in changed_keys:
+            if is_image_parameter(changed):
+                continue
+            try:
+                new_values[changed] = self.get_value(module, "config", changed)
+            except DcuRequestError as error:
+                # The DCU lists keys it cannot serve (tickit records "difference_mode"); the write
+                # itself succeeded, so a key that cannot be re-read is only left out.
+                log.debug("changed key %s/config/%s cannot be re-read: %s", module, changed, error)
+        if self.on_changed is not None:
+            for changed, new_value in new_values.items():
+                self.on_changed(module, changed, new_value)
+        return new_values
+
+    # ---------------------------------------------------------------- commands
+
+    def command(self, module: str, name: str, value: Any = None, timeout: float | None = None) -> Any:
+        """Run ``PUT <module>/command/<name>``; return the parsed JSON answer or None when empty."""
+        if timeout is None:
+            timeout = {"initialize": self.timeouts.initialize, "arm": self.timeouts.arm}.get(
+                name, self.timeouts.default
+            )
+        url = self._url(module, "command", name)
+        body = _NO_BODY if value is None else value
+        response = self._request("PUT", url, call=f"{module}/command/{name}", value=body, timeout=timeout)
+        text = response.text.strip()
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text  # e.g. a plain-text URI; nothing to parse
+
+    def state(self) -> str:
+        """``detector/status/state``: na, initialize, configure, ready, acquire, idle, test, error."""
+        return str(self.get_value("detector", "status", "state"))
+
+    def initialize(self) -> None:
+        """Initialize the detector (blocks, up to minutes on a real DCU); resets the series id."""
+        self.command("detector", "initialize")
+        with self._metadata_lock:
+            self._metadata.clear()
+
+    def arm(self) -> int:
+        """Arm for a series; returns its series id."""
+        return self._series_id(self.command("detector", "arm"), "arm")
+
+    def trigger(self, count_time: float | None = None, timeout: float | None = None) -> None:
+        """Send a software trigger. In ``ints`` the DCU answers when the triggered images are done,
+        so the default timeout is frame_time × nimages + trigger_start_delay + the margin."""
+        if timeout is None:
+            timeout = self._trigger_timeout(count_time)
+        self.command("detector", "trigger", value=count_time, timeout=timeout)
+
+    def disarm(self) -> int:
+        """End the series (flushes data, stream end message); returns its series id."""
+        return self._series_id(self.command("detector", "disarm"), "disarm")
+
+    def cancel(self) -> int:
+        """Stop after the current image; returns the series id."""
+        return self._series_id(self.command("detector", "cancel"), "cancel")
+
+    def abort(self) -> int:
+        """Stop at once, dropping data in the pipeline; returns the series id."""
+        return self._series_id(self.command("detector", "abort"), "abort")
+
+    def _trigger_timeout(self, count_time: float | None) -> float:
+        frame_time = float(self.get_value("detector", "config", "frame_time"))
+        nimages = int(self.get_value("detector", "config", "nimages"))
+        try:
+            start_delay = float(self.get_value("detector", "config", "trigger_start_delay") or 0.0)
+        except UnknownParameterError:  # older firmware has no trigger_start_delay
+            start_delay = 0.0
+        exposure = frame_time * nimages
+        if count_time is not None:
+            exposure = max(exposure, float(count_time))
+        return exposure + start_delay + self.timeouts.trigger_margin
+
+    def _series_id(self, body: Any, call: str) -> int:
+        if isinstance(body, dict):
+            for name in ("sequence id", "series id"):
+                if name in body:
+                    return int(body[name])
+        raise SimplonError(
+            f"the DCU at {self.host}:{self.port} answered {call} with {body!r}; expected {{\"sequence id\": N}}"
+        )
+
+    # ---------------------------------------------------------------- HTTP
+
+    def _url(self, module: str, task: str, key: str) -> str:
+        if module not in MODULES:
+            raise ValueError(f"unknown SIMPLON module {module!r}; one of {', '.join(MODULES)}")
+        return f"{self.base_url}/{module}/api/{self.api_version}/{task}/{key}"
+
+    def _forget_metadata(self, module: str) -> None:
+        with self._metadata_lock:
+            for cached in [k for k in self._metadata if k[0] == module]:
+                del self._metadata[cached]
+
+    def _request(
+        self, method: str, url: str, *, call: str, value: Any = _NO_BODY, timeout: float | None = None
+    ) -> requests.Response:
+        """One HTTP exchange; transport failures and non-2xx answers become SimplonErrors."""
+        timeout = self.timeouts.default if timeout is None else timeout
+        # SIMPLON commands without an argument must have no body at all (1.8 reference).
+        body = None if value is _NO_BODY else json.dumps({"value": value})
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        where = f"{self.host}:{self.port}"
+        try:
+            with self._sessions.session() as session:
+                response = session.request(method, url, data=body, headers=headers, timeout=timeout)
+        except requests.Timeout as error:
+            raise DcuTimeoutError(
+                f"the DCU at {where} did not answer {method} {call} within {timeout:g} s ({error})"
+            ) from error
+        except requests.ConnectionError as error:
+            raise DcuConnectionError(
+                f"cannot reach the DCU at {where} for {method} {call}: {_root_cause(error)}; "
+                "check that the DCU is on and the host and port are right"
+            ) from error
+        except requests.RequestException as error:
+            raise DcuConnectionError(f"{method} {call} to the DCU at {where} failed: {error}") from error
+        if not 200 <= response.status_code < 300:
+            raise self._request_error(response, method, url, call, has_value=value is not _NO_BODY)
+        return response
+
+    def _request_error(
+        self, response: requests.Response, method: str, url: str, call: str, *, has_value: bool
+    ) -> DcuRequestError:
+        status = response.status_code
+        dcu_message = response.text.strip()
+        details = dict(status_code=status, dcu_message=dcu_message, url=url, method=method)
+        said = f"HTTP {status}: {dcu_message}" if dcu_message else f"HTTP {status}"
+        if status in (400, 404) and self._detector_not_initialized(dcu_message, call):
+            return DetectorNotInitializedError(
+                f"{method} {call} refused: the detector is not initialized (state 'na'); "
+                f"run Initialize first (DCU said {said})",
+                **details,
+            )
+        if status == 404:
+            return UnknownParameterError(
+                f"{method} {call}: the DCU at {self.host}:{self.port} does not know this parameter "
+                f"or command (DCU said {said})",
+                **details,
+            )
+        is_config_write = method == "PUT" and "/config/" in url
+        if status == 400 and (is_config_write or has_value):
+            return InvalidValueError(f"{method} {call}: the DCU refused the value (DCU said {said})", **details)
+        return DcuRequestError(f"{method} {call} failed on the DCU at {self.host}:{self.port} ({said})", **details)
+
+    def _detector_not_initialized(self, dcu_message: str, call: str) -> bool:
+        """Before Initialize a DCU answers like an unknown key; ask its state to tell them apart."""
+        if "not initialized" in dcu_message.lower():
+            return True
+        if call in ("detector/status/state", "version discovery") or call.endswith("/command/initialize"):
+            return False
+        try:
+            return self.state() == "na"
+        except SimplonError as error:
+            log.debug("could not read detector state while classifying an error: %s", error)
+            return False
+
+    @staticmethod
+    def _changed_keys(response: requests.Response, url: str) -> list[str]:
+        """The PUT answer: a JSON list of changed keys; empty, ``""`` and ``null`` mean none listed."""
+        text = response.text.strip()
+        if not text:
+            return []
+        try:
+            body = json.loads(text)
+        except ValueError:
+            log.debug("PUT %s: answer is not JSON, no changed keys taken from it: %r", url, text)
+            return []
+        if isinstance(body, list):
+            return [str(name) for name in body]
+        return []
+
+    @staticmethod
+    def _parse_json(response: requests.Response, method: str, url: str) -> Any:
+        try:
+            return response.json()
+        except ValueError as error:
+            raise SimplonError(f"{method} {url}: the DCU answered with invalid JSON: {response.text[:200]!r}") from error
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost reason (e.g. 'Connection refused') instead of urllib3's nested reprs."""
+    cause: BaseException = error
+    while True:
+        inner = cause.__context__ or cause.__cause__
+        if inner is None:
+            break
+        cause = inner
+    reason = getattr(cause, "strerror", None) or str(cause)
+    return reason

@@ -1,0 +1,128 @@
+"""An in-memory FrameSource for the processing tests: frame stacks cut from NumPy arrays.
+
+The frames of a series are written to a .npy file; a stack handle names the file and the frame
+numbers it holds, and :func:`decode_array_stack_into` (module level, so worker processes can
+import it) reads them back by memory map -- the role the receiver's shared memory plays live.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from libertem.udf.base import UDF
+
+from tango_dectris_live.processing.live_dataset import (SeriesFinished, SeriesStarted, SourceEvent,
+                                                        StackReady)
+
+
+@dataclass(frozen=True)
+class ArrayStack:
+    """A picklable stack handle: which frames of which series file it holds."""
+
+    path: str
+    series: int
+    frame_numbers: tuple[int, ...]
+    shape: tuple[int, int]
+    dtype: str
+
+    @property
+    def frames(self) -> int:
+        return len(self.frame_numbers)
+
+
+@lru_cache(maxsize=8)
+def _series_frames(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+def decode_array_stack_into(stack: ArrayStack, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+    """Copy frames [start, stop) of ``stack`` into ``out``; return their frame numbers."""
+    numbers = np.asarray(stack.frame_numbers[start:stop], np.int64)
+    frames = _series_frames(stack.path)
+    # a frame number beyond the file (a corrupt header, in the tests) still gets pixels
+    out[...] = frames[numbers % frames.shape[0]]
+    return numbers
+
+
+class ArrayFrameSource:
+    """Series as events in a queue; the test decides when each stack arrives."""
+
+    decode_frames_into = staticmethod(decode_array_stack_into)
+
+    def __init__(self, folder: Path):
+        self._folder = Path(folder)
+        self._events: queue.Queue[SourceEvent] = queue.Queue()
+        self._lock = threading.Lock()
+        self.outstanding: set[ArrayStack] = set()
+        self.released: list[ArrayStack] = []
+
+    def next_event(self, timeout: float) -> SourceEvent | None:
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def release(self, stack: ArrayStack) -> None:
+        with self._lock:
+            self.outstanding.remove(stack)  # KeyError: released twice or never handed out
+            self.released.append(stack)
+
+    # -- the test's side -----------------------------------------------------------------------
+
+    def begin_series(self, series: int, frames: np.ndarray, image_count: int | None = None,
+                     announce_shape: bool = True) -> None:
+        """Announce a series whose frames (scan order) are ``frames``."""
+        path = self._folder / f"series_{series}.npy"
+        np.save(path, frames)
+        self._path = str(path)
+        self._shape = tuple(frames.shape[1:])
+        self._dtype = frames.dtype.str
+        self._series = series
+        self._events.put(SeriesStarted(
+            series, frames.shape[0] if image_count is None else image_count,
+            self._shape if announce_shape else None, self._dtype if announce_shape else None))
+
+    def send_stack(self, frame_numbers: Iterable[int], series: int | None = None) -> ArrayStack:
+        stack = ArrayStack(self._path, self._series if series is None else series,
+                           tuple(int(n) for n in frame_numbers), self._shape, self._dtype)
+        with self._lock:
+            self.outstanding.add(stack)
+        self._events.put(StackReady(stack))
+        return stack
+
+    def send_frames(self, frame_numbers: Sequence[int], stack_size: int) -> None:
+        for start in range(0, len(frame_numbers), stack_size):
+            self.send_stack(frame_numbers[start:start + stack_size])
+
+    def finish_series(self, missing: Iterable[int] = ()) -> None:
+        self._events.put(SeriesFinished(self._series, np.asarray(list(missing), np.int64)))
+
+
+class FrameMaxUDF(UDF):
+    """A facility-style custom analysis for the tests: the brightest pixel of each frame."""
+
+    def get_result_buffers(self):
+        return {"maximum": self.buffer(kind="nav", dtype=np.float32)}
+
+    def process_frame(self, frame):
+        self.results.maximum[:] = np.max(frame)
+
+
+def make_frame_max_udf(parameters) -> UDF:
+    """The entry-point factory of :class:`FrameMaxUDF`."""
+    return FrameMaxUDF()
+
+
+class BrokenUDF(UDF):
+    """An analysis that raises in the worker, as a buggy facility UDF would."""
+
+    def get_result_buffers(self):
+        return {"value": self.buffer(kind="nav", dtype=np.float32)}
+
+    def process_frame(self, frame):
+        raise ZeroDivisionError("broken analysis")

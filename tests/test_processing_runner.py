@@ -1,0 +1,253 @@
+"""Live processing in worker processes: results against offline NumPy, missing frames, stop,
+abort, custom analyses, snapshots."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tango_dectris_live.processing import analyses
+from tango_dectris_live.processing.analyses import AnalysisParameters, AnalysisRegistry
+from tango_dectris_live.processing.runner import LiveRunner
+from tango_dectris_live.processing.snapshot import RunState
+from tests.processing_fakes import ArrayFrameSource, make_frame_max_udf
+from tests.waiting import wait_for
+
+SCAN = (16, 16)
+FRAME = (32, 32)
+N = SCAN[0] * SCAN[1]
+PARAMETERS = AnalysisParameters(beam_centre=(15.0, 17.5), bf_radius=5, adf_inner_radius=7, adf_outer_radius=14)
+ALL = ["sum", "sumsig", "bf", "adf", "com", "last_frame"]
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1worker", "2workers"])
+def runner(request):
+    with LiveRunner(workers=request.param) as live_runner:
+        yield live_runner
+
+
+@pytest.fixture
+def source(tmp_path):
+    frame_source = ArrayFrameSource(tmp_path)
+    yield frame_source
+    assert not frame_source.outstanding, "every stack handed out must be released"
+
+
+def make_frames(seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, 200, size=(N, *FRAME), dtype=np.uint16)
+
+
+def offline(frames: np.ndarray, received: np.ndarray) -> dict[str, np.ndarray]:
+    """The analyses computed with NumPy alone; positions not received are NaN."""
+    y, x = np.ogrid[:FRAME[0], :FRAME[1]]
+    cy, cx = PARAMETERS.beam_centre
+    r2 = (y - cy) ** 2 + (x - cx) ** 2
+    disk = r2 <= PARAMETERS.bf_radius ** 2
+    ring = (r2 <= PARAMETERS.adf_outer_radius ** 2) & ~(r2 <= PARAMETERS.adf_inner_radius ** 2)
+    f = frames.astype(np.float64)
+    total = f.sum(axis=(1, 2))
+    per_position = {
+        "sumsig_image": total,
+        "bf_image": (f * disk).sum(axis=(1, 2)),
+        "adf_image": (f * ring).sum(axis=(1, 2)),
+        "com_y_image": (f * y).sum(axis=(1, 2)) / total - cy,
+        "com_x_image": (f * x).sum(axis=(1, 2)) / total - cx,
+    }
+    result = {}
+    for name, values in per_position.items():
+        values = values.copy()
+        values[~received] = np.nan
+        result[name] = values.reshape(SCAN)
+    result["sum_image"] = f[received].sum(axis=0)
+    result["last_frame"] = f[np.flatnonzero(received)[-1]]
+    return result
+
+
+def assert_matches_offline(snapshot, frames, received):
+    expected = offline(frames, received)
+    assert set(snapshot.buffers) == set(expected)
+    # integer sums are exact in float32 at these magnitudes
+    for exact in ("sum_image", "sumsig_image", "bf_image", "adf_image", "last_frame"):
+        np.testing.assert_array_equal(snapshot.buffers[exact], expected[exact], err_msg=exact)
+    for approx in ("com_x_image", "com_y_image"):
+        np.testing.assert_allclose(snapshot.buffers[approx], expected[approx], rtol=1e-4, atol=1e-4,
+                                   err_msg=approx)
+
+
+def arrival_order(seed: int = 2) -> list[int]:
+    """Frame numbers roughly in order, shuffled within blocks (as a real stream can deliver)."""
+    order = np.arange(N)
+    rng = np.random.default_rng(seed)
+    for start in range(0, N, 24):
+        rng.shuffle(order[start:start + 24])
+    return order.tolist()
+
+
+def test_all_analyses_equal_offline_numpy(runner, source):
+    frames = make_frames()
+    run = runner.process(source, ALL, PARAMETERS, nav_shape=SCAN)
+    source.begin_series(7, frames)
+    source.send_frames(arrival_order(), stack_size=20)
+    source.finish_series()
+    snapshot = run.wait(timeout=60)
+    assert snapshot.state is RunState.FINISHED
+    assert (snapshot.series, snapshot.frames_processed, snapshot.frames_missing) == (7, N, 0)
+    assert snapshot.done.all()
+    assert_matches_offline(snapshot, frames, np.ones(N, bool))
+
+
+def test_missing_frames_are_nan_and_counted(runner, source):
+    frames = make_frames(seed=3)
+    missing = [0, 17, 18, 100, N - 1]
+    received = np.ones(N, bool)
+    received[missing] = False
+    run = runner.process(source, ALL, PARAMETERS, nav_shape=SCAN)
+    source.begin_series(8, frames)
+    source.send_frames([n for n in range(N) if received[n]], stack_size=32)
+    source.finish_series(missing)
+    snapshot = run.wait(timeout=60)
+    assert snapshot.state is RunState.FINISHED
+    assert (snapshot.frames_processed, snapshot.frames_missing, snapshot.frames_dropped) == (N - 5, 5, 5)
+    np.testing.assert_array_equal(snapshot.done.ravel(), received)
+    for name in ("sumsig_image", "bf_image", "adf_image", "com_x_image", "com_y_image"):
+        np.testing.assert_array_equal(np.flatnonzero(np.isnan(snapshot.buffers[name])), missing, err_msg=name)
+    assert_matches_offline(snapshot, frames, received)
+
+
+def test_frames_outside_the_scan_are_counted_not_placed(runner, source):
+    frames = make_frames(seed=4)
+    run = runner.process(source, ["sumsig"], PARAMETERS, nav_shape=SCAN)
+    source.begin_series(9, frames)
+    source.send_frames(list(range(N)), stack_size=64)
+    source.send_stack([N, N + 5, N])  # beyond the announced images (bad frame numbers)
+    source.finish_series()
+    snapshot = run.wait(timeout=60)
+    assert snapshot.state is RunState.FINISHED
+    assert (snapshot.frames_processed, snapshot.frames_out_of_scan) == (N, 3)
+    np.testing.assert_array_equal(snapshot.buffers["sumsig_image"].ravel(),
+                                  frames.astype(np.float64).sum(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("how", ["stop", "abort"])
+def test_stop_or_abort_mid_series_then_a_full_series(runner, source, how):
+    frames = make_frames(seed=5)
+    run = runner.process(source, ["sum", "sumsig"], PARAMETERS, nav_shape=SCAN)
+    source.begin_series(10, frames)
+    source.send_frames(list(range(64)), stack_size=16)
+    wait_for(lambda: run.snapshot().frames_processed == 64, what="the first 64 frames processed")
+    getattr(run, how)()
+    final = run.wait(timeout=60)
+    assert final.state is (RunState.STOPPED if how == "stop" else RunState.ABORTED)
+    assert final.frames_processed == 64
+    assert final.frames_missing == N - 64
+    assert np.isnan(final.buffers["sumsig_image"].ravel()[64:]).all()
+    np.testing.assert_array_equal(final.buffers["sum_image"], frames[:64].astype(np.float64).sum(axis=0))
+
+    # the rest of the interrupted series still arrives: it must be given back, not processed
+    source.send_frames(list(range(64, 96)), stack_size=16)
+    frames2 = make_frames(seed=6)
+    run2 = runner.process(source, ALL, PARAMETERS, nav_shape=SCAN, series=11)
+    source.begin_series(11, frames2)
+    source.send_frames(arrival_order(seed=7), stack_size=40)
+    source.finish_series()
+    snapshot = run2.wait(timeout=60)
+    assert snapshot.state is RunState.FINISHED
+    assert snapshot.frames_processed == N
+    assert_matches_offline(snapshot, frames2, np.ones(N, bool))
+
+
+def test_abort_drops_pending_stacks(runner, source):
+    frames = make_frames(seed=8)
+    run = runner.process(source, ["sum"], PARAMETERS, nav_shape=SCAN)
+    source.begin_series(12, frames)
+    wait_for(lambda: run.state is RunState.RUNNING, what="the series to start")
+    run.abort()
+    source.send_frames(list(range(N)), stack_size=8)  # arrives after the abort
+    final = run.wait(timeout=60)
+    assert final.state is RunState.ABORTED
+    assert final.frames_processed < N
+    # the next run gives back whatever of series 12 it still finds
+    run2 = runner.process(source, ["sum"], PARAMETERS, nav_shape=SCAN, series=13)
+    source.begin_series(13, frames)
+    source.send_frames(list(range(N)), stack_size=64)
+    source.finish_series()
+    assert run2.wait(timeout=60).frames_processed == N
+
+
+def test_snapshots_during_a_run_are_monotonic(runner, source):
+    frames = make_frames(seed=9)
+    run = runner.process(source, ["sumsig", "sum"], PARAMETERS, nav_shape=SCAN)
+    source.begin_series(14, frames)
+    seen = []
+    for start in range(0, N, 32):
+        source.send_frames(list(range(start, start + 32)), stack_size=16)
+        target = start + 32
+        snapshot = wait_for(lambda: (s := run.snapshot()).frames_processed >= target and s,
+                            what=f"{target} frames processed")
+        seen.append(snapshot)
+        # what is marked done is exactly what has a value
+        assert np.array_equal(~np.isnan(snapshot.buffers["sumsig_image"]), snapshot.done)
+    source.finish_series()
+    seen.append(run.wait(timeout=60))
+    counts = [s.frames_processed for s in seen]
+    assert counts == sorted(counts) and counts[-1] == N
+    for earlier, later in zip(seen, seen[1:]):
+        assert not (earlier.done & ~later.done).any(), "a position done earlier is not done later"
+        assert (later.buffers["sum_image"] >= earlier.buffers["sum_image"]).all()
+
+
+def test_custom_analysis_from_an_entry_point(runner, source, monkeypatch):
+    monkeypatch.setattr(analyses, "entry_point_factories", lambda: {"framemax": make_frame_max_udf})
+    monkeypatch.setattr(runner, "registry", AnalysisRegistry.discover())
+    frames = make_frames(seed=10)
+    run = runner.process(source, ["framemax", "sumsig"], PARAMETERS, nav_shape=SCAN)
+    source.begin_series(15, frames)
+    source.send_frames(list(range(N)), stack_size=50)
+    source.finish_series()
+    snapshot = run.wait(timeout=60)
+    assert set(snapshot.buffers) == {"framemax_maximum", "sumsig_image"}
+    np.testing.assert_array_equal(snapshot.buffers["framemax_maximum"], frames.max(axis=(1, 2)).reshape(SCAN))
+
+
+def test_frame_shape_from_the_first_stack_and_inferred_scan_shape(runner, source):
+    frames = make_frames(seed=11)
+    run = runner.process(source, ["sumsig"], PARAMETERS, nav_shape=(10, 10))
+    source.begin_series(16, frames, announce_shape=False)
+    source.send_frames(list(range(N)), stack_size=100)
+    source.finish_series()
+    snapshot = run.wait(timeout=60)
+    assert snapshot.scan_shape == SCAN
+    assert "does not hold" in snapshot.scan_shape_note
+    np.testing.assert_array_equal(snapshot.buffers["sumsig_image"],
+                                  frames.astype(np.float64).sum(axis=(1, 2)).reshape(SCAN))
+
+
+def test_failing_analysis_fails_the_run_not_the_runner(runner, source, monkeypatch):
+    monkeypatch.setattr(analyses, "entry_point_factories", lambda: {"broken": _make_broken_udf})
+    monkeypatch.setattr(runner, "registry", AnalysisRegistry.discover())
+    run = runner.process(source, ["broken"], PARAMETERS, nav_shape=SCAN)
+    source.begin_series(17, make_frames())
+    source.send_frames(list(range(N)), stack_size=64)
+    source.finish_series()
+    snapshot = run.wait(timeout=60)
+    assert snapshot.state is RunState.FAILED
+    assert "ZeroDivisionError" in snapshot.error
+    monkeypatch.undo()
+    run2 = runner.process(source, ["sumsig"], PARAMETERS, nav_shape=SCAN, series=18)
+    source.begin_series(18, make_frames())
+    source.send_frames(list(range(N)), stack_size=64)
+    source.finish_series()
+    assert run2.wait(timeout=60).state is RunState.FINISHED
+
+
+def test_a_second_series_cannot_start_while_one_runs(runner, source):
+    run = runner.process(source, ["sum"], PARAMETERS, nav_shape=SCAN)
+    with pytest.raises(RuntimeError, match="still being processed"):
+        runner.process(source, ["sum"], PARAMETERS, nav_shape=SCAN)
+    run.stop()
+    assert run.wait(timeout=60).state is RunState.STOPPED
+
+
+def _make_broken_udf(parameters):
+    from tests.processing_fakes import BrokenUDF
+    return BrokenUDF()
