@@ -95,6 +95,8 @@ def run(output: Path, model: str) -> dict:
         proxy.Initialize()
         recorder.wait_for("ON", n, 60)
         settings = {"count_time": 0.01, "frame_time": 0.01, "nimages": 50}
+        # No receiver in this first demo: the simulator's stream is switched off.
+        proxy.stream_mode = list(proxy.get_attribute_config("stream_mode").enum_labels).index("disabled")
         labels = list(proxy.get_attribute_config("trigger_mode").enum_labels)
         proxy.trigger_mode = labels.index("ints")
         for name, value in settings.items():

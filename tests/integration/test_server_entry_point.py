@@ -30,6 +30,8 @@ def test_entry_point_serves_the_device_from_the_database(tango_db, simulator):
     assert proxy.state() == DevState.OFF
     proxy.Initialize()
     wait_for(lambda: proxy.state() == DevState.ON, what="ON after Initialize")
+    # No receiver here: with the stream off the simulator sends nothing, like a DCU.
+    proxy.stream_mode = list(proxy.get_attribute_config("stream_mode").enum_labels).index("disabled")
     proxy.nimages = 4
     assert proxy.nimages == 4
     labels = list(proxy.get_attribute_config("trigger_mode").enum_labels)
