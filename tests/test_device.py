@@ -150,6 +150,7 @@ def test_cancel_and_abort_return_the_series(device):
     device.nimages = 1000
     series = device.Arm()
     device.Trigger()
+    wait_for(lambda: device.detector_state == "acquire", what="the DCU acquiring")
     assert device.Cancel() == series
     wait_state(device, DevState.ON)
     series = device.Arm()

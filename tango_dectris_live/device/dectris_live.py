@@ -106,9 +106,11 @@ class DectrisLive(Device):
     # -- health → State/Status ----------------------------------------------------------------
 
     def _set_health(self, state: DevState, status: str) -> None:
+        state_changed = state != self.get_state()
         self.set_state(state)
         self.set_status(status)
-        self.push_change_event("State", state)
+        if state_changed:
+            self.push_change_event("State", state)
         self.push_change_event("Status", status)
 
     def _on_health(self, health: DetectorHealth) -> None:
@@ -251,8 +253,14 @@ class DectrisLive(Device):
     def Trigger(self) -> None:
         self._require(self.get_state() == DevState.RUNNING and self._supervisor.running_command is None,
                       "Trigger", "the detector must be armed (State RUNNING, no trigger in progress)")
-        self._call("Trigger",
-                   lambda: self._supervisor.run_in_background("trigger", self._client.trigger))
+        def trigger_in_background() -> None:
+            # The timeout needs three reads: do them now, so the trigger reaches the DCU as soon as
+            # possible after this command returns (a client may Cancel right after).
+            timeout = self._client.trigger_timeout()
+            self._supervisor.run_in_background(
+                "trigger", lambda: self._client.trigger(timeout=timeout))
+
+        self._call("Trigger", trigger_in_background)
 
     @command(dtype_out=int, doc_out="the series id")
     def Disarm(self) -> int:

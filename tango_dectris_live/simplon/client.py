@@ -246,7 +246,7 @@ class DetectorClient:
         """Send a software trigger. In ``ints`` the DCU answers when the triggered images are done,
         so the default timeout is frame_time × nimages + trigger_start_delay + the margin."""
         if timeout is None:
-            timeout = self._trigger_timeout(count_time)
+            timeout = self.trigger_timeout(count_time)
         self.command("detector", "trigger", value=count_time, timeout=timeout)
 
     def disarm(self) -> int:
@@ -261,7 +261,7 @@ class DetectorClient:
         """Stop at once, dropping data in the pipeline; returns the series id."""
         return self._series_id(self.command("detector", "abort"), "abort")
 
-    def _trigger_timeout(self, count_time: float | None) -> float:
+    def trigger_timeout(self, count_time: float | None = None) -> float:
         frame_time = float(self.get_value("detector", "config", "frame_time"))
         nimages = int(self.get_value("detector", "config", "nimages"))
         try:
