@@ -92,7 +92,10 @@ class DetectorSupervisor:
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - a failing callback must not end the supervision
+                log.exception("supervising the DCU failed; polling goes on")
             self._stop.wait(self.poll_period)
 
     def refresh(self) -> DetectorHealth:
@@ -184,9 +187,13 @@ class DetectorSupervisor:
         except SimplonError as exc:
             error = f"{name} failed: {exc}"
             log.error(error)
-        with self._lock:
-            self._running_command = None
-            self._last_command_error = error
+        except Exception as exc:  # noqa: BLE001 - reported in Status, never lost with the thread
+            error = f"{name} failed unexpectedly: {type(exc).__name__}: {exc}"
+            log.exception(error)
+        finally:
+            with self._lock:
+                self._running_command = None
+                self._last_command_error = error
         self.refresh()
 
     def wait_for_command(self, timeout: float) -> bool:
