@@ -8,11 +8,6 @@ compile_args = ["-O3"]
 
 extensions = [
     Extension(
-        "tango_dectris_live.receiver._headers",
-        ["cython/headers.pyx"],
-        extra_compile_args=compile_args,
-    ),
-    Extension(
         "tango_dectris_live.receiver._receiver",
         ["cython/receiver.pyx"],
         extra_compile_args=compile_args,
