@@ -201,3 +201,18 @@ def test_missing_dcu_host_is_a_clear_fault():
     with DeviceTestContext(DectrisLive, properties={}, process=True, timeout=30) as proxy:
         assert proxy.state() == DevState.FAULT
         assert "DcuHost" in proxy.status()
+
+
+def test_a_refused_command_is_reported_and_the_acquisition_goes_on(device):
+    initialized(device)
+    device.trigger_mode = list(device.get_attribute_config("trigger_mode").enum_labels).index("exts")
+    device.count_time = 0.05
+    device.frame_time = 0.05
+    device.nimages = 1000
+    device.Arm()
+    device.Trigger()  # exts: the DCU refuses software triggers
+    wait_for(lambda: "trigger failed" in device.status(), what="the refusal in Status")
+    assert "exts" in device.status()
+    assert device.state() == DevState.RUNNING  # the externally triggered series goes on
+    device.Disarm()  # an accepted command clears the report
+    wait_state(device, DevState.ON)

@@ -137,7 +137,10 @@ class DetectorSupervisor:
                 dcu_state, f"{running} in progress (DCU state {dcu_state})")
         if condition is DetectorCondition.ERROR:
             return DetectorHealth(condition, dcu_state, f"DCU in error: {self._read_dcu_error()}")
-        if failed is not None and condition is not DetectorCondition.BUSY:
+        if failed is not None:
+            if condition is DetectorCondition.BUSY:
+                # The acquisition goes on; the refusal is reported, not turned into a fault.
+                return DetectorHealth(condition, dcu_state, f"detector {dcu_state}; {failed}")
             return DetectorHealth(DetectorCondition.ERROR, dcu_state, failed)
         messages = {
             DetectorCondition.NOT_INITIALIZED: "detector not initialized (DCU state na): run Initialize",
