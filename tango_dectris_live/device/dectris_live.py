@@ -177,10 +177,6 @@ class DectrisLive(Device):
         if "unit" in kwargs:
             props.set_unit(kwargs["unit"])
             props.set_display_unit(kwargs["unit"])
-        if "min_value" in kwargs:
-            props.set_min_value(kwargs["min_value"])
-        if "max_value" in kwargs:
-            props.set_max_value(kwargs["max_value"])
         if "enum_labels" in kwargs:
             props.set_enum_labels(kwargs["enum_labels"])
         attr.set_default_properties(props)

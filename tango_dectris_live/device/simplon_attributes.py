@@ -168,7 +168,7 @@ def tango_attribute_kwargs(attr: SimplonAttribute) -> dict[str, Any]:
     # The DCU's limits are NOT set as Tango min_value/max_value: cppTango would then refuse an
     # out-of-range write itself, with a message that does not name the limit. The DCU client
     # refuses it instead ("count_time: 5000 s is above the maximum 3600 s"); the limits are in
-    # the description, and ``limits`` below, for GUIs.
+    # the description for people and GUIs.
     if info.min is not None or info.max is not None:
         kwargs["doc"] += f"; range {_limit(info.min)} .. {_limit(info.max)} {info.unit}".rstrip()
     if attr.enum_labels:
