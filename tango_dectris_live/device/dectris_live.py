@@ -79,6 +79,8 @@ class DectrisLive(Device):
             self.set_change_event(name, True, False)
         self._attributes: dict[str, SimplonAttribute] = {}
         self._attribute_lock = threading.Lock()
+        self._attribute_builder: threading.Thread | None = None
+        self._builder_lock = threading.Lock()
         self._config_attributes_built = False
         self._missing_parameters: list[str] = []
         host = self.DcuHost or os.environ.get(ENV_DCU_HOST, "")
@@ -115,11 +117,32 @@ class DectrisLive(Device):
 
     def _on_health(self, health: DetectorHealth) -> None:
         if health.dcu_state not in (None, "na") and not self._config_attributes_built:
-            self._build_simplon_attributes()
+            # Reading ~100 parameters takes longer than a Tango client waits for a command, and
+            # this may run in one (Initialize): build in the background, State INIT meanwhile.
+            self._start_attribute_build()
+            self._set_health(DevState.INIT, "reading the detector's parameters from the DCU")
+            return
         status = health.message
         if self._missing_parameters:
             status += ("\nThe DCU does not provide: " + ", ".join(self._missing_parameters))
         self._set_health(_STATE_OF_CONDITION[health.condition], status)
+
+    def _start_attribute_build(self) -> None:
+        with self._builder_lock:
+            if self._attribute_builder is not None and self._attribute_builder.is_alive():
+                return
+            self._attribute_builder = threading.Thread(target=self._build_then_publish,
+                                                       name="simplon-attributes", daemon=True)
+            self._attribute_builder.start()
+
+    def _build_then_publish(self) -> None:
+        try:
+            self._build_simplon_attributes()
+        except SimplonError as exc:
+            # Retried at the next change of the DCU's health (e.g. once it answers again).
+            self._set_health(DevState.FAULT, f"reading the detector's parameters failed: {exc}")
+            return
+        self._on_health(self._supervisor.health)
 
     def _on_reconnect(self) -> None:
         if not self.ApiVersion:
