@@ -1,11 +1,12 @@
 """The analyses registry and scan-shape resolution (no worker processes)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from libertem.udf.com import CoMUDF
 from libertem.udf.masks import ApplyMasksUDF
-from libertem.udf.sum import SumUDF
 
+from tango_dectris_live.processing.udfs import ExactSumUDF
 from tango_dectris_live.processing import analyses
 from tango_dectris_live.processing.analyses import (AnalysisParameters, AnalysisRegistry,
                                                     InvalidAnalysisParameters, UnknownAnalysisError)
@@ -37,7 +38,7 @@ def test_build_uses_libertem_udfs_with_the_parameters():
     built = AnalysisRegistry.discover().build(["sum", "bf", "com", "sum"], AnalysisParameters(bf_radius=3),
                                               (32, 32))
     assert [b.name for b in built] == ["sum", "bf", "com"]
-    assert isinstance(built[0].udf, SumUDF)
+    assert isinstance(built[0].udf, ExactSumUDF)
     assert isinstance(built[1].udf, ApplyMasksUDF)
     assert isinstance(built[2].udf, CoMUDF)
     assert built[2].udf.params.com_params.cy == 16.0
@@ -89,3 +90,18 @@ def test_scan_shape_reports_a_mismatch():
 def test_scan_shape_needs_a_count_or_a_shape():
     with pytest.raises(ScanShapeError, match="nav_shape"):
         resolve_scan_shape(None, None)
+
+
+def test_sums_are_exact_beyond_float32_precision():
+    """float32 accumulation would round 2**24 + 1; the built-in sum and sumsig must not."""
+    from libertem.api import Context
+
+    frames = np.zeros((1, 3, 4, 4), np.uint32)
+    frames[0, :, 0, 0] = [2**24, 1, 1]
+    frames[0, 0, 1, 1] = 1
+    ctx = Context.make_with("inline")
+    dataset = ctx.load("memory", data=frames, sig_dims=2)
+    built = AnalysisRegistry.discover().build(["sum", "sumsig"], AnalysisParameters(), (4, 4))
+    results = ctx.run_udf(dataset=dataset, udf=[b.udf for b in built])
+    assert results[0]["intensity"].data[0, 0] == 2**24 + 2
+    assert list(results[1]["intensity"].data.ravel()) == [2**24 + 1, 1, 1]

@@ -19,10 +19,8 @@ from libertem import masks
 from libertem.udf.base import UDF
 from libertem.udf.com import CoMUDF
 from libertem.udf.masks import ApplyMasksUDF
-from libertem.udf.sum import SumUDF
-from libertem.udf.sumsigudf import SumSigUDF
 
-from .udfs import LastFrameUDF
+from .udfs import ExactSumSigUDF, ExactSumUDF, LastFrameUDF
 
 ENTRY_POINT_GROUP = "tango_dectris_live.analyses"
 
@@ -153,8 +151,9 @@ def _prefixed(name: str) -> ResultExtractor:
 
 
 BUILT_IN_ANALYSES: tuple[Analysis, ...] = (
-    Analysis("sum", lambda p: SumUDF(), _renamed({"intensity": "sum_image"})),
-    Analysis("sumsig", lambda p: SumSigUDF(), _renamed({"intensity": "sumsig_image"})),
+    # LiberTEM's SumUDF/SumSigUDF would convert to float32 first: exact only up to 2**24 counts
+    Analysis("sum", lambda p: ExactSumUDF(), _renamed({"intensity": "sum_image"})),
+    Analysis("sumsig", lambda p: ExactSumSigUDF(), _renamed({"intensity": "sumsig_image"})),
     Analysis("bf", functools.partial(_single_mask_udf, _disk), _first_mask("bf_image")),
     Analysis("adf", functools.partial(_single_mask_udf, _ring), _first_mask("adf_image")),
     Analysis("com", _com_udf, _com_components),

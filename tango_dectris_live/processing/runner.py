@@ -59,9 +59,12 @@ class _SeriesSpec:
     scan_shape: tuple[int, ...]
     frame_shape: tuple[int, int]
     raw_dtype: str
-    decode_dtype: str
+    # (input dtype, indices of the UDFs that get their frames in it): LiberTEM's dtype rule per UDF,
+    # so that an exact float64 sum is not degraded by a float32 mask analysis in the same run
+    dtype_groups: list[tuple[str, list[int]]]
     tile_depth: int
     decode_frames_into: StackDecoder
+    frames_per_partition: int  # frames decoded and processed at once (bounds a worker's memory)
 
 
 def _frame_runs(numbers: np.ndarray) -> list[tuple[int, int]]:
@@ -74,29 +77,45 @@ def _frame_runs(numbers: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment) -> tuple[list, int]:
-    """Decode ``stack`` and run the UDFs on each run of consecutive frames.
+    """Decode ``stack`` and run the UDFs on each run of consecutive frames, at most
+    ``spec.frames_per_partition`` frames at a time.
 
     Returns ([(first_frame, count, [buffers per UDF]), ...], frames outside the scan)."""
-    frames = np.empty((stack.frames, *spec.frame_shape), dtype=spec.decode_dtype)
-    numbers = np.asarray(spec.decode_frames_into(stack, 0, stack.frames, frames), dtype=np.int64)
-    scan_size = int(np.prod(spec.scan_shape))
-    in_scan = (numbers >= 0) & (numbers < scan_size)
-    # stacks hold frames in arrival order; LiberTEM wants them in scan order
-    numbers, first_index = np.unique(numbers[in_scan], return_index=True)
-    frames = frames[in_scan][first_index]
+    partial: list = []
+    out_of_scan = 0
     dataset = LiveDataSet(spec.scan_shape, spec.frame_shape, spec.raw_dtype)
     tiling_scheme = TilingScheme.make_for_shape(
         tileshape=Shape((spec.tile_depth, *spec.frame_shape), sig_dims=2), dataset_shape=dataset.shape)
-    partial = []
-    for start, stop in _frame_runs(numbers):
-        partition = dataset.partition_for_run(int(numbers[start]), frames[start:stop], stop - start)
-        udfs = [cls.new_for_partition(kwargs, partition, None)
-                for cls, kwargs in zip(spec.udf_classes, spec.udf_kwargs)]
-        params = UDFParams(kwargs=spec.udf_kwargs, roi=None, corrections=None, tiling_scheme=tiling_scheme)
-        results = UDFPartRunner(udfs).run_for_partition(partition, params, env, None)
-        buffers = [{name: buf.raw_data for name, buf in data.items() if buf.has_data()} for data in results]
-        partial.append((int(numbers[start]), stop - start, buffers))
-    return partial, int(np.count_nonzero(~in_scan))
+    chunk = max(1, spec.frames_per_partition)
+    # one group: decode straight into its dtype; several: decode the raw pixels once, convert per group
+    decode_dtype = spec.dtype_groups[0][0] if len(spec.dtype_groups) == 1 else spec.raw_dtype
+    frames = np.empty((min(chunk, stack.frames), *spec.frame_shape), dtype=decode_dtype)
+    udf_count = len(spec.udf_classes)
+    scan_size = int(np.prod(spec.scan_shape))
+    for begin in range(0, stack.frames, chunk):
+        end = min(stack.frames, begin + chunk)
+        decoded = frames[:end - begin]
+        numbers = np.asarray(spec.decode_frames_into(stack, begin, end, decoded), dtype=np.int64)
+        in_scan = (numbers >= 0) & (numbers < scan_size)
+        out_of_scan += int(np.count_nonzero(~in_scan))
+        # stacks hold frames in arrival order; LiberTEM wants them in scan order
+        numbers, first_index = np.unique(numbers[in_scan], return_index=True)
+        already_ordered = numbers.size == decoded.shape[0] and np.array_equal(first_index, np.arange(numbers.size))
+        ordered = decoded if already_ordered else decoded[in_scan][first_index]
+        for start, stop in _frame_runs(numbers):
+            buffers: list[dict | None] = [None] * udf_count
+            for dtype, members in spec.dtype_groups:
+                data = ordered[start:stop]
+                data = data if data.dtype == np.dtype(dtype) else data.astype(dtype)
+                partition = dataset.partition_for_run(int(numbers[start]), data, stop - start)
+                kwargs = [spec.udf_kwargs[i] for i in members]
+                udfs = [spec.udf_classes[i].new_for_partition(kw, partition, None) for i, kw in zip(members, kwargs)]
+                params = UDFParams(kwargs=kwargs, roi=None, corrections=None, tiling_scheme=tiling_scheme)
+                results = UDFPartRunner(udfs).run_for_partition(partition, params, env, None)
+                for i, result in zip(members, results):
+                    buffers[i] = {name: buf.raw_data for name, buf in result.items() if buf.has_data()}
+            partial.append((int(numbers[start]), stop - start, buffers))
+    return partial, out_of_scan
 
 
 def _worker_main(tasks: multiprocessing.Queue, results: multiprocessing.Queue, active_run) -> None:
@@ -189,11 +208,10 @@ class WorkerPool:
 # Main side
 
 
-def _decode_dtype(udfs: Sequence[UDF], raw_dtype: np.dtype) -> np.dtype:
-    """The pixel type the UDFs want their input in (LiberTEM's rule, numpy backend, no corrections)."""
-    wanted = [raw_dtype if udf.get_preferred_input_dtype() is UDF.USE_NATIVE_DTYPE
-              else np.dtype(udf.get_preferred_input_dtype()) for udf in udfs]
-    return np.result_type(*wanted)
+def _input_dtype(udf: UDF, raw_dtype: np.dtype) -> np.dtype:
+    """The pixel type ``udf`` gets its frames in (LiberTEM's rule, numpy backend, no corrections)."""
+    preferred = udf.get_preferred_input_dtype()
+    return raw_dtype if preferred is UDF.USE_NATIVE_DTYPE else np.result_type(preferred, raw_dtype)
 
 
 class SeriesRun:
@@ -203,8 +221,10 @@ class SeriesRun:
     """
 
     def __init__(self, runner: LiveRunner, run_id: int, source: FrameSource, analyses: list[str],
-                 parameters: AnalysisParameters, nav_shape: tuple[int, ...] | None, series: int | None):
+                 parameters: AnalysisParameters, nav_shape: tuple[int, ...] | None, series: int | None,
+                 frames_per_partition: int | None = None):
         self._runner = runner
+        self._frames_per_partition = frames_per_partition
         self._pool = runner.pool
         self._run_id = run_id
         self._source = source
@@ -261,6 +281,20 @@ class SeriesRun:
     @property
     def ended(self) -> bool:
         return self._ended.is_set()
+
+    def wait_until_ended(self, timeout: float) -> bool:
+        """True once the run has ended; waits at most ``timeout`` seconds."""
+        return self._ended.wait(timeout)
+
+    @property
+    def series(self) -> int | None:
+        """The series being processed (None while waiting for one)."""
+        return self._series
+
+    def counters(self) -> tuple[int, int]:
+        """(frames expected, frames processed) without copying any result: cheap enough to poll."""
+        with self._lock:
+            return int(self._done.size), self._frames_processed
 
     # -- results -----------------------------------------------------------------------------
 
@@ -371,19 +405,21 @@ class SeriesRun:
         selected = self._runner.registry.build(self._analysis_names, self._parameters, frame_shape)
         dataset = LiveDataSet(scan.shape, frame_shape, raw_dtype)
         udfs = [s.udf for s in selected]
-        decode_dtype = _decode_dtype(udfs, raw_dtype)
-        meta = UDFMeta(partition_slice=None, dataset_shape=dataset.shape, roi=None,
-                       dataset_dtype=raw_dtype, input_dtype=decode_dtype, corrections=None)
-        for udf in udfs:
-            udf.set_meta(meta)
+        groups: dict[str, list[int]] = {}
+        for i, udf in enumerate(udfs):
+            input_dtype = _input_dtype(udf, raw_dtype)
+            groups.setdefault(input_dtype.str, []).append(i)
+            udf.set_meta(UDFMeta(partition_slice=None, dataset_shape=dataset.shape, roi=None,
+                                 dataset_dtype=raw_dtype, input_dtype=input_dtype, corrections=None))
             udf.init_result_buffers()
             udf.allocate_for_full(dataset, None)
-        frame_bytes = int(np.prod(frame_shape)) * decode_dtype.itemsize
+        frame_bytes = int(np.prod(frame_shape)) * max(np.dtype(d).itemsize for d in groups)
         spec = _SeriesSpec(
             run_id=self._run_id, udf_classes=[type(u) for u in udfs], udf_kwargs=[u._kwargs for u in udfs],
             scan_shape=scan.shape, frame_shape=frame_shape, raw_dtype=raw_dtype.str,
-            decode_dtype=decode_dtype.str, tile_depth=max(1, _TILE_BYTES // frame_bytes),
-            decode_frames_into=self._source.decode_frames_into)
+            dtype_groups=list(groups.items()), tile_depth=max(1, _TILE_BYTES // frame_bytes),
+            decode_frames_into=self._source.decode_frames_into,
+            frames_per_partition=self._frames_per_partition or 1 << 30)
         self._pool.begin_series(spec)
         with self._lock:
             self._dataset = dataset
@@ -461,8 +497,12 @@ class LiveRunner:
 
     def process(self, source: FrameSource, analyses: Iterable[str],
                 parameters: AnalysisParameters = AnalysisParameters(),
-                nav_shape: tuple[int, ...] | None = None, series: int | None = None) -> SeriesRun:
+                nav_shape: tuple[int, ...] | None = None, series: int | None = None,
+                frames_per_partition: int | None = None) -> SeriesRun:
         """Start processing the next series of ``source`` (or series ``series``) in the background.
+
+        ``frames_per_partition``: a worker decodes and processes a stack this many frames at a
+        time (None: the whole stack at once).
 
         Unknown analysis names raise :class:`~.analyses.UnknownAnalysisError` here, before anything runs.
         """
@@ -471,7 +511,8 @@ class LiveRunner:
             raise RuntimeError("a series is still being processed; stop or abort it (and wait) first")
         self.pool.check_alive()
         self._current = SeriesRun(self, next(self._run_ids), source, names, parameters,
-                                  tuple(nav_shape) if nav_shape is not None else None, series)
+                                  tuple(nav_shape) if nav_shape is not None else None, series,
+                                  frames_per_partition)
         return self._current.start()
 
     @property

@@ -1,0 +1,605 @@
+"""Live acquisitions: the detector, the stream receiver and the analyses of one device, together.
+
+:class:`LiveAcquisition` runs **active** acquisitions (it sets the scan size on the DCU, arms,
+receives, processes, sends the software triggers) and **passive** ones (it processes every series
+that someone else arms -- vendor GUI, a script, a Sardana macro -- one after the other, until told
+to stop). It is Tango-free: the device turns its commands into calls here and publishes what
+``on_update`` hands it (progress while data arrives, at most ``event_rate`` times per second, and
+one final update per series that is never skipped).
+
+Threads: a *session* thread per acquisition (arms, triggers, waits for the series, publishes the
+final result) and a *publisher* thread (rate-limited intermediate updates). Commands from any
+thread only set flags and send the DCU its cancel/abort; they never wait for the pipeline.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from tango_dectris_live.receiver import FrameStackLayout, StreamReceiver
+from tango_dectris_live.simplon.client import DetectorClient
+from tango_dectris_live.simplon.errors import SimplonError, UnknownParameterError
+
+from .analyses import AnalysisParameters, AnalysisRegistry
+from .live_dataset import ReceiverFrameSource
+from .runner import LiveRunner, SeriesRun
+from .snapshot import ResultSnapshot, RunState
+
+log = logging.getLogger(__name__)
+
+_POLL = 0.05  # seconds between two looks at a running series from the session thread
+_CANCEL_GRACE = 2.0  # after a Stop, how long the DCU's own end of series may take to arrive
+_BIT_DEPTH_DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
+_STREAM_FORMAT_VERSIONS = {"legacy": 1, "cbor": 2}
+
+
+class AcquisitionMode(str, enum.Enum):
+    IDLE = "idle"
+    ACTIVE = "active"  # this device arms and triggers
+    PASSIVE = "passive"  # someone else arms; every series is processed
+
+
+class AcquisitionBusyError(RuntimeError):
+    """An acquisition is already running (Stop or Abort it first)."""
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The tuning parameters; 0 means "computed from the detector geometry"."""
+
+    workers: int = 0
+    num_slots: int = 0
+    bytes_per_frame: int = 0
+    frame_stack_size: int = 0
+    frames_per_partition: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "num_slots", "bytes_per_frame", "frame_stack_size", "frames_per_partition"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0 (0: automatic), got {value!r}")
+
+    def resolved(self, frame_shape: tuple[int, int], dtype: str) -> PipelineSettings:
+        """Concrete values for frames of ``frame_shape``/``dtype``: what is 0 gets its default."""
+        layout = FrameStackLayout.for_frames(
+            frame_shape, dtype, num_slots=self.num_slots or 16,
+            frame_stack_size=self.frame_stack_size or None, bytes_per_frame=self.bytes_per_frame or None)
+        return PipelineSettings(
+            workers=self.workers or default_workers(),
+            num_slots=layout.num_slots, bytes_per_frame=layout.bytes_per_frame,
+            frame_stack_size=layout.frame_stack_size,
+            frames_per_partition=self.frames_per_partition or layout.frame_stack_size)
+
+
+def default_workers() -> int:
+    """Two workers at least (decode runs in parallel with the merge), one core left for the receiver."""
+    return max(2, min(16, (os.cpu_count() or 2) - 1))
+
+
+@dataclass(frozen=True)
+class StreamGeometry:
+    """What the receiver must be built for: stream version, frame shape, pixel type."""
+
+    version: int
+    frame_shape: tuple[int, int]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class AcquisitionRequest:
+    """What to compute: analyses by registered name, their parameters, the scan shape."""
+
+    analyses: tuple[str, ...]
+    parameters: AnalysisParameters = AnalysisParameters()
+    nav_shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class AcquisitionProgress:
+    """The progress scalars the device publishes."""
+
+    mode: AcquisitionMode
+    series_id: int = -1
+    frames_expected: int = 0
+    frames_received: int = 0
+    frames_processed: int = 0
+    frames_missing: int = 0
+    receive_rate: float = 0.0
+    process_rate: float = 0.0
+    backlog: int = 0
+    message: str = "idle"
+
+    @property
+    def progress(self) -> float:
+        """Percent of the scan processed."""
+        return 100.0 * self.frames_processed / self.frames_expected if self.frames_expected else 0.0
+
+
+@dataclass(frozen=True)
+class AcquisitionUpdate:
+    """Handed to ``on_update``: the progress and, when results changed, a snapshot of them."""
+
+    progress: AcquisitionProgress
+    snapshot: ResultSnapshot | None
+    final: bool
+
+
+UpdateCallback = Callable[[AcquisitionUpdate], None]
+
+
+class _RateMeter:
+    """Frames per second over the last few seconds, from (time, total) samples."""
+
+    def __init__(self, window: float = 2.0) -> None:
+        self._window = window
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def add(self, total: int, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        self._samples.append((now, total))
+        while len(self._samples) > 2 and now - self._samples[0][0] > self._window:
+            self._samples.popleft()
+        (t0, n0), (t1, n1) = self._samples[0], self._samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def reset(self) -> None:
+        self._samples.clear()
+
+
+class LiveAcquisition:
+    """Active and passive live acquisitions of one detector.
+
+    ``stream_host``: where the DCU's stream is (usually the DCU's host); ``stream_ports``: the port
+    of each stream version ({1: 9999, 2: 31001}).
+    """
+
+    def __init__(self, detector: DetectorClient, stream_host: str, stream_ports: Mapping[int, int], *,
+                 registry: AnalysisRegistry | None = None, settings: PipelineSettings = PipelineSettings(),
+                 event_rate: float = 10.0, on_update: UpdateCallback | None = None,
+                 receiver_timeout: float = 10.0, worker_start_method: str = "spawn") -> None:
+        self.detector = detector
+        self.stream_host = stream_host
+        self.stream_ports = dict(stream_ports)
+        self.registry = registry if registry is not None else AnalysisRegistry.discover()
+        self.settings = settings
+        self.on_update = on_update
+        self.receiver_timeout = receiver_timeout
+        self._worker_start_method = worker_start_method
+        self._event_rate = 10.0
+        self.event_rate = event_rate
+        self._lock = threading.RLock()
+        self._publish_lock = threading.Lock()
+        self._mode = AcquisitionMode.IDLE
+        self._session: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._abort = threading.Event()
+        self._closing = threading.Event()
+        self._receiver: StreamReceiver | None = None
+        self._receiver_key: tuple | None = None
+        self._source: ReceiverFrameSource | None = None
+        self._runner: LiveRunner | None = None
+        self._run: SeriesRun | None = None
+        self._received_at_start = 0
+        self._message = "idle"
+        self._last_error: str | None = None
+        self._last_final: ResultSnapshot | None = None
+        self._final_received = 0
+        self._published_processed = -1
+        self._published_progress: AcquisitionProgress | None = None
+        self._process_meter = _RateMeter()
+        self._series_started_at = 0.0
+        self._series_completed = 0
+        self._resolved_settings = settings
+        self._publisher = threading.Thread(target=self._publish_loop, name="live-results-publisher", daemon=True)
+        self._publisher.start()
+
+    # ---- settings -----------------------------------------------------------------------------
+
+    @property
+    def event_rate(self) -> float:
+        return self._event_rate
+
+    @event_rate.setter
+    def event_rate(self, rate: float) -> None:
+        if not (math.isfinite(rate) and 0.1 <= rate <= 100.0):
+            raise ValueError(f"result_event_rate must be between 0.1 and 100 events per second, got {rate}")
+        self._event_rate = float(rate)
+
+    @property
+    def mode(self) -> AcquisitionMode:
+        return self._mode
+
+    @property
+    def busy(self) -> bool:
+        session = self._session
+        return session is not None and session.is_alive()
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    @property
+    def series_completed(self) -> int:
+        """Series processed to the end since this object was made (passive mode counts each)."""
+        return self._series_completed
+
+    def prepare(self) -> None:
+        """Start the worker processes now (they take seconds to start) rather than at the first series."""
+        with self._lock:
+            self._ensure_runner(self.settings.workers or default_workers())
+
+    # ---- commands (any thread; they return at once) ----------------------------------------------
+
+    def start(self, request: AcquisitionRequest) -> None:
+        """Active acquisition: configure the scan, arm, receive, process, trigger (ints/inte)."""
+        self._begin(AcquisitionMode.ACTIVE, request)
+
+    def listen(self, request: AcquisitionRequest) -> None:
+        """Passive acquisitions: process every series armed by someone else until :meth:`stop`."""
+        self._begin(AcquisitionMode.PASSIVE, request)
+
+    def stop(self) -> None:
+        """Graceful: the DCU cancels (active mode), what arrived is processed and published."""
+        if not self.busy:
+            return
+        self._stop.set()
+        if self._mode == AcquisitionMode.ACTIVE:
+            self._tell_detector("cancel", self.detector.cancel)
+
+    def abort(self) -> None:
+        """At once: the DCU aborts (active mode), pending frames are dropped; results so far are published."""
+        if not self.busy:
+            return
+        self._abort.set()
+        if self._mode == AcquisitionMode.ACTIVE:
+            self._tell_detector("abort", self.detector.abort)
+        run = self._run
+        if run is not None:
+            run.abort()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once no acquisition runs (False if one still does after ``timeout`` seconds)."""
+        session = self._session
+        if session is not None:
+            session.join(timeout)
+            return not session.is_alive()
+        return True
+
+    def close(self) -> None:
+        """Abort what runs, stop the publisher, the receiver and the worker processes (idempotent)."""
+        self.abort()
+        self.wait(30)
+        self._closing.set()
+        self._publisher.join(10)
+        with self._lock:
+            if self._receiver is not None:
+                self._receiver.stop()
+                self._receiver = None
+            if self._runner is not None:
+                self._runner.close()
+                self._runner = None
+
+    # ---- state for the device ---------------------------------------------------------------------
+
+    def progress(self) -> AcquisitionProgress:
+        """Counters of the series being processed or, while waiting for the next one, of the last."""
+        run, receiver, final = self._run, self._receiver, self._last_final
+        stats = receiver.stats() if receiver is not None else None
+        common = dict(mode=self._mode, message=self._message,
+                      receive_rate=stats.frames_per_second if stats is not None else 0.0,
+                      backlog=stats.slots_in_use if stats is not None else 0)
+        if run is not None and run.series is not None and not (final is not None and final.series == run.series):
+            expected, processed = run.counters()
+            received = max(0, stats.frames_received - self._received_at_start) if stats is not None else 0
+            return AcquisitionProgress(series_id=run.series, frames_expected=expected, frames_received=received,
+                                       frames_processed=processed, process_rate=self._process_meter.add(processed),
+                                       **common)
+        if final is not None:
+            return AcquisitionProgress(series_id=final.series, frames_expected=final.frames_expected,
+                                       frames_received=self._final_received, frames_processed=final.frames_processed,
+                                       frames_missing=final.frames_missing, **common)
+        return AcquisitionProgress(**common)
+
+    def snapshot(self) -> ResultSnapshot | None:
+        """The results of the series being processed, or of the last one."""
+        run = self._run
+        return run.snapshot() if run is not None else self._last_final
+
+    def receiver_errors(self) -> dict[str, int]:
+        receiver = self._receiver
+        return dict(receiver.stats().errors) if receiver is not None else {}
+
+    # ---- the session ----------------------------------------------------------------------------
+
+    def _begin(self, mode: AcquisitionMode, request: AcquisitionRequest) -> None:
+        names = self.registry.validate(request.analyses)  # unknown names fail here, in the caller
+        request = replace(request, analyses=tuple(names))
+        if request.nav_shape is not None and (not request.nav_shape or min(request.nav_shape) < 1):
+            raise ValueError(f"nav_shape must be positive scan dimensions, got {request.nav_shape}")
+        with self._lock:
+            if self.busy:
+                raise AcquisitionBusyError(f"a {self._mode.value} acquisition is running; Stop or Abort it first")
+            self._stop.clear()
+            self._abort.clear()
+            self._last_error = None
+            self._mode = mode
+            self._message = "starting: preparing the receiver and the workers"
+            target = self._run_active if mode == AcquisitionMode.ACTIVE else self._run_passive
+            self._session = threading.Thread(target=self._session_main, args=(target, request),
+                                             name=f"acquisition-{mode.value}", daemon=True)
+            self._session.start()
+
+    def _session_main(self, target: Callable[[AcquisitionRequest], None], request: AcquisitionRequest) -> None:
+        try:
+            target(request)
+        except Exception as error:  # reported in Status; the next Start/Listen begins afresh
+            log.exception("%s acquisition failed", self._mode.value)
+            self._last_error = f"{type(error).__name__}: {error}"
+            self._message = f"{self._mode.value} acquisition failed: {error}"
+            run = self._run
+            if run is not None and not run.ended:
+                run.abort()
+                run.wait(30)
+            if self._receiver is not None and self._receiver.running:
+                self._receiver.cancel()
+        finally:
+            self._mode = AcquisitionMode.IDLE
+            self._publish_progress(force=True)
+
+    def _run_active(self, request: AcquisitionRequest) -> None:
+        nav_shape = request.nav_shape or self._detector_scan_shape()
+        trigger_mode = str(self.detector.get_value("detector", "config", "trigger_mode"))
+        self._configure_scan(nav_shape, trigger_mode)
+        source = self._prepare_pipeline()
+        parameters = self._with_detector_beam_centre(request.parameters)
+        if self._stop.is_set() or self._abort.is_set():
+            self._message = "stopped before arming"
+            return
+        series = self.detector.arm()
+        self._receiver.arm(series)
+        self._message = f"series {series}: armed"
+        run = self._process(source, request, parameters, nav_shape, series)
+        self._trigger(trigger_mode, nav_shape)
+        self._follow(run)
+        if not self._abort.is_set():
+            self._tell_detector("disarm", self.detector.disarm, quiet_when_idle=True)
+
+    def _run_passive(self, request: AcquisitionRequest) -> None:
+        source = self._prepare_pipeline()
+        self._receiver.listen()
+        try:
+            while not (self._stop.is_set() or self._abort.is_set()):
+                self._message = "listening: waiting for a series armed by someone else"
+                parameters = self._with_detector_beam_centre(request.parameters)
+                run = self._process(source, request, parameters, request.nav_shape, None)
+                self._follow(run)
+        finally:
+            if self._receiver is not None and self._receiver.running:
+                self._receiver.cancel()
+
+    def _process(self, source: ReceiverFrameSource, request: AcquisitionRequest, parameters: AnalysisParameters,
+                 nav_shape: tuple[int, ...] | None, series: int | None) -> SeriesRun:
+        settings = self._resolved_settings
+        self._received_at_start = self._receiver.stats().frames_received
+        self._process_meter.reset()
+        self._series_started_at = time.monotonic()
+        with self._publish_lock:
+            self._published_processed = -1
+            self._run = self._runner.process(source, request.analyses, parameters, nav_shape, series,
+                                             frames_per_partition=settings.frames_per_partition)
+        return self._run
+
+    def _follow(self, run: SeriesRun) -> None:
+        """Wait for ``run`` to end (acting on Stop/Abort), then publish its final result."""
+        stop_seen_at: float | None = None
+        receiver_cancelled = False
+        while not run.ended:
+            if self._abort.is_set() and not receiver_cancelled:
+                run.abort()
+                self._receiver.cancel()
+                receiver_cancelled = True
+            elif self._stop.is_set() and not receiver_cancelled:
+                now = time.monotonic()
+                stop_seen_at = now if stop_seen_at is None else stop_seen_at
+                if run.series is None:
+                    run.stop()  # no series has started: nothing to finish
+                elif self._mode == AcquisitionMode.PASSIVE or now - stop_seen_at > _CANCEL_GRACE:
+                    # passive: nobody cancels the detector; active: the DCU's end of series did
+                    # not come in time. End the series here with what arrived.
+                    self._receiver.cancel()
+                    receiver_cancelled = True
+            run.wait_until_ended(_POLL)
+        final = run.wait()
+        if final.series is None:
+            return
+        stats = self._receiver.stats()
+        self._final_received = max(0, stats.frames_received - self._received_at_start)
+        self._last_final = final
+        self._series_completed += 1
+        self._message = self._final_message(final)
+        with self._publish_lock:
+            self._publish(AcquisitionUpdate(self.progress(), final, final=True))
+            self._published_processed = final.frames_processed
+
+    def _final_message(self, final: ResultSnapshot) -> str:
+        elapsed = max(1e-9, time.monotonic() - self._series_started_at)
+        what = {RunState.FINISHED: "done", RunState.STOPPED: "stopped", RunState.ABORTED: "aborted",
+                RunState.FAILED: "failed"}.get(final.state, final.state.value)
+        if final.state == RunState.FINISHED and self._stop.is_set():
+            what = "stopped"
+        text = (f"series {final.series} {what}: {final.frames_processed} of {final.frames_expected} frames "
+                f"processed in {elapsed:.2f} s ({final.frames_processed / elapsed:,.0f} frames/s)")
+        if final.frames_missing:
+            text += f", {final.frames_missing} missing"
+        if final.scan_shape_note:
+            text += f"; {final.scan_shape_note}"
+        if final.error:
+            text += f"; error: {final.error}"
+        return text
+
+    # ---- detector side ----------------------------------------------------------------------------
+
+    def _detector_scan_shape(self) -> tuple[int, ...]:
+        nimages = int(self.detector.get_value("detector", "config", "nimages"))
+        ntrigger = int(self.detector.get_value("detector", "config", "ntrigger"))
+        return (ntrigger, nimages) if ntrigger > 1 and nimages > 1 else (max(1, nimages * ntrigger),)
+
+    def _configure_scan(self, nav_shape: tuple[int, ...], trigger_mode: str) -> None:
+        """One image per scan position: ints/exts take them in one trigger, inte/exte one per trigger."""
+        count = int(np.prod(nav_shape))
+        if trigger_mode in ("inte", "exte"):
+            nimages, ntrigger = 1, count
+        else:
+            nimages, ntrigger = count, 1
+        self.detector.write("detector", "ntrigger", ntrigger)
+        self.detector.write("detector", "nimages", nimages)
+
+    def _trigger(self, trigger_mode: str, nav_shape: tuple[int, ...]) -> None:
+        try:
+            if trigger_mode == "ints":
+                self._message += ", triggered"
+                self.detector.trigger()
+            elif trigger_mode == "inte":
+                count_time = float(self.detector.get_value("detector", "config", "count_time"))
+                for _ in range(int(np.prod(nav_shape))):
+                    if self._stop.is_set() or self._abort.is_set():
+                        return
+                    self.detector.trigger(count_time=count_time)
+        except SimplonError:
+            if not (self._stop.is_set() or self._abort.is_set()):
+                raise
+            # a Stop/Abort cancelled the series under a running trigger: expected
+            return
+        if trigger_mode in ("exts", "exte"):
+            self._message += f", waiting for external triggers ({trigger_mode})"
+
+    def _tell_detector(self, what: str, call: Callable[[], Any], quiet_when_idle: bool = False) -> None:
+        try:
+            call()
+        except SimplonError as error:
+            # The series may already be over (the DCU refuses cancel/disarm when idle): not a failure.
+            if not quiet_when_idle:
+                log.info("detector %s during the acquisition: %s", what, error)
+
+    def _with_detector_beam_centre(self, parameters: AnalysisParameters) -> AnalysisParameters:
+        """The beam centre defaults to the detector's beam_center_x/y (when it has them)."""
+        if parameters.beam_centre is not None:
+            return parameters
+        try:
+            x = float(self.detector.get_value("detector", "config", "beam_center_x"))
+            y = float(self.detector.get_value("detector", "config", "beam_center_y"))
+        except (UnknownParameterError, TypeError, ValueError):
+            return parameters
+        if not (math.isfinite(x) and math.isfinite(y)) or (x == 0 and y == 0):
+            return parameters  # unset on the DCU: the frame centre is the better guess
+        return replace(parameters, beam_centre=(y, x))
+
+    def stream_geometry(self) -> StreamGeometry:
+        """Stream version, frame shape and pixel type, as the DCU is configured now."""
+        try:
+            stream_format = str(self.detector.get_value("stream", "config", "format"))
+        except UnknownParameterError:
+            stream_format = "legacy"  # SIMPLON 1.6 and older firmware: stream v1 only
+        version = _STREAM_FORMAT_VERSIONS.get(stream_format)
+        if version is None:
+            raise ValueError(f"stream/config/format is {stream_format!r}; the receiver knows "
+                             f"{', '.join(_STREAM_FORMAT_VERSIONS)}")
+        width = int(self.detector.get_value("detector", "config", "x_pixels_in_detector"))
+        height = int(self.detector.get_value("detector", "config", "y_pixels_in_detector"))
+        try:
+            bit_depth = int(self.detector.get_value("detector", "config", "bit_depth_image"))
+        except UnknownParameterError:
+            bit_depth = 16
+        return StreamGeometry(version, (height, width), _BIT_DEPTH_DTYPES.get(bit_depth, "uint32"))
+
+    def _enable_stream(self) -> None:
+        try:
+            mode = str(self.detector.get_value("stream", "config", "mode"))
+        except UnknownParameterError:
+            return  # a DCU without a stream mode key streams always
+        if mode != "enabled":
+            self.detector.write("stream", "mode", "enabled")
+
+    # ---- pipeline ---------------------------------------------------------------------------------
+
+    def _prepare_pipeline(self) -> ReceiverFrameSource:
+        self._enable_stream()
+        geometry = self.stream_geometry()
+        settings = self.settings.resolved(geometry.frame_shape, geometry.dtype)
+        self._resolved_settings = settings
+        with self._lock:
+            self._ensure_runner(settings.workers)
+            key = (geometry, settings.num_slots, settings.bytes_per_frame, settings.frame_stack_size)
+            if self._receiver is None or self._receiver_key != key or not self._receiver.running:
+                if self._receiver is not None:
+                    self._receiver.stop()
+                port = self.stream_ports[geometry.version]
+                self._receiver = StreamReceiver(
+                    f"tcp://{self.stream_host}:{port}", stream_version=geometry.version,
+                    frame_shape=geometry.frame_shape, dtype=geometry.dtype, num_slots=settings.num_slots,
+                    frame_stack_size=settings.frame_stack_size, bytes_per_frame=settings.bytes_per_frame,
+                    timeout=self.receiver_timeout).start()
+                self._receiver_key = key
+                self._source = ReceiverFrameSource(self._receiver)
+            return self._source
+
+    def _ensure_runner(self, workers: int) -> LiveRunner:
+        if self._runner is not None and self._runner.pool.size == workers:
+            try:
+                self._runner.pool.check_alive()
+                return self._runner
+            except RuntimeError:
+                log.warning("a worker process died; starting a new pool")
+        if self._runner is not None:
+            self._runner.close()
+        self._runner = LiveRunner(workers, self.registry, start_method=self._worker_start_method)
+        return self._runner
+
+    # ---- publishing -------------------------------------------------------------------------------
+
+    def _publish_loop(self) -> None:
+        while not self._closing.wait(1.0 / self._event_rate):
+            try:
+                self._publish_intermediate()
+            except Exception:  # noqa: BLE001 - a failing client callback must not end publishing
+                log.exception("publishing live results failed")
+
+    def _publish_intermediate(self) -> None:
+        with self._publish_lock:
+            run = self._run
+            if run is None or run.ended:
+                self._publish_progress_locked(force=False)
+                return
+            _, processed = run.counters()
+            if processed == self._published_processed:
+                self._publish_progress_locked(force=False)
+                return
+            snapshot = run.snapshot()
+            if run.ended:
+                return  # the session thread publishes the final result itself
+            self._published_processed = snapshot.frames_processed
+            self._publish(AcquisitionUpdate(self.progress(), snapshot, final=False))
+
+    def _publish_progress(self, force: bool) -> None:
+        with self._publish_lock:
+            self._publish_progress_locked(force)
+
+    def _publish_progress_locked(self, force: bool) -> None:
+        progress = self.progress()
+        if force or progress != self._published_progress:
+            self._publish(AcquisitionUpdate(progress, None, final=False))
+
+    def _publish(self, update: AcquisitionUpdate) -> None:
+        self._published_progress = update.progress
+        if self.on_update is not None:
+            self.on_update(update)
