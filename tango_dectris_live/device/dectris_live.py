@@ -7,14 +7,21 @@ only translates them into Tango attributes, commands, State/Status and events.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
+import time
 from typing import Any, Callable
 
+import numpy as np
 import tango
-from tango import DevState
-from tango.server import Device, command, device_property
+from tango import AttrQuality, AttrWriteType, DevState
+from tango.server import Device, attribute, command, device_property
 
+from ..processing.acquisition import (AcquisitionBusyError, AcquisitionMode, AcquisitionProgress,
+                                      AcquisitionRequest, AcquisitionUpdate, LiveAcquisition, PipelineSettings)
+from ..processing.analyses import AnalysisParameters, AnalysisRegistry, InvalidAnalysisParameters, UnknownAnalysisError
+from ..processing.snapshot import ResultSnapshot
 from ..simplon.client import DetectorClient
 from ..simplon.errors import DetectorNotInitializedError, SimplonError, UnknownParameterError
 from ..simplon.supervision import DetectorCondition, DetectorHealth, DetectorSupervisor
@@ -46,6 +53,24 @@ _PARAMETER_GROUPS = (
     ("monitor", "config"), ("monitor", "status"),
 )
 
+# Progress scalars: attribute name -> (Tango type, unit, AcquisitionProgress field, description).
+_PROGRESS_ATTRIBUTES = {
+    "series_id": (tango.DevLong64, "", "series_id", "series being processed (or the last one); -1 none yet"),
+    "frames_expected": (tango.DevLong64, "", "frames_expected", "scan positions of the series"),
+    "frames_received": (tango.DevLong64, "", "frames_received", "frames of the series received"),
+    "frames_processed": (tango.DevLong64, "", "frames_processed", "frames of the series processed"),
+    "frames_missing": (tango.DevLong64, "", "frames_missing",
+                       "scan positions without a frame once the series ended (NaN in the results)"),
+    "progress": (tango.DevDouble, "%", "progress", "share of the scan processed"),
+    "receive_rate": (tango.DevDouble, "frames/s", "receive_rate", "frames received per second"),
+    "process_rate": (tango.DevDouble, "frames/s", "process_rate", "frames processed per second"),
+    "backlog": (tango.DevLong, "slots", "backlog", "frame-stack slots filled and not processed yet"),
+    "acquisition_status": (tango.DevString, "", "message", "what the live processing is doing, in words"),
+}
+_TUNING = ("workers", "num_slots", "bytes_per_frame", "frame_stack_size", "frames_per_partition")
+# Result images are pushed as float64: exact for the integer sums, and one type for every client.
+_MAX_IMAGE_SIDE = 16384
+
 # Fallbacks for a device started with -nodb (no properties): set by ``--dcu HOST:PORT``.
 ENV_DCU_HOST = "DECTRIS_LIVE_DCU_HOST"
 ENV_DCU_PORT = "DECTRIS_LIVE_DCU_PORT"
@@ -70,6 +95,23 @@ class DectrisLive(Device):
     Stream2Port = device_property(dtype=int, default_value=31001, doc="Stream v2 (CBOR) port")
     StatePollPeriod = device_property(dtype=float, default_value=1.0,
                                       doc="Seconds between two reads of the detector state")
+    StreamHost = device_property(dtype=str, default_value="",
+                                 doc="Host the detector's data stream comes from; empty: the DCU host")
+    Workers = device_property(dtype=int, default_value=0,
+                              doc="Worker processes that decode and analyse frames (0: automatic)")
+    NumSlots = device_property(dtype=int, default_value=0, doc="Frame-stack slots in shared memory (0: 16)")
+    BytesPerFrame = device_property(dtype=int, default_value=0,
+                                    doc="Room per compressed frame in a slot (0: a quarter of the raw frame)")
+    FrameStackSize = device_property(dtype=int, default_value=0,
+                                     doc="Frames per stack (0: as many as fit in ~8 MiB, at most 512)")
+    FramesPerPartition = device_property(dtype=int, default_value=0,
+                                         doc="Frames a worker decodes and analyses at once (0: a whole stack)")
+    NavShape = device_property(dtype=(int,), default_value=[],
+                               doc="Remembered nav_shape (written by the device when a client sets it)")
+    Analyses = device_property(dtype=(str,), default_value=["sum", "sumsig"],
+                               doc="Remembered analyses (written by the device when a client sets them)")
+    BeamCenter = device_property(dtype=(float,), default_value=[],
+                                 doc="Remembered beam_center [x, y] in pixels; empty: the detector's")
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -77,6 +119,8 @@ class DectrisLive(Device):
         super().init_device()
         for name in ("State", "Status"):
             self.set_change_event(name, True, False)
+        self._acquisition: LiveAcquisition | None = None
+        self._init_live_settings()
         self._attributes: dict[str, SimplonAttribute] = {}
         self._attribute_lock = threading.Lock()
         self._attribute_builder: threading.Thread | None = None
@@ -98,8 +142,12 @@ class DectrisLive(Device):
         self._set_health(DevState.UNKNOWN, f"connecting to the DCU at {host}:{port}")
         self._supervisor.refresh()  # so that a reachable DCU's attributes exist at once
         self._supervisor.start()
+        self._init_live_processing(self.StreamHost or host)
 
     def delete_device(self) -> None:
+        acquisition = getattr(self, "_acquisition", None)
+        if acquisition is not None:
+            acquisition.close()
         if self._supervisor is not None:
             self._supervisor.stop()
             self._client.close()
@@ -125,7 +173,15 @@ class DectrisLive(Device):
         status = health.message
         if self._missing_parameters:
             status += ("\nThe DCU does not provide: " + ", ".join(self._missing_parameters))
-        self._set_health(_STATE_OF_CONDITION[health.condition], status)
+        state = _STATE_OF_CONDITION[health.condition]
+        acquisition = getattr(self, "_acquisition", None)
+        if acquisition is not None:
+            if acquisition.mode == AcquisitionMode.ACTIVE and state == DevState.ON:
+                state = DevState.RUNNING  # between series and triggers the DCU is idle: we are not
+            status += f"\nLive processing ({acquisition.mode.value}): {self._progress.message}"
+            if acquisition.last_error:
+                status += f"\nLast acquisition error: {acquisition.last_error}"
+        self._set_health(state, status)
 
     def _start_attribute_build(self) -> None:
         with self._builder_lock:
@@ -291,7 +347,334 @@ class DectrisLive(Device):
 
     @command(dtype_out=int, doc_out="the series id")
     def Abort(self) -> int:
+        """Abort the detector and the live processing (pending frames are dropped)."""
+        if getattr(self, "_acquisition", None) is not None:
+            self._acquisition.abort()
         return self._call("Abort", self._client.abort)
+
+    # -- live processing: settings ------------------------------------------------------------
+
+    def _init_live_settings(self) -> None:
+        """Analyses, their result attributes and parameters, tuning: everything that does not
+        need the DCU (so that a misconfigured device still shows what it would compute)."""
+        self._registry = AnalysisRegistry.discover()
+        self._analysis_problems: list[str] = []
+        self._result_names: dict[str, list[str]] = {}
+        for name in self._registry.available():
+            try:
+                self._result_names[name] = self._registry.result_names(name)
+            except Exception as exc:  # noqa: BLE001 - a facility analysis that cannot even run on blank frames
+                log.error("analysis %s left out: %s", name, exc)
+                self._analysis_problems.append(f"analysis {name} left out: {type(exc).__name__}: {exc}")
+        self._results: dict[str, tuple[np.ndarray, AttrQuality, float]] = {}
+        for names in self._result_names.values():
+            for result in names:
+                self._add_result_attribute(result)
+        self._nav_shape: tuple[int, ...] | None = tuple(int(n) for n in self.NavShape) or None
+        remembered = [a for a in self.Analyses if a in self._result_names]
+        self._analyses: list[str] = remembered or ["sum", "sumsig"]
+        self._beam_center: tuple[float, float] | None = \
+            (float(self.BeamCenter[0]), float(self.BeamCenter[1])) if len(self.BeamCenter) == 2 else None
+        defaults = AnalysisParameters()
+        self._radii = {"bf_radius": defaults.bf_radius, "adf_inner_radius": defaults.adf_inner_radius,
+                       "adf_outer_radius": defaults.adf_outer_radius}
+        self._tuning = {"workers": self.Workers, "num_slots": self.NumSlots, "bytes_per_frame": self.BytesPerFrame,
+                        "frame_stack_size": self.FrameStackSize, "frames_per_partition": self.FramesPerPartition}
+        self._event_rate = 10.0
+        self._progress = AcquisitionProgress(mode=AcquisitionMode.IDLE, message="idle")
+        self._progress_lock = threading.Lock()
+        for name, (dtype, unit, _field, doc) in _PROGRESS_ATTRIBUTES.items():
+            attr = tango.Attr(name, dtype, AttrWriteType.READ)
+            props = tango.UserDefaultAttrProp()
+            props.set_description(doc)
+            if unit:
+                props.set_unit(unit)
+            attr.set_default_properties(props)
+            self.add_attribute(attr, r_meth=self._read_progress)
+            self.set_change_event(name, True, False)
+
+    def _init_live_processing(self, stream_host: str) -> None:
+        self._acquisition = LiveAcquisition(
+            self._client, stream_host, {1: self.StreamPort, 2: self.Stream2Port}, registry=self._registry,
+            settings=PipelineSettings(**self._tuning), event_rate=self._event_rate,
+            on_update=self._on_acquisition_update)
+        # Worker processes take seconds to start: now, not in the first Start.
+        threading.Thread(target=self._prepare_workers, name="start-workers", daemon=True).start()
+
+    def _prepare_workers(self) -> None:
+        try:
+            self._acquisition.prepare()
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.error("worker processes could not start: %s", exc)
+
+    def _add_result_attribute(self, name: str) -> None:
+        attr = tango.ImageAttr(name, tango.DevDouble, AttrWriteType.READ, _MAX_IMAGE_SIDE, _MAX_IMAGE_SIDE)
+        props = tango.UserDefaultAttrProp()
+        props.set_description(f"live result {name}: change events while a series is processed "
+                              f"(quality CHANGING), a final one (VALID, or WARNING when frames are "
+                              f"missing: their scan positions are NaN), then a data-ready event")
+        attr.set_default_properties(props)
+        self.add_attribute(attr, r_meth=self._read_result)
+        self.set_change_event(name, True, False)
+        self.set_data_ready_event(name, True)
+
+    def _remember(self, prop: str, value: list) -> None:
+        """Keep a spectrum setting in the device's properties (Tango memorizes only scalars)."""
+        if not tango.Util._UseDb:
+            return
+        try:
+            tango.Util.instance().get_database().put_device_property(self.get_name(), {prop: value})
+        except tango.DevFailed as exc:
+            log.warning("could not remember %s in the Tango database: %s", prop, exc)
+
+    def _analysis_parameters(self) -> AnalysisParameters:
+        centre = None if self._beam_center is None else (self._beam_center[1], self._beam_center[0])
+        return AnalysisParameters(beam_centre=centre, **self._radii)
+
+    # -- live processing: attributes -----------------------------------------------------------
+
+    @attribute(dtype=(int,), max_dim_x=3, access=AttrWriteType.READ_WRITE,
+               doc="Scan shape [rows, columns] (or [positions]); Start sets the detector's image count "
+                   "from it; in passive mode used when it fits the series. Empty: from the detector "
+                   "(active) or inferred (passive)")
+    def nav_shape(self) -> list[int]:
+        return list(self._nav_shape or [])
+
+    @nav_shape.write
+    def nav_shape(self, value: Any) -> None:
+        shape = tuple(int(n) for n in np.atleast_1d(value)) if len(np.atleast_1d(value)) else ()
+        if shape and (len(shape) > 3 or min(shape) < 1):
+            tango.Except.throw_exception("InvalidNavShape", f"nav_shape must be 1 to 3 positive sizes, "
+                                         f"e.g. [128, 128]; got {list(shape)}", "DectrisLive.nav_shape")
+        self._nav_shape = shape or None
+        self._remember("NavShape", list(shape))
+
+    @attribute(dtype=(str,), max_dim_x=64, access=AttrWriteType.READ_WRITE,
+               doc="Analyses to run, by name (see available_analyses)")
+    def analyses(self) -> list[str]:
+        return list(self._analyses)
+
+    @analyses.write
+    def analyses(self, value: Any) -> None:
+        try:
+            names = self._registry.validate(list(value))
+        except ValueError as exc:
+            _throw(exc, "DectrisLive.analyses")
+        left_out = [n for n in names if n not in self._result_names]
+        if left_out:
+            tango.Except.throw_exception("AnalysisUnavailable", "; ".join(self._analysis_problems),
+                                         "DectrisLive.analyses")
+        self._analyses = names
+        self._remember("Analyses", names)
+
+    @attribute(dtype=(str,), max_dim_x=256, doc="Names of the analyses that can be selected")
+    def available_analyses(self) -> list[str]:
+        return [name for name in self._registry.available() if name in self._result_names]
+
+    @attribute(dtype=(str,), max_dim_x=1024,
+               doc="'analysis: result attribute, ...' for every available analysis")
+    def result_attributes(self) -> list[str]:
+        return [f"{name}: {', '.join(results)}" for name, results in self._result_names.items()]
+
+    def _radius(self, name: str, value: float) -> None:
+        if not (math.isfinite(value) and value >= 0):
+            tango.Except.throw_exception("InvalidRadius", f"{name} must be a finite radius >= 0 pixels, "
+                                         f"got {value}", f"DectrisLive.{name}")
+        self._radii[name] = float(value)
+
+    @attribute(dtype=float, unit="px", memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
+               doc="Radius of the virtual bright-field disk (analysis bf)")
+    def bf_radius(self) -> float:
+        return self._radii["bf_radius"]
+
+    @bf_radius.write
+    def bf_radius(self, value: float) -> None:
+        self._radius("bf_radius", value)
+
+    @attribute(dtype=float, unit="px", memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
+               doc="Inner radius of the virtual annular dark field (analysis adf)")
+    def adf_inner_radius(self) -> float:
+        return self._radii["adf_inner_radius"]
+
+    @adf_inner_radius.write
+    def adf_inner_radius(self, value: float) -> None:
+        self._radius("adf_inner_radius", value)
+
+    @attribute(dtype=float, unit="px", memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
+               doc="Outer radius of the virtual annular dark field (analysis adf)")
+    def adf_outer_radius(self) -> float:
+        return self._radii["adf_outer_radius"]
+
+    @adf_outer_radius.write
+    def adf_outer_radius(self, value: float) -> None:
+        self._radius("adf_outer_radius", value)
+
+    @attribute(dtype=(float,), max_dim_x=2, unit="px", access=AttrWriteType.READ_WRITE,
+               doc="Beam centre [x, y] for bf/adf/com; empty: the detector's beam_center_x/y")
+    def beam_center(self) -> list[float]:
+        return list(self._beam_center or [])
+
+    @beam_center.write
+    def beam_center(self, value: Any) -> None:
+        centre = [float(v) for v in np.atleast_1d(value)]
+        if centre and (len(centre) != 2 or not all(math.isfinite(v) for v in centre)):
+            tango.Except.throw_exception("InvalidBeamCenter", f"beam_center is [x, y] in pixels (or empty "
+                                         f"for the detector's); got {centre}", "DectrisLive.beam_center")
+        self._beam_center = (centre[0], centre[1]) if centre else None
+        self._remember("BeamCenter", centre)
+
+    @attribute(dtype=float, unit="Hz", memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
+               doc="Most change events per second of each result attribute while data arrives (the final "
+                   "result is always pushed)")
+    def result_event_rate(self) -> float:
+        return self._event_rate
+
+    @result_event_rate.write
+    def result_event_rate(self, value: float) -> None:
+        if not (math.isfinite(value) and 0.1 <= value <= 100.0):
+            tango.Except.throw_exception("InvalidRate", f"result_event_rate must be between 0.1 and 100 Hz, "
+                                         f"got {value}", "DectrisLive.result_event_rate")
+        self._event_rate = float(value)
+        if self._acquisition is not None:
+            self._acquisition.event_rate = self._event_rate
+
+    def _tuning_value(self, name: str) -> int:
+        return int(self._tuning[name])
+
+    def _set_tuning(self, name: str, value: int) -> None:
+        if value < 0:
+            tango.Except.throw_exception("InvalidTuning", f"{name} must be >= 0 (0: automatic), got {value}",
+                                         f"DectrisLive.{name}")
+        self._tuning[name] = int(value)  # used from the next Start/Listen
+
+    @attribute(dtype=int, memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
+               doc="Worker processes (0: automatic); applies from the next Start/Listen")
+    def workers(self) -> int:
+        return self._tuning_value("workers")
+
+    @workers.write
+    def workers(self, value: int) -> None:
+        self._set_tuning("workers", value)
+
+    @attribute(dtype=int, memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
+               doc="Frame-stack slots in shared memory (0: automatic); applies from the next Start/Listen")
+    def num_slots(self) -> int:
+        return self._tuning_value("num_slots")
+
+    @num_slots.write
+    def num_slots(self, value: int) -> None:
+        self._set_tuning("num_slots", value)
+
+    @attribute(dtype=int, unit="B", memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
+               doc="Room per compressed frame in a slot (0: automatic); applies from the next Start/Listen")
+    def bytes_per_frame(self) -> int:
+        return self._tuning_value("bytes_per_frame")
+
+    @bytes_per_frame.write
+    def bytes_per_frame(self, value: int) -> None:
+        self._set_tuning("bytes_per_frame", value)
+
+    @attribute(dtype=int, memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
+               doc="Frames per stack (0: automatic); applies from the next Start/Listen")
+    def frame_stack_size(self) -> int:
+        return self._tuning_value("frame_stack_size")
+
+    @frame_stack_size.write
+    def frame_stack_size(self, value: int) -> None:
+        self._set_tuning("frame_stack_size", value)
+
+    @attribute(dtype=int, memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
+               doc="Frames a worker decodes and analyses at once (0: a whole stack)")
+    def frames_per_partition(self) -> int:
+        return self._tuning_value("frames_per_partition")
+
+    @frames_per_partition.write
+    def frames_per_partition(self, value: int) -> None:
+        self._set_tuning("frames_per_partition", value)
+
+    # -- live processing: results and progress -------------------------------------------------
+
+    def _read_progress(self, attr: tango.Attribute) -> None:
+        name = attr.get_name()
+        attr.set_value(getattr(self._progress, _PROGRESS_ATTRIBUTES[name][2]))
+
+    def _read_result(self, attr: tango.Attribute) -> None:
+        entry = self._results.get(attr.get_name())
+        if entry is None:
+            attr.set_value_date_quality(np.zeros((0, 0)), time.time(), AttrQuality.ATTR_INVALID)
+            return
+        value, quality, stamp = entry
+        attr.set_value_date_quality(value, stamp, quality)
+
+    def _on_acquisition_update(self, update: AcquisitionUpdate) -> None:
+        """From the acquisition's threads: publish progress, results, State/Status."""
+        with self._progress_lock:
+            previous, self._progress = self._progress, update.progress
+            for name, (_dtype, _unit, field, _doc) in _PROGRESS_ATTRIBUTES.items():
+                value = getattr(update.progress, field)
+                if value != getattr(previous, field):
+                    self.push_change_event(name, value)
+            if update.snapshot is not None and update.snapshot.buffers:
+                self._publish_results(update.snapshot, update.final)
+        if (previous.mode, previous.message) != (update.progress.mode, update.progress.message) \
+                and self._supervisor is not None:
+            self._on_health(self._supervisor.health)
+
+    def _publish_results(self, snapshot: ResultSnapshot, final: bool) -> None:
+        if not final:
+            quality = AttrQuality.ATTR_CHANGING
+        elif snapshot.frames_missing or snapshot.error:
+            quality = AttrQuality.ATTR_WARNING
+        else:
+            quality = AttrQuality.ATTR_VALID
+        stamp = time.time()
+        for name, value in snapshot.buffers.items():
+            if name not in self._results and not self._is_result_attribute(name):
+                continue
+            image = _as_image(value)
+            self._results[name] = (image, quality, stamp)
+            self.push_change_event(name, image, stamp, quality)
+        if final:
+            for name in snapshot.buffers:
+                if name in self._results:
+                    self.push_data_ready_event(name, int(snapshot.frames_processed))
+
+    def _is_result_attribute(self, name: str) -> bool:
+        return any(name in results for results in self._result_names.values())
+
+    # -- live processing: commands -------------------------------------------------------------
+
+    def _live(self, name: str) -> LiveAcquisition:
+        if self._acquisition is None:
+            tango.Except.throw_exception("NotConfigured", self.get_status(), f"DectrisLive.{name}")
+        return self._acquisition
+
+    def _begin(self, name: str, begin: Callable[[AcquisitionRequest], None]) -> None:
+        acquisition = self._live(name)
+        try:
+            acquisition.settings = PipelineSettings(**self._tuning)
+            request = AcquisitionRequest(tuple(self._analyses), self._analysis_parameters(), self._nav_shape)
+            begin(request)
+        except (UnknownAnalysisError, InvalidAnalysisParameters, AcquisitionBusyError, ValueError) as exc:
+            _throw(exc, f"DectrisLive.{name}")
+        self._on_health(self._supervisor.health)
+
+    @command(doc_in="Active acquisition with live processing: sets the image count from nav_shape, arms, "
+                    "receives, processes, triggers (ints/inte; exts/exte wait for the hardware triggers). "
+                    "Returns at once; progress and results arrive as events")
+    def Start(self) -> None:
+        self._require(self.get_state() == DevState.ON, "Start", "the detector must be idle (State ON)")
+        self._begin("Start", self._live("Start").start)
+
+    @command(doc_in="Passive live processing: every series armed by someone else is processed and "
+                    "published, one after the other, until Stop")
+    def Listen(self) -> None:
+        self._begin("Listen", self._live("Listen").listen)
+
+    @command(doc_in="Stop live processing gracefully: the detector cancels (active mode), what arrived "
+                    "is processed and published")
+    def Stop(self) -> None:
+        self._live("Stop").stop()
 
     # -- helpers for clients ----------------------------------------------------------------
 
@@ -300,3 +683,15 @@ class DectrisLive(Device):
         return [f"{name} {spec.module}/{spec.info.task}/{spec.key}"
                 for name, spec in sorted(self._attributes.items())]
 
+
+
+def _as_image(value: np.ndarray) -> np.ndarray:
+    """A result as a 2-D float64 image: a line scan becomes one row, extra axes are stacked."""
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim == 0:
+        array = array.reshape(1, 1)
+    elif array.ndim == 1:
+        array = array.reshape(1, -1)
+    elif array.ndim > 2:
+        array = array.reshape(-1, array.shape[-1])
+    return np.ascontiguousarray(array)

@@ -403,7 +403,12 @@ class LiveAcquisition:
         """Wait for ``run`` to end (acting on Stop/Abort), then publish its final result."""
         stop_seen_at: float | None = None
         receiver_cancelled = False
+        series_seen = False
         while not run.ended:
+            if not series_seen and run.series is not None:
+                series_seen = True
+                self._series_started_at = time.monotonic()
+                self._message = f"series {run.series}: receiving and processing"
             if self._abort.is_set() and not receiver_cancelled:
                 run.abort()
                 self._receiver.cancel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Callable, Iterable, Mapping, Sequence
@@ -203,6 +204,25 @@ class AnalysisRegistry:
         if not selection:
             raise ValueError(f"select at least one analysis; available: {', '.join(self.available())}")
         return selection
+
+    def result_names(self, name: str, frame_shape: tuple[int, int] = (16, 16)) -> list[str]:
+        """The names of the results analysis ``name`` publishes (e.g. ``bf`` -> ``bf_image``).
+
+        Found by running the analysis on a tiny blank scan with LiberTEM's inline executor: the
+        only way that holds for any facility UDF (its results may be computed in get_results)."""
+        from libertem.api import Context
+
+        self.validate([name])
+        selected = self.build([name], AnalysisParameters(), frame_shape)[0]
+        context = Context.make_with("inline")
+        try:
+            dataset = context.load("memory", data=np.zeros((2, 2, *frame_shape), np.uint16), sig_dims=2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # blank frames: divisions by zero are expected
+                results = context.run_udf(dataset=dataset, udf=selected.udf)
+        finally:
+            context.close()
+        return list(selected.extract_results({k: np.asarray(v.data) for k, v in results.items()}))
 
     def build(self, names: Iterable[str], parameters: AnalysisParameters,
               frame_shape: tuple[int, int]) -> list[SelectedAnalysis]:
