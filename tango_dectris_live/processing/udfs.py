@@ -12,9 +12,12 @@ class LastFrameUDF(UDF):
     still end with the latest frame.
     """
 
+    def get_preferred_input_dtype(self):
+        return self.USE_NATIVE_DTYPE  # the frame as the detector sent it (mask values included)
+
     def get_result_buffers(self):
         return {
-            "frame": self.buffer(kind="sig", dtype=np.float32),
+            "frame": self.buffer(kind="sig", dtype=self.meta.input_dtype),
             # flat scan index + 1 of the frame held; 0 = no frame yet
             "position": self.buffer(kind="single", dtype=np.int64),
         }
