@@ -18,6 +18,11 @@ extensions = [
         ["cython/sim_fastsend.pyx"],
         extra_compile_args=compile_args,
     ),
+    Extension(
+        "tango_dectris_live.receiver._stack_decode",
+        ["cython/stack_decode.pyx"],
+        extra_compile_args=compile_args,
+    ),
 ]
 
 setup(
