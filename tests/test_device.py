@@ -211,7 +211,7 @@ def test_a_refused_command_is_reported_and_the_acquisition_goes_on(device):
     device.nimages = 1000
     device.Arm()
     device.Trigger()  # exts: the DCU refuses software triggers
-    wait_for(lambda: "trigger failed" in device.status(), what="the refusal in Status")
+    wait_for(lambda: "trigger failed" in device.status(), what="the refusal in Status (Status: %r)" % device.status())
     assert "exts" in device.status()
     assert device.state() == DevState.RUNNING  # the externally triggered series goes on
     device.Disarm()  # an accepted command clears the report

@@ -303,11 +303,12 @@ class DectrisLive(Device):
     def _call(self, name: str, action: Callable[[], Any]) -> Any:
         if self._supervisor is None:
             tango.Except.throw_exception("NotConfigured", self.get_status(), f"DectrisLive.{name}")
+        # Cleared before, not after: a background command (Trigger) may fail before action() returns.
+        self._supervisor.clear_command_error()
         try:
             result = action()
         except SimplonError as exc:
             _throw(exc, f"DectrisLive.{name}")
-        self._supervisor.clear_command_error()
         self._supervisor.refresh()
         return result
 
