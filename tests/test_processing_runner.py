@@ -251,3 +251,12 @@ def test_a_second_series_cannot_start_while_one_runs(runner, source):
 def _make_broken_udf(parameters):
     from tests.processing_fakes import BrokenUDF
     return BrokenUDF()
+
+
+def test_bottleneck_diagnosis_reads_the_receiver_telemetry():
+    from tango_dectris_live.processing.acquisition import BottleneckMeter
+
+    assert BottleneckMeter.diagnose(0.0, 1, 16) == ""
+    assert "workers saturated" in BottleneckMeter.diagnose(0.4, 16, 16)
+    assert "add workers" in BottleneckMeter.diagnose(0.4, 16, 16)
+    assert "backlog high" in BottleneckMeter.diagnose(0.0, 13, 16)

@@ -66,6 +66,8 @@ _PROGRESS_ATTRIBUTES = {
     "process_rate": (tango.DevDouble, "frames/s", "process_rate", "frames processed per second"),
     "backlog": (tango.DevLong, "slots", "backlog", "frame-stack slots filled and not processed yet"),
     "acquisition_status": (tango.DevString, "", "message", "what the live processing is doing, in words"),
+    "pipeline_hint": (tango.DevString, "", "hint",
+                      "where the pipeline's bottleneck is, read from its telemetry (empty: none)"),
 }
 _TUNING = ("workers", "num_slots", "bytes_per_frame", "frame_stack_size", "frames_per_partition")
 # Result images are pushed as float64: exact for the integer sums, and one type for every client.
@@ -179,6 +181,8 @@ class DectrisLive(Device):
             if acquisition.mode == AcquisitionMode.ACTIVE and state == DevState.ON:
                 state = DevState.RUNNING  # between series and triggers the DCU is idle: we are not
             status += f"\nLive processing ({acquisition.mode.value}): {self._progress.message}"
+            if self._progress.hint:
+                status += f"\nPipeline: {self._progress.hint}"
             if acquisition.last_error:
                 status += f"\nLast acquisition error: {acquisition.last_error}"
         self._set_health(state, status)
@@ -617,7 +621,8 @@ class DectrisLive(Device):
                     self.push_change_event(name, value)
             if update.snapshot is not None and update.snapshot.buffers:
                 self._publish_results(update.snapshot, update.final)
-        if (previous.mode, previous.message) != (update.progress.mode, update.progress.message) \
+        if (previous.mode, previous.message, previous.hint) != \
+                (update.progress.mode, update.progress.message, update.progress.hint) \
                 and self._supervisor is not None:
             self._on_health(self._supervisor.health)
 

@@ -118,6 +118,7 @@ class AcquisitionProgress:
     process_rate: float = 0.0
     backlog: int = 0
     message: str = "idle"
+    hint: str = ""  # where the bottleneck is, from the telemetry ("" when nothing stands out)
 
     @property
     def progress(self) -> float:
@@ -154,6 +155,37 @@ class _RateMeter:
 
     def reset(self) -> None:
         self._samples.clear()
+
+
+class BottleneckMeter:
+    """Reads the receiver's telemetry for the part of the pipeline that cannot keep up.
+
+    The receiver waiting for a free slot (back-pressure) while the slots are full means the
+    workers are saturated; a full backlog without back-pressure is a burst being absorbed."""
+
+    def __init__(self, window: float = 2.0) -> None:
+        self._window = window
+        self._last: tuple[float, float] | None = None  # (time, back-pressure seconds)
+        self._hint = ""
+
+    def update(self, stats: Any, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        if self._last is None or now - self._last[0] >= self._window:
+            waited = 0.0 if self._last is None else stats.backpressure_seconds - self._last[1]
+            span = self._window if self._last is None else now - self._last[0]
+            self._last = (now, stats.backpressure_seconds)
+            self._hint = self.diagnose(waited / span if span > 0 else 0.0, stats.slots_in_use, stats.slots_total)
+        return self._hint
+
+    @staticmethod
+    def diagnose(waiting_share: float, slots_in_use: int, slots_total: int) -> str:
+        if slots_total and waiting_share > 0.05:
+            return (f"workers saturated: the receiver waited {waiting_share:.0%} of the time for a free "
+                    f"slot ({slots_in_use}/{slots_total} in use); add workers, select fewer analyses, or "
+                    f"raise frame_stack_size")
+        if slots_total and slots_in_use >= max(2, slots_total * 3 // 4):
+            return f"backlog high ({slots_in_use}/{slots_total} slots): processing is falling behind"
+        return ""
 
 
 class LiveAcquisition:
@@ -197,6 +229,7 @@ class LiveAcquisition:
         self._published_processed = -1
         self._published_progress: AcquisitionProgress | None = None
         self._process_meter = _RateMeter()
+        self._bottleneck = BottleneckMeter()
         self._series_started_at = 0.0
         self._series_completed = 0
         self._resolved_settings = settings
@@ -297,7 +330,8 @@ class LiveAcquisition:
         stats = receiver.stats() if receiver is not None else None
         common = dict(mode=self._mode, message=self._message,
                       receive_rate=stats.frames_per_second if stats is not None else 0.0,
-                      backlog=stats.slots_in_use if stats is not None else 0)
+                      backlog=stats.slots_in_use if stats is not None else 0,
+                      hint=self._bottleneck.update(stats) if stats is not None else "")
         if run is not None and run.series is not None and not (final is not None and final.series == run.series):
             expected, processed = run.counters()
             received = max(0, stats.frames_received - self._received_at_start) if stats is not None else 0
