@@ -11,6 +11,8 @@ import pytest
 from tango_dectris_live.receiver import (
     FRAME_RECORD_DTYPE,
     FrameStackLayout,
+    ReceiverError,
+    ReceiverMode,
     StreamReceiver,
     decode_frames_into,
 )
@@ -115,3 +117,86 @@ def test_a_worker_process_decodes_by_segment_name():
         assert _our_segments()  # the worker's exit did not unlink the receiver's segment
     assert numbers == list(range(6))
     np.testing.assert_array_equal(decoded, frames)
+
+
+# ---- modes: idle does not read, arm drains other series, armed times out without a header ---------
+
+def test_header_sent_before_arm_is_kept_for_it():
+    """Active mode as the device does it: the DCU's arm sends the header, then receiver.arm(N)."""
+    frames = random_frames(6, SHAPE)
+    with StreamProducer(1) as producer, StreamReceiver(producer.endpoint, frame_shape=SHAPE) as receiver:
+        assert receiver.mode is ReceiverMode.IDLE
+        producer.send_all(producer.series(3, random_frames(2, SHAPE), end=False))  # an older series
+        producer.send(producer.header(9, nimages=2, shape=SHAPE))  # a newer one nobody armed for
+        producer.send_all(producer.series(4, frames))
+        receiver.arm(4)
+        summary, received, events = collect_series(receiver, decode_frames_into)
+        assert events[0].header.series_id == 4
+        assert summary.end_reason == "complete" and summary.missing == 0
+        assert all(np.array_equal(received[i], frames[i]) for i in range(6))
+        # series 3: header and 2 frames are older (stale); series 9's header is newer
+        assert dict(receiver.stats().errors) == {"stale": 3, "wrong_series": 1}
+        assert receiver.mode is ReceiverMode.IDLE  # one series, then idle
+
+
+def test_cancel_goes_idle_and_keeps_later_messages_queued():
+    with StreamProducer(2) as producer, StreamReceiver(producer.endpoint, stream_version=2,
+                                                       frame_shape=SHAPE) as receiver:
+        receiver.listen()
+        receiver.cancel()
+        assert receiver.mode is ReceiverMode.IDLE
+        frames = random_frames(5, SHAPE, seed=8)
+        producer.send_all(producer.series(8, frames))  # sent while nobody reads
+        receiver.arm(8)
+        summary, received, _events = collect_series(receiver, decode_frames_into)
+        assert summary.series == 8 and summary.end_reason == "complete" and len(received) == 5
+        assert receiver.stats().error_count == 0
+
+
+def test_armed_without_header_emits_no_header_and_goes_idle():
+    with StreamProducer(1) as producer, StreamReceiver(producer.endpoint, frame_shape=SHAPE,
+                                                       timeout=0.3) as receiver:
+        receiver.arm(12)
+        event = receiver.next_event(10)
+        assert isinstance(event, ReceiverError) and event.kind == "no_header"
+        assert "series 12 armed but no header within 0.3 s" in event.message
+        assert receiver.mode is ReceiverMode.IDLE
+        assert receiver.stats().errors == {"no_header": 1}
+        frames = random_frames(4, SHAPE)
+        producer.send_all(producer.series(13, frames))
+        receiver.arm(13)  # the next arm works
+        summary, received, _events = collect_series(receiver, decode_frames_into)
+        assert summary.series == 13 and summary.end_reason == "complete" and len(received) == 4
+
+
+def test_listening_stays_listening_after_a_series():
+    with StreamProducer(1) as producer, StreamReceiver(producer.endpoint, frame_shape=SHAPE) as receiver:
+        receiver.listen()
+        producer.send_all(producer.series(1, random_frames(3, SHAPE)))
+        summary, _received, _events = collect_series(receiver, decode_frames_into)
+        assert summary.end_reason == "complete"
+        assert receiver.mode is ReceiverMode.LISTENING
+
+
+def test_arm_and_timeout_refuse_bad_values():
+    with StreamProducer(1) as producer, StreamReceiver(producer.endpoint, frame_shape=SHAPE) as receiver:
+        for bad in (-1, "3", 2.0, True):
+            with pytest.raises(ValueError, match="series id"):
+                receiver.arm(bad)
+        assert receiver.mode is ReceiverMode.IDLE
+        for bad in (0, -1.0, "5", None):
+            with pytest.raises(ValueError, match="positive number of seconds"):
+                receiver.timeout = bad
+        receiver.timeout = 2
+        assert receiver.timeout == 2.0
+
+
+def test_a_repeated_end_of_a_completed_series_is_stale():
+    with StreamProducer(1) as producer, StreamReceiver(producer.endpoint, frame_shape=SHAPE) as receiver:
+        receiver.listen()
+        producer.send_all(producer.series(1, random_frames(3, SHAPE)))  # completes before its end
+        collect_series(receiver, decode_frames_into)
+        producer.send(producer.end(1))  # a second end of series 1 (the DCU's stale end)
+        producer.send_all(producer.series(2, random_frames(3, SHAPE)))
+        summary, _received, _events = collect_series(receiver, decode_frames_into)
+        assert summary.series == 2 and receiver.stats().errors == {"stale": 1}

@@ -6,6 +6,12 @@ series headers and ends, and the rare image whose layout the C code does not kno
 :class:`SeriesStarted`, :class:`StackReady`, :class:`SeriesFinished` and :class:`ReceiverError`
 events from :meth:`StreamReceiver.next_event` and give each stack back with
 :meth:`StreamReceiver.release`.
+
+Modes (docs/receiver.md has the whole picture): IDLE reads nothing, so ZeroMQ keeps what the DCU
+sends (up to the receive and send high-water marks, then the DCU's send waits or drops) and a
+series header sent at the DCU's arm is still there when :meth:`StreamReceiver.arm` comes; ARMED
+drains other series' messages (counted ``stale``/``wrong_series``) until the armed series' header,
+takes that one series and goes back to IDLE; LISTENING takes every series, one after the other.
 """
 from __future__ import annotations
 
@@ -112,8 +118,8 @@ ReceiverEvent = Union[SeriesStarted, StackReady, SeriesFinished, ReceiverError]
 
 
 class ReceiverMode(enum.Enum):
-    IDLE = "idle"  # drain and count everything
-    ARMED = "armed"  # active: one given series
+    IDLE = "idle"  # the socket is not read: ZeroMQ holds the messages for the next arm/listen
+    ARMED = "armed"  # active: one given series, then IDLE
     LISTENING = "listening"  # passive: every series, one after the other
 
 
@@ -135,7 +141,8 @@ class StreamReceiver:
     ``frame_shape``/``dtype`` size the slots (see :meth:`FrameStackLayout.for_frames`); frames of
     another size still work as long as they fit a slot. ``max_latency``: a stack with frames is
     handed over at the latest after this many seconds. ``timeout``: a series that receives
-    nothing for this long ends with its missing frames counted.
+    nothing for this long ends with its missing frames counted, and an :meth:`arm` whose series
+    header does not come within this long ends with a ``no_header`` :class:`ReceiverError`.
     """
 
     def __init__(self, endpoint: str, *, stream_version: int = 1, frame_shape: tuple[int, int] = (512, 512),
@@ -152,7 +159,7 @@ class StreamReceiver:
                                                   frame_stack_size=frame_stack_size,
                                                   bytes_per_frame=bytes_per_frame)
         self.max_latency = max_latency
-        self.timeout = timeout
+        self._timeout = float(timeout)
         self.receive_hwm = receive_hwm
         self.poll_interval = poll_interval
         self._rates = RateWindow(rate_window)
@@ -167,6 +174,7 @@ class StreamReceiver:
         self._lock = threading.Lock()
         self._mode = ReceiverMode.IDLE
         self._armed_series: int | None = None
+        self._armed_at = 0.0
         self._series: _Series | None = None
         self._python_errors: dict[str, int] = {}
         self._final_counters: list[int] = [0] * len(_receiver.COUNTER_NAMES)
@@ -214,15 +222,40 @@ class StreamReceiver:
     def mode(self) -> ReceiverMode:
         return self._mode
 
+    @property
+    def timeout(self) -> float:
+        """Seconds without a message before a running series ends (``timeout``), and seconds an
+        :meth:`arm` waits for its header (``no_header``); may be changed at any time, e.g. for
+        an acquisition whose external triggers come far apart."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise ValueError(f"the receiver timeout must be a positive number of seconds, got {seconds!r}")
+        self._timeout = float(seconds)  # one attribute store: the receiver thread reads it as it is
+
     # ---- control (any thread) -------------------------------------------------------------------
 
     def arm(self, series_id: int) -> None:
-        """Active mode: expect series ``series_id``; everything else is drained and counted."""
+        """Active mode: take series ``series_id`` (the id the DCU's arm returned), then go idle.
+
+        Call it after the DCU's arm: the header the DCU sent at arm is still queued in ZeroMQ.
+        Messages of other series queued before it are drained and counted (``stale`` for older
+        series, ``wrong_series`` for newer ones). Without that series' header within ``timeout``
+        seconds a ``no_header`` :class:`ReceiverError` is emitted and the receiver goes idle.
+        """
+        if isinstance(series_id, bool) or not isinstance(series_id, (int, np.integer)) or series_id < 0:
+            raise ValueError(f"arm() needs the series id the detector's arm returned (an integer >= 0), "
+                             f"got {series_id!r}")
+        series_id = int(series_id)
+
         def apply() -> None:
             if self._series is not None:
                 self._finish("superseded")
             self._mode = ReceiverMode.ARMED
             self._armed_series = series_id
+            self._armed_at = time.monotonic()
             self._loop.arm(series_id)
         self._command(apply)
 
@@ -235,7 +268,8 @@ class StreamReceiver:
         self._command(apply)
 
     def cancel(self) -> None:
-        """End the current series now (its summary says ``cancelled``) and go idle."""
+        """End the current series now (its summary says ``cancelled``) and go idle: the socket is
+        not read until the next :meth:`arm` or :meth:`listen`."""
         def apply() -> None:
             if self._series is not None:
                 self._finish("cancelled")
@@ -349,12 +383,17 @@ class StreamReceiver:
     def _receive(self) -> None:
         loop = self._loop
         while not self._stopping.is_set():
+            if self._mode is ReceiverMode.IDLE:
+                # Not reading is what keeps a header sent at the DCU's arm for the arm() to come.
+                self._apply_commands(wait=self.poll_interval)
+                self._sample_rates()
+                continue
             self._apply_commands()
+            if self._mode is ReceiverMode.IDLE:
+                continue
             event = loop.pump(self.poll_interval)
             self._sample_rates()
-            if event == _receiver.EVENT_IDLE:
-                self._check_timeout()
-            elif event == _receiver.EVENT_STACK_READY:
+            if event == _receiver.EVENT_STACK_READY:
                 self._hand_over()
             elif event == _receiver.EVENT_NEED_SLOT:
                 self._assign_slot()
@@ -367,15 +406,17 @@ class StreamReceiver:
             elif event == _receiver.EVENT_SOCKET_ERROR:
                 self._events.put(ReceiverError("socket", f"ZeroMQ socket failed: {os.strerror(loop.socket_errno)}"))
                 return
-            if self._series is not None:
-                self._check_timeout()
+            self._check_timeout()
 
-    def _apply_commands(self) -> None:
+    def _apply_commands(self, wait: float = 0.0) -> None:
+        """Run the queued commands; with ``wait``, block up to that long for the first one."""
+        block = wait > 0
         while True:
             try:
-                action, done = self._commands.get_nowait()
+                action, done = self._commands.get(timeout=wait) if block else self._commands.get_nowait()
             except queue.Empty:
                 return
+            block = False
             try:
                 action()
             finally:
@@ -410,6 +451,8 @@ class StreamReceiver:
             slot = self._stacks.take_free_slot(self.poll_interval)
             if slot is not None:
                 self._loop.set_slot(slot)
+                # the sender was silent because we held it back: that is not inactivity
+                self._loop.last_message_at = max(self._loop.last_message_at, time.monotonic())
                 return
             self._apply_commands()
             if self._loop.pending_frame < 0:  # cancelled while waiting
@@ -425,11 +468,26 @@ class StreamReceiver:
 
     def _check_timeout(self) -> None:
         series = self._series
+        now = time.monotonic()
         if series is None:
+            if self._mode is ReceiverMode.ARMED and now - self._armed_at >= self.timeout:
+                self._give_up_waiting_for_header()
             return
         last = max(series.started_at, self._loop.last_message_at)
-        if time.monotonic() - last >= self.timeout:
+        if now - last >= self.timeout:
             self._finish("timeout")
+
+    def _give_up_waiting_for_header(self) -> None:
+        series_id = self._armed_series
+        self._count("no_header")
+        self._mode = ReceiverMode.IDLE
+        self._armed_series = None
+        self._events.put(ReceiverError(
+            "no_header",
+            f"series {series_id} armed but no header within {self.timeout:g} s: check that the detector "
+            f"was armed for series {series_id}, that its stream is enabled (stream/config/mode) in the "
+            f"format this receiver expects (stream v{self.stream_version}), and that {self.endpoint} is "
+            f"the DCU's stream endpoint; the receiver is idle again"))
 
     def _hand_over(self) -> None:
         taken = self._loop.take_stack()
@@ -477,12 +535,8 @@ class StreamReceiver:
 
     def _on_header(self, header: SeriesHeader) -> None:
         series_id = header.series_id
-        if self._mode is ReceiverMode.IDLE:
-            self._count("not_armed")
-            return
         if self._mode is ReceiverMode.ARMED and series_id != self._armed_series:
-            self._count("stale" if self._armed_series is not None and series_id < self._armed_series
-                        else "wrong_series")
+            self._count(self._other_series_reason(series_id))
             return
         if self._series is not None:
             if series_id == self._series.header.series_id:
@@ -503,11 +557,21 @@ class StreamReceiver:
         if series is not None and end.series_id == series.header.series_id:
             self._finish("end_message")
         elif series is None and end.series_id == self._last_completed_series:
-            return  # the DCU's end after the last expected frame had already completed the series
-        elif series is None or end.series_id < series.header.series_id:
-            self._count("stale")
+            # the DCU's end after the last expected frame had already completed the series; only
+            # the first one: another end of that series is a stale message
+            self._last_completed_series = None
         else:
-            self._count("wrong_series")
+            self._count(self._other_series_reason(end.series_id))
+
+    def _other_series_reason(self, series_id: int) -> str:
+        """Why a header or end of ``series_id`` is not taken: ``stale`` (an older series than the
+        one received or armed for), ``wrong_series`` (a newer one), ``no_header`` (the end of the
+        armed series whose header never came)."""
+        series = self._series
+        reference = series.header.series_id if series is not None else self._armed_series
+        if reference is None or series_id < reference:
+            return "stale"
+        return "wrong_series" if series_id > reference else "no_header"
 
     def _on_image(self, frame: ImageFrame, parts: list[bytes], kind: int) -> None:
         series = self._series
