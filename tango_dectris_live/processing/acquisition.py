@@ -198,7 +198,8 @@ class LiveAcquisition:
     def __init__(self, detector: DetectorClient, stream_host: str, stream_ports: Mapping[int, int], *,
                  registry: AnalysisRegistry | None = None, settings: PipelineSettings = PipelineSettings(),
                  event_rate: float = 10.0, on_update: UpdateCallback | None = None,
-                 receiver_timeout: float = 10.0, worker_start_method: str = "spawn") -> None:
+                 receiver_timeout: float = 10.0, external_trigger_timeout: float = 600.0,
+                 worker_start_method: str = "spawn") -> None:
         self.detector = detector
         self.stream_host = stream_host
         self.stream_ports = dict(stream_ports)
@@ -206,6 +207,8 @@ class LiveAcquisition:
         self.settings = settings
         self.on_update = on_update
         self.receiver_timeout = receiver_timeout
+        # exts/exte: the first hardware trigger may come long after the arm
+        self.external_trigger_timeout = external_trigger_timeout
         self._worker_start_method = worker_start_method
         self._event_rate = 10.0
         self.event_rate = event_rate
@@ -226,6 +229,7 @@ class LiveAcquisition:
         self._last_error: str | None = None
         self._last_final: ResultSnapshot | None = None
         self._final_received = 0
+        self._trigger_mode = ""
         self._published_processed = -1
         self._published_progress: AcquisitionProgress | None = None
         self._process_meter = _RateMeter()
@@ -393,18 +397,31 @@ class LiveAcquisition:
     def _run_active(self, request: AcquisitionRequest) -> None:
         nav_shape = request.nav_shape or self._detector_scan_shape()
         trigger_mode = str(self.detector.get_value("detector", "config", "trigger_mode"))
+        self._trigger_mode = trigger_mode
         self._configure_scan(nav_shape, trigger_mode)
         source = self._prepare_pipeline()
         parameters = self._with_detector_beam_centre(request.parameters)
         if self._stop.is_set() or self._abort.is_set():
             self._message = "stopped before arming"
             return
+        external = trigger_mode in ("exts", "exte")
+        self._receiver.timeout = max(self.receiver_timeout, self.external_trigger_timeout) if external \
+            else self.receiver_timeout
         series = self.detector.arm()
         self._receiver.arm(series)
         self._message = f"series {series}: armed"
         run = self._process(source, request, parameters, nav_shape, series)
-        self._trigger(trigger_mode, nav_shape)
+        # An ints trigger returns only when the series is done: trigger from a thread of its own
+        # so that this one follows the series (progress, Stop/Abort, a missing header) meanwhile.
+        trigger_errors: list[BaseException] = []
+        triggering = threading.Thread(target=self._trigger, args=(trigger_mode, nav_shape, trigger_errors),
+                                      name="acquisition-trigger", daemon=True)
+        triggering.start()
         self._follow(run)
+        triggering.join()
+        if trigger_errors:
+            self._tell_detector("disarm", self.detector.disarm, quiet_when_idle=True)
+            raise trigger_errors[0]
         if not self._abort.is_set():
             self._tell_detector("disarm", self.detector.disarm, quiet_when_idle=True)
 
@@ -438,10 +455,22 @@ class LiveAcquisition:
         stop_seen_at: float | None = None
         receiver_cancelled = False
         series_seen = False
+        errors_before = self._source.errors_seen
         while not run.ended:
+            if not series_seen and self._mode == AcquisitionMode.ACTIVE and run.series is None:
+                header_error = self._missing_header_error(errors_before)
+                if header_error is not None:
+                    # the receiver gave up waiting for the armed series' header and went idle
+                    self._last_error = header_error
+                    self._message = f"no data: {header_error}"
+                    run.stop()
+            elif not series_seen and run.series is not None and self._mode == AcquisitionMode.ACTIVE \
+                    and self._trigger_mode in ("exts", "exte"):
+                self._message = f"series {run.series}: armed, waiting for the external triggers"
             if not series_seen and run.series is not None:
                 series_seen = True
-                self._series_started_at = time.monotonic()
+                if self._mode == AcquisitionMode.PASSIVE:
+                    self._series_started_at = time.monotonic()  # active: from the arm on
                 self._message = f"series {run.series}: receiving and processing"
             if self._abort.is_set() and not receiver_cancelled:
                 run.abort()
@@ -469,6 +498,14 @@ class LiveAcquisition:
         with self._publish_lock:
             self._publish(AcquisitionUpdate(self.progress(), final, final=True))
             self._published_processed = final.frames_processed
+
+    def _missing_header_error(self, errors_before: int) -> str | None:
+        source = self._source
+        new = min(source.errors_seen - errors_before, len(source.receiver_errors))
+        for kind, message in source.receiver_errors[len(source.receiver_errors) - new:]:
+            if kind == "no_header":
+                return message
+        return None
 
     def _final_message(self, final: ResultSnapshot) -> str:
         elapsed = max(1e-9, time.monotonic() - self._series_started_at)
@@ -503,10 +540,9 @@ class LiveAcquisition:
         self.detector.write("detector", "ntrigger", ntrigger)
         self.detector.write("detector", "nimages", nimages)
 
-    def _trigger(self, trigger_mode: str, nav_shape: tuple[int, ...]) -> None:
+    def _trigger(self, trigger_mode: str, nav_shape: tuple[int, ...], errors: list[BaseException]) -> None:
         try:
             if trigger_mode == "ints":
-                self._message += ", triggered"
                 self.detector.trigger()
             elif trigger_mode == "inte":
                 count_time = float(self.detector.get_value("detector", "config", "count_time"))
@@ -514,13 +550,12 @@ class LiveAcquisition:
                     if self._stop.is_set() or self._abort.is_set():
                         return
                     self.detector.trigger(count_time=count_time)
-        except SimplonError:
+        except SimplonError as error:
             if not (self._stop.is_set() or self._abort.is_set()):
-                raise
-            # a Stop/Abort cancelled the series under a running trigger: expected
+                errors.append(error)  # reported by the session thread once the series ended
+                self._abort.set()
+            # else: a Stop/Abort cancelled the series under a running trigger, as expected
             return
-        if trigger_mode in ("exts", "exte"):
-            self._message += f", waiting for external triggers ({trigger_mode})"
 
     def _tell_detector(self, what: str, call: Callable[[], Any], quiet_when_idle: bool = False) -> None:
         try:

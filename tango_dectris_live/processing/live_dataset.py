@@ -90,7 +90,8 @@ class ReceiverFrameSource:
 
         self._receiver = receiver
         self.decode_frames_into = decode_frames_into
-        self.receiver_errors: list[tuple[str, str]] = []
+        self.receiver_errors: list[tuple[str, str]] = []  # the latest 100 (kind, message)
+        self.errors_seen = 0  # all of them, ever
 
     def next_event(self, timeout: float) -> SourceEvent | None:
         from tango_dectris_live.receiver import receiver as events
@@ -110,6 +111,7 @@ class ReceiverFrameSource:
         if isinstance(event, events.ReceiverError):
             # the receiver counts these itself and keeps going; keep the latest for the status
             self.receiver_errors = [*self.receiver_errors[-99:], (event.kind, event.message)]
+            self.errors_seen += 1
         return None
 
     def release(self, stack: FrameStack) -> None:

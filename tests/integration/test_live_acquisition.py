@@ -210,3 +210,26 @@ def test_unknown_analysis_and_bad_settings_are_refused_before_anything_runs(live
     with pytest.raises(ValueError, match="workers"):
         PipelineSettings(workers=-1)
     assert not acquisition.busy
+
+
+def test_active_acquisition_without_a_stream_ends_with_a_clear_error(live):
+    """The DCU arms but its header never reaches us (wrong port, firewall): no hang, a reason."""
+    import socket
+
+    simulator, _acquisition, _updates = live
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        silent_port = unused.getsockname()[1]
+    client = DetectorClient("127.0.0.1", simulator.port)
+    acquisition = LiveAcquisition(client, "127.0.0.1", {1: silent_port, 2: silent_port},
+                                  settings=PipelineSettings(workers=1), receiver_timeout=1.0)
+    try:
+        acquisition.start(AcquisitionRequest(("sum",), nav_shape=(2, 2)))
+        assert acquisition.wait(60)
+        assert acquisition.last_error is not None and "header" in acquisition.last_error
+        assert "no data" in acquisition.progress().message
+        assert not acquisition.busy
+    finally:
+        acquisition.close()
+        client.close()
+    wait_for(lambda: simulator.detector.state == "idle", 10, "the simulator disarmed")
