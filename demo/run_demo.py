@@ -1,136 +1,366 @@
-"""`make demo`: an embedded Tango database, the simulator, the DectrisLive server, and a client.
+"""`make demo`: live 4D-STEM processing through the DectrisLive Tango device, end to end.
 
-Everything runs on 127.0.0.1 with free ports and is shut down at the end (also on errors and
-Ctrl-C). What the client did and every State change it received are printed and written to
-``demo-output/``.
+Starts an embedded Tango database, the detector simulator (an ARINA) and the ``tango-dectris-live``
+server, then a client (a ``DeviceProxy``) that subscribes to every result attribute and the
+progress scalars and runs
+
+1. an ACTIVE scan: the device sets the image count from ``nav_shape``, arms, triggers, receives
+   and processes (analyses sum, sumsig, bf, adf, com, last_frame) while the detector runs at its
+   frame rate;
+2. a PASSIVE acquisition: the device listens, the demo arms and triggers the simulator through its
+   REST API as another program would, the device processes that series, then Stop.
+
+It prints the events received per attribute, frames/s and missing frames, and writes a PNG per
+result plus ``summary.json`` to ``demo-output/``. Everything listens on 127.0.0.1 with ports chosen
+at run time; every process it started is stopped at the end, also on Ctrl-C or an error.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import shutil
+import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import psutil
+import requests
 import tango
 
+from event_log import EventLog
+from result_images import NAN_COLOUR, write_png
+from sim.data import ScanDataGenerator
 from tango_dectris_live.device.embedded_db import EmbeddedTangoDatabase, stop_process
 
 DEVICE = "demo/dectris/1"
 INSTANCE = "demo"
+MODEL = "ARINA"  # 192×192 pixels, the 4D-STEM detector
+ANALYSES = ("sum", "sumsig", "bf", "adf", "com", "last_frame")
+PROGRESS_ATTRIBUTES = ("series_id", "frames_expected", "frames_received", "frames_processed",
+                       "frames_missing", "progress", "receive_rate", "process_rate", "backlog",
+                       "acquisition_status")
+# The simulator's bright-field disk has radius width/8 = 24 px and moves up to 12 px with the object;
+# its halo is the ring 1.6..2.4 radii. The virtual detectors are sized to see both move.
+VIRTUAL_DETECTORS = {"bf_radius": 20.0, "adf_inner_radius": 30.0, "adf_outer_radius": 60.0}
 _LISTENING = re.compile(r"listening: rest=http://([\d.]+):(\d+) stream=tcp://[\d.]+:(\d+) "
                         r"stream2=tcp://[\d.]+:(\d+)")
 
 
-class StateRecorder:
-    """Subscriber that timestamps every State change event."""
-
-    def __init__(self, t0: float) -> None:
-        self.t0 = t0
-        self.events: list[tuple[float, str]] = []
-        self._lock = threading.Lock()
-        self.changed = threading.Condition(self._lock)
-
-    def push_event(self, event) -> None:
-        if event.err:
-            return
-        with self.changed:
-            self.events.append((time.monotonic() - self.t0, str(event.attr_value.value)))
-            print(f"  [event] t={self.events[-1][0]:6.2f}s State -> {self.events[-1][1]}")
-            self.changed.notify_all()
-
-    def wait_for(self, state: str, since: int, timeout: float) -> None:
-        """Wait until a State event ``state`` arrives after the first ``since`` events."""
-        with self.changed:
-            ok = self.changed.wait_for(lambda: any(s == state for _, s in self.events[since:]), timeout)
-        if not ok:
-            raise RuntimeError(f"no State {state} event within {timeout:g} s")
+class DemoFailure(RuntimeError):
+    """A step of the demo did not do what it should; the message says which and what was seen."""
 
 
-def start_simulator(model: str) -> tuple[subprocess.Popen, int, int, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "sim", "--host", "127.0.0.1", "--port", "0",
-                             "--stream-port", "0", "--stream2-port", "0", "--model", model],
-                            stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    match = _LISTENING.search(line)
-    if not match:
-        stop_process(proc)
-        raise RuntimeError(f"the simulator did not start: {line!r}")
-    return proc, int(match.group(2)), int(match.group(3)), int(match.group(4))
+# -- processes ----------------------------------------------------------------------------------
+
+class Simulator:
+    """``python -m sim`` on 127.0.0.1 with free ports; its REST API for the "someone else" part."""
+
+    def __init__(self, model: str, workdir: Path) -> None:
+        self.model = model
+        self._log_path = workdir / "simulator.log"
+        self.proc: subprocess.Popen | None = None
+        self.rest_port = self.stream_port = self.stream2_port = 0
+
+    def start(self, timeout: float = 30.0) -> None:
+        with open(self._log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sim", "--host", "127.0.0.1", "--port", "0", "--stream-port", "0",
+                 "--stream2-port", "0", "--model", self.model], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while (match := _LISTENING.search(self._log_path.read_text(errors="replace"))) is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise DemoFailure(f"the simulator did not start:\n{self._log_path.read_text(errors='replace')}")
+            time.sleep(0.05)
+        self.rest_port, self.stream_port, self.stream2_port = (int(match.group(i)) for i in (2, 3, 4))
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.rest_port}"
+
+    def put(self, module: str, task: str, key: str, value: Any = None) -> None:
+        """A SIMPLON PUT, as a vendor GUI or a beamline script would send it."""
+        body = None if value is None else {"value": value}
+        reply = requests.put(f"{self.rest_url}/{module}/api/1.8.0/{task}/{key}", json=body, timeout=30)
+        if reply.status_code != 200:
+            raise DemoFailure(f"simulator refused {module}/{task}/{key}={value!r}: {reply.text}")
+
+    def sim_config(self, **changes: Any) -> dict:
+        """Simulator-only settings (pacing, nav_shape, ...); returns all of them."""
+        if changes:
+            requests.put(f"{self.rest_url}/sim/api/config", json=changes, timeout=10).raise_for_status()
+        reply = requests.get(f"{self.rest_url}/sim/api/config", timeout=10)
+        reply.raise_for_status()
+        return reply.json()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
-def run(output: Path, model: str) -> dict:
+def stop_leftovers(started: list[psutil.Process], timeout: float = 15.0) -> list[str]:
+    """Wait for the processes this demo started (and theirs) to end; kill what does not, by pid."""
+    _, alive = psutil.wait_procs(started, timeout=timeout)
+    killed = []
+    for proc in alive:
+        try:
+            killed.append(f"{proc.pid} {' '.join(proc.cmdline())[:80]}")
+            proc.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(alive, timeout=5)
+    return killed
+
+
+# -- the client ---------------------------------------------------------------------------------
+
+def subscribe(proxy: tango.DeviceProxy, log: EventLog, results: list[str]) -> list[int]:
+    ids = [proxy.subscribe_event("State", tango.EventType.CHANGE_EVENT, log)]
+    for name in (*PROGRESS_ATTRIBUTES, *results):
+        ids.append(proxy.subscribe_event(name, tango.EventType.CHANGE_EVENT, log))
+    for name in results:
+        ids.append(proxy.subscribe_event(name, tango.EventType.DATA_READY_EVENT, log))
+    return ids
+
+
+def result_attributes(proxy: tango.DeviceProxy, analyses: tuple[str, ...]) -> list[str]:
+    """The result attributes of ``analyses``, from the device's own ``result_attributes`` listing."""
+    by_analysis = dict(line.split(": ", 1) for line in proxy.result_attributes)
+    return [result for name in analyses for result in by_analysis[name].split(", ")]
+
+
+def enum_index(proxy: tango.DeviceProxy, name: str, label: str) -> int:
+    return list(proxy.get_attribute_config(name).enum_labels).index(label)
+
+
+def wait_for_state(log: EventLog, state: tango.DevState, timeout: float) -> None:
+    log.wait_until(lambda lg: lg.last_value.get("state") == state, timeout, f"State {state} event")
+
+
+def wait_for_final_results(log: EventLog, results: list[str], timeout: float) -> None:
+    """The device pushes a final change event (VALID or WARNING) and then data-ready per result."""
+    log.wait_until(lambda lg: all(lg.current.data_ready[r] >= 1 for r in results)
+                   and all(lg.last_quality.get(r) != tango.AttrQuality.ATTR_CHANGING for r in results),
+                   timeout, f"final result of {', '.join(results)}")
+
+
+def acquisition_figures(proxy: tango.DeviceProxy, log: EventLog, results: list[str], seconds: float,
+                        output: Path, prefix: str) -> dict:
+    """What one acquisition gave: counters, rates, events per attribute, the images written."""
+    events = log.current
+    counters = {name: proxy.read_attribute(name).value for name in
+                ("series_id", "frames_expected", "frames_received", "frames_processed", "frames_missing")}
+    processed = int(counters["frames_processed"])
+    samples = events.processed_samples
+    images = {}
+    for name in results:
+        final = np.asarray(log.last_value[name], dtype=np.float64)
+        read_back = proxy.read_attribute(name)
+        if not np.array_equal(final, np.asarray(read_back.value, dtype=np.float64), equal_nan=True):
+            raise DemoFailure(f"{name}: the final change event differs from a read of the attribute")
+        info = write_png(final, output / f"{prefix}_{name}.png")
+        info["quality"] = str(read_back.quality)
+        images[name] = info
+    return {
+        **{k: int(v) for k, v in counters.items()},
+        "seconds_start_to_final_event": round(seconds, 2),
+        "frames_per_second_end_to_end": round(processed / seconds, 1) if seconds > 0 else None,
+        "peak_receive_rate": round(events.peak.get("receive_rate", 0.0), 1),
+        "peak_process_rate": round(events.peak.get("process_rate", 0.0), 1),
+        "peak_backlog_slots": int(events.peak.get("backlog", 0)),
+        "device_status": next((text for text in reversed(log.statuses) if text.startswith("series")),
+                              str(proxy.acquisition_status)),
+        "change_events": dict(sorted(events.change.items())),
+        "intermediate_result_events": dict(sorted(events.changing.items())),
+        "data_ready_events": dict(sorted(events.data_ready.items())),
+        "error_events": dict(sorted(events.errors.items())),
+        "frames_processed_events_increasing": all(a <= b for a, b in zip(samples, samples[1:])),
+        "images": images,
+    }
+
+
+def ground_truth_check(proxy: tango.DeviceProxy, simulator: Simulator, log: EventLog,
+                       nav_shape: tuple[int, int], dropped: list[int]) -> dict:
+    """Compare the integer results with the simulator's own ground truth of the frames it sent
+    (``dropped``: frames it was told not to send, NaN in scan-shaped results)."""
+    config = simulator.sim_config()
+    dtype = f"uint{int(proxy.bit_depth_image)}"
+    truth = ScanDataGenerator(int(proxy.x_pixels_in_detector), int(proxy.y_pixels_in_detector), dtype,
+                              nav_shape=nav_shape, seed=config["seed"], dose=config["dose"],
+                              pool_size=config["pool_size"])
+    count = nav_shape[0] * nav_shape[1]
+    sent = np.setdiff1d(np.arange(count), dropped)
+    expected_sumsig = truth.sum_per_frame(range(count)).astype(np.float64)
+    expected_sumsig[dropped] = np.nan
+    sum_ok = np.array_equal(log.last_value["sum_image"], truth.sum_frames(sent).astype(np.float64))
+    sumsig_ok = np.array_equal(log.last_value["sumsig_image"], expected_sumsig.reshape(nav_shape), equal_nan=True)
+    return {"sum_image_equals_ground_truth": bool(sum_ok), "sumsig_image_equals_ground_truth": bool(sumsig_ok)}
+
+
+def print_figures(title: str, figures: dict) -> None:
+    print(f"\n== {title} ==")
+    print(f"  series {figures['series_id']}: {figures['frames_processed']} of {figures['frames_expected']} frames "
+          f"processed, {figures['frames_received']} received, {figures['frames_missing']} missing")
+    print(f"  Start/arm to final event: {figures['seconds_start_to_final_event']} s = "
+          f"{figures['frames_per_second_end_to_end']} frames/s; peak receive "
+          f"{figures['peak_receive_rate']} frames/s, peak process {figures['peak_process_rate']} frames/s, "
+          f"peak backlog {figures['peak_backlog_slots']} slots")
+    print(f"  device: {figures['device_status']}")
+    print("  events received (change / of them intermediate / data-ready):")
+    for name, count in figures["change_events"].items():
+        print(f"    {name:22s} {count:5d} / {figures['intermediate_result_events'].get(name, 0):4d} / "
+              f"{figures['data_ready_events'].get(name, 0)}")
+    print("  final results (quality, NaN pixels, PNG):")
+    for name, image in figures["images"].items():
+        print(f"    {name:22s} {image['quality']:24s} {image['nan_pixels']:5d}  {image['file']}")
+    for key in ("sum_image_equals_ground_truth", "sumsig_image_equals_ground_truth"):
+        if key in figures:
+            print(f"  {key}: {figures[key]}")
+
+
+def run_active_scan(proxy: tango.DeviceProxy, log: EventLog, results: list[str], simulator: Simulator,
+                    nav_shape: tuple[int, int], output: Path) -> dict:
+    frames = nav_shape[0] * nav_shape[1]
+    frame_time = float(proxy.frame_time)
+    print(f"\nclient: ACTIVE scan {nav_shape[0]}×{nav_shape[1]} positions of "
+          f"{proxy.y_pixels_in_detector}×{proxy.x_pixels_in_detector} frames at "
+          f"{1 / frame_time:,.0f} frames/s (≈{frames * frame_time:.0f} s of exposure)")
+    proxy.nav_shape = list(nav_shape)
+    simulator.sim_config(pacing="frame_time", nav_shape=list(nav_shape))
+    log.begin_phase("active")
+    started = time.monotonic()
+    proxy.Start()
+    wait_for_final_results(log, results, timeout=frames * frame_time + 120)
+    seconds = time.monotonic() - started
+    wait_for_state(log, tango.DevState.ON, 30)
+    return acquisition_figures(proxy, log, results, seconds, output, "active")
+
+
+def diagonal_frames(nav_shape: tuple[int, int]) -> list[int]:
+    """Frame numbers on the scan's diagonal: dropped in the passive series, a red line in the images."""
+    rows, columns = nav_shape
+    return [k * columns + k for k in range(min(rows, columns))]
+
+
+def run_passive_acquisition(proxy: tango.DeviceProxy, log: EventLog, results: list[str], simulator: Simulator,
+                            nav_shape: tuple[int, int], dropped: list[int], output: Path) -> dict:
+    frames = nav_shape[0] * nav_shape[1]
+    print(f"\nclient: PASSIVE: Listen; then a series of {frames} frames armed and triggered from outside "
+          f"through the simulator's REST API, sent as fast as the simulator can; the simulator drops the "
+          f"{len(dropped)} frames of the scan's diagonal (NaN, red in the scan images)")
+    log.begin_phase("passive")
+    proxy.Listen()
+    log.wait_until(lambda lg: bool(lg.statuses) and lg.statuses[-1].startswith("listening"), 60,
+                   "'listening' acquisition_status event")
+    # Someone else (a vendor GUI, a Sardana macro) sets up and runs a series on the detector.
+    simulator.sim_config(pacing="max", nav_shape=list(nav_shape), faults=[{"kind": "drop", "frames": dropped}])
+    simulator.put("detector", "config", "ntrigger", 1)
+    simulator.put("detector", "config", "nimages", frames)
+    started = time.monotonic()
+    simulator.put("detector", "command", "arm")
+    simulator.put("detector", "command", "trigger")
+    wait_for_final_results(log, results, timeout=120)
+    seconds = time.monotonic() - started
+    print("client: Stop (the device stops listening)")
+    proxy.Stop()
+    wait_for_state(log, tango.DevState.ON, 30)
+    figures = acquisition_figures(proxy, log, results, seconds, output, "passive")
+    figures["status_after_stop"] = proxy.status()
+    return figures
+
+
+def run(output: Path, nav_shape: tuple[int, int], passive_shape: tuple[int, int], frame_time: float) -> dict:
     output.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    summary: dict = {"model": model, "steps": []}
+    for old in output.glob("*.png"):
+        old.unlink()
+    summary: dict = {"model": MODEL, "analyses": list(ANALYSES), "nan_colour_rgb": list(NAN_COLOUR)}
+    workdir = Path(tempfile.mkdtemp(prefix="dectris-live-demo-"))
     db = EmbeddedTangoDatabase()
-    sim_proc = None
+    simulator = Simulator(MODEL, workdir)
     try:
         db.start()
         print(f"embedded Tango database on {db.tango_host}")
-        sim_proc, rest_port, stream_port, stream2_port = start_simulator(model)
-        print(f"simulator ({model}) REST on 127.0.0.1:{rest_port}, stream v1 {stream_port}, "
-              f"v2 {stream2_port}")
-        db.register_device(INSTANCE, DEVICE, {"DcuHost": "127.0.0.1", "DcuPort": rest_port,
-                                              "StreamPort": stream_port, "Stream2Port": stream2_port,
-                                              "StatePollPeriod": 0.2})
+        simulator.start()
+        print(f"simulator ({MODEL}) REST {simulator.rest_url}, stream v1 port {simulator.stream_port}, "
+              f"v2 port {simulator.stream2_port}")
+        db.register_device(INSTANCE, DEVICE, {
+            "DcuHost": "127.0.0.1", "DcuPort": simulator.rest_port, "StreamPort": simulator.stream_port,
+            "Stream2Port": simulator.stream2_port, "StatePollPeriod": 0.2})
         db.start_server(INSTANCE, DEVICE)
         print(f"device server DectrisLive/{INSTANCE} exports {DEVICE}")
 
         proxy = tango.DeviceProxy(f"tango://{db.tango_host}/{DEVICE}")
         proxy.set_timeout_millis(10000)
-        recorder = StateRecorder(t0)
-        event_id = proxy.subscribe_event("State", tango.EventType.CHANGE_EVENT, recorder)
+        results = result_attributes(proxy, ANALYSES)
+        log = EventLog()
+        subscription_ids = subscribe(proxy, log, results)
+        print(f"client: subscribed to State, {len(PROGRESS_ATTRIBUTES)} progress attributes and "
+              f"{len(results)} result attributes ({', '.join(results)})")
 
-        def step(text: str) -> None:
-            print(f"client: {text}")
-            summary["steps"].append(text)
-
-        step(f"State {proxy.state()}, Status: {proxy.status()}")
-        n = len(recorder.events)
-        step("Initialize")
+        print("client: Initialize")
         proxy.Initialize()
-        recorder.wait_for("ON", n, 60)
-        settings = {"count_time": 0.01, "frame_time": 0.01, "nimages": 50}
-        # No receiver in this first demo: the simulator's stream is switched off.
-        proxy.stream_mode = list(proxy.get_attribute_config("stream_mode").enum_labels).index("disabled")
-        labels = list(proxy.get_attribute_config("trigger_mode").enum_labels)
-        proxy.trigger_mode = labels.index("ints")
-        for name, value in settings.items():
+        wait_for_state(log, tango.DevState.ON, 120)
+        proxy.trigger_mode = enum_index(proxy, "trigger_mode", "ints")
+        proxy.count_time = frame_time
+        proxy.frame_time = frame_time
+        proxy.stream_format = enum_index(proxy, "stream_format", "cbor")
+        proxy.analyses = list(ANALYSES)
+        for name, value in VIRTUAL_DETECTORS.items():
             proxy.write_attribute(name, value)
-            step(f"{name} = {value} (DCU reports {proxy.read_attribute(name).value})")
-        n = len(recorder.events)
-        series = proxy.Arm()
-        step(f"Arm -> series {series}")
-        proxy.Trigger()
-        step("Trigger (ints: 50 frames at 10 ms)")
-        recorder.wait_for("ON", n, 30)
-        step(f"series {series} complete, State {proxy.state()}")
-        series_end = proxy.Disarm()
-        step(f"Disarm -> series {series_end}")
-        proxy.unsubscribe_event(event_id)
-        summary["series"] = series
-        summary["state_events"] = recorder.events
-        summary["settings"] = {name: proxy.read_attribute(name).value for name in settings}
-        summary["description"] = proxy.read_attribute("description").value
+        proxy.result_event_rate = 10.0
+        print(f"client: analyses {list(proxy.analyses)}, beam centre from the detector "
+              f"({proxy.beam_center_x}, {proxy.beam_center_y}) px, "
+              + ", ".join(f"{k} {v:g} px" for k, v in VIRTUAL_DETECTORS.items()))
+
+        active = run_active_scan(proxy, log, results, simulator, nav_shape, output)
+        active.update(ground_truth_check(proxy, simulator, log, nav_shape, dropped=[]))
+        print_figures("active scan", active)
+        dropped = diagonal_frames(passive_shape)
+        passive = run_passive_acquisition(proxy, log, results, simulator, passive_shape, dropped, output)
+        passive.update(ground_truth_check(proxy, simulator, log, passive_shape, dropped))
+        print_figures("passive acquisition", passive)
+        summary.update(active=active, passive=passive, subscription_events=dict(log.phases["subscribe"].change))
+        for subscription in subscription_ids:
+            proxy.unsubscribe_event(subscription)
     finally:
+        # A second Ctrl-C must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        started = psutil.Process().children(recursive=True)
         db.stop()
-        if sim_proc is not None:
-            stop_process(sim_proc)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {output / 'summary.json'}; all processes stopped")
+        simulator.stop()
+        killed = stop_leftovers(started)
+        shutil.rmtree(workdir, ignore_errors=True)
+        summary["leftover_processes_killed"] = killed
+        (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(f"\nwrote {len(list(output.glob('*.png')))} PNG images and {output / 'summary.json'}; "
+              + ("all processes stopped" if not killed else f"had to kill {len(killed)}: {killed}"))
     return summary
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path("demo-output"))
-    parser.add_argument("--model", default="QUADRO")
+    parser.add_argument("--scan", type=int, nargs=2, default=(128, 128), metavar=("ROWS", "COLUMNS"),
+                        help="active scan shape (default 128 128)")
+    parser.add_argument("--passive-scan", type=int, nargs=2, default=(64, 64), metavar=("ROWS", "COLUMNS"),
+                        help="shape of the series armed from outside (default 64 64)")
+    parser.add_argument("--frame-time", type=float, default=0.001,
+                        help="detector frame time in seconds for the active scan (default 0.001: 1 kHz)")
     args = parser.parse_args()
-    run(args.output, args.model)
+    # SIGTERM (a CI runner, `kill`) cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        run(args.output, tuple(args.scan), tuple(args.passive_scan), args.frame_time)
+    except KeyboardInterrupt:
+        sys.exit("interrupted; all processes stopped")
+    except (DemoFailure, TimeoutError, tango.DevFailed) as exc:
+        detail = exc.args[0].desc if isinstance(exc, tango.DevFailed) else str(exc)
+        sys.exit(f"demo failed: {detail}")
 
 
 if __name__ == "__main__":
