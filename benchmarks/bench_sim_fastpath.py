@@ -1,9 +1,16 @@
 """Throughput of the simulator's compiled send path (``sim._fastsend``).
 
-For 96x96, 192x192 and 512x512 uint16 bslz4 frames, in stream v1 and v2, the sink sends a series
+For 96x96, 192x192 and 512x512 uint16 frames (bslz4 unless ``--compression``), in stream v1 and
+v2, the sink sends a series
 as fast as it can (pacing "max") into a PULL consumer in another process that only counts
 (``sim._fastsend.count_messages``, GIL released). Prints frames/s and payload MB/s as seen by the
 consumer. No assertions on speed.
+
+Each case is followed by the machine's limit for the same message sizes: a bare pyzmq PUSH
+sending one pre-built ``zmq.Frame`` (zero copy) of the sim's mean message size into the same
+counting consumer. On the 2-core development machine the 512x512 bslz4 frames (~49 KB) are
+bounded by that limit (about 1.3-1.7 GB/s on a quiet machine), not by the sim's loop;
+uncompressed 512x512 frames (``--compression none --sizes 512``) go faster in bytes.
 
     .venv/bin/python benchmarks/bench_sim_fastpath.py --frames 200000 --large-frames 20000
 """
@@ -38,11 +45,37 @@ def consume(endpoint: str, expected_messages: int, ready, result) -> None:
     context.term()
 
 
-def run_case(stream_format: str, size: int, frames: int) -> None:
+def bare_zmq_limit(message_bytes: int, messages: int) -> tuple[float, float]:
+    """(messages/s, bytes/s) of a bare pyzmq PUSH -> counting PULL for ``message_bytes`` messages."""
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.bind("tcp://127.0.0.1:*")
+    ctx = mp.get_context("spawn")
+    ready, result = ctx.Event(), ctx.Queue()
+    consumer = ctx.Process(target=consume, args=(push.getsockopt_string(zmq.LAST_ENDPOINT), messages,
+                                                 ready, result))
+    consumer.start()
+    try:
+        ready.wait(30)
+        frame = zmq.Frame(bytes(message_bytes))
+        for _ in range(messages):
+            push.send(frame, copy=False)
+        received, _, nbytes, elapsed = result.get(timeout=120)
+    finally:
+        consumer.join(timeout=30)
+        if consumer.is_alive():
+            consumer.kill()
+        push.close(linger=0)
+        context.term()
+    return (received - 2) / elapsed, nbytes / elapsed
+
+
+def run_case(stream_format: str, size: int, frames: int, compression: str = "bslz4") -> None:
     series = SeriesInfo(series_id=1, series_unique_id="01HBV3JPF9T4ZDPADX6EMK6XMZ",
                         arm_date="2026-11-23T19:14:02.123+00:00", trigger_mode="ints", nimages=frames,
                         ntrigger=1, count_time=1e-5, frame_time=1e-5, width=size, height=size, bit_depth=16,
-                        compression="bslz4", detector_config={},
+                        compression=compression, detector_config={},
                         stream_config={"mode": "enabled", "format": stream_format, "header_detail": "none"})
     sink = DetectorStreamSink()
     v1_port, v2_port = sink.bind()
@@ -69,17 +102,23 @@ def run_case(stream_format: str, size: int, frames: int) -> None:
     payload = nbytes  # every byte the consumer received (JSON parts included)
     print(f"{stream_format:6s} {size:4d}x{size:<4d} {messages - 2:8d} frames  "
           f"{(messages - 3) / elapsed:11,.0f} frames/s  {payload / elapsed / 1e6:9,.1f} MB/s  "
-          f"(sender {frames / send_s:11,.0f} frames/s, {parts} parts)")
+          f"(sender {frames / send_s:11,.0f} frames/s, {parts} parts)", flush=True)
+    limit_messages, limit_bytes = bare_zmq_limit(max(1, round(nbytes / (messages - 2))), frames)
+    print(f"{'  bare pyzmq, same mean size':28s} {limit_messages:11,.0f} msgs/s    "
+          f"{limit_bytes / 1e6:9,.1f} MB/s", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, default=200_000, help="frames per case for 96x96 and 192x192")
     parser.add_argument("--large-frames", type=int, default=20_000, help="frames per case for 512x512")
+    parser.add_argument("--compression", default="bslz4", choices=("bslz4", "lz4", "none"))
+    parser.add_argument("--sizes", default="96,192,512", help="frame sizes (square), comma-separated")
     args = parser.parse_args()
+    print(f"uint16 frames, compression {args.compression}", flush=True)
     for stream_format in ("legacy", "cbor"):
-        for size in (96, 192, 512):
-            run_case(stream_format, size, args.large_frames if size >= 512 else args.frames)
+        for size in (int(v) for v in args.sizes.split(",")):
+            run_case(stream_format, size, args.large_frames if size >= 512 else args.frames, args.compression)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,13 @@ handle is only valid in the very library instance that created it.
 
 Zero copy: v1 ``dimage_d`` parts and blobs are sent with ``zmq_send_const`` from bytes the pool
 owns; the owner of the pool must keep it alive until the ZeroMQ context is terminated.
+
+No consumer / high-water mark: every message is offered with ``ZMQ_DONTWAIT``; when ZeroMQ
+refuses it the loop waits for the socket to become writable (``zmq_poll``) for at most the wait
+time the caller grants this call (the rest of the series' wait budget, see ``sim.streams``).
+When that time is spent and ``final_wait`` is false the call returns early so the caller can
+honour a stop request; with ``final_wait`` the frame is dropped and later frames of the call are
+offered without waiting (dropped, as a DCU counts ``stream/status/dropped``, when refused).
 """
 import ctypes
 
@@ -43,6 +50,18 @@ ctypedef int (*msg_close_fn)(sim_zmq_msg_t *msg) noexcept nogil
 ctypedef int (*msg_more_fn)(sim_zmq_msg_t *msg) noexcept nogil
 ctypedef int (*errno_fn)() noexcept nogil
 
+cdef extern from *:
+    """
+    typedef struct { void *socket; int fd; short events; short revents; } sim_zmq_pollitem_t;
+    """
+    ctypedef struct sim_zmq_pollitem_t:
+        void *socket
+        int fd
+        short events
+        short revents
+
+ctypedef int (*poll_fn)(sim_zmq_pollitem_t *items, int nitems, long timeout) noexcept nogil
+
 cdef send_fn z_send
 cdef send_fn z_send_const
 cdef msg_init_size_fn z_msg_init_size
@@ -54,9 +73,11 @@ cdef msg_recv_fn z_msg_recv
 cdef msg_close_fn z_msg_close
 cdef msg_more_fn z_msg_more
 cdef errno_fn z_errno
+cdef poll_fn z_poll
 
 cdef int ZMQ_SNDMORE = zmq.SNDMORE
 cdef int ZMQ_DONTWAIT = zmq.DONTWAIT
+cdef short ZMQ_POLLOUT = zmq.POLLOUT
 
 
 def _address(lib, name):
@@ -65,7 +86,7 @@ def _address(lib, name):
 
 def _load_libzmq():
     global z_send, z_send_const, z_msg_init_size, z_msg_init, z_msg_data, z_msg_size
-    global z_msg_send, z_msg_recv, z_msg_close, z_msg_more, z_errno
+    global z_msg_send, z_msg_recv, z_msg_close, z_msg_more, z_errno, z_poll
     lib = ctypes.CDLL(_pyzmq_extension.__file__)
     major, minor, patch = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
     lib.zmq_version(ctypes.byref(major), ctypes.byref(minor), ctypes.byref(patch))
@@ -82,6 +103,7 @@ def _load_libzmq():
     z_msg_close = <msg_close_fn><uintptr_t>_address(lib, "zmq_msg_close")
     z_msg_more = <msg_more_fn><uintptr_t>_address(lib, "zmq_msg_more")
     z_errno = <errno_fn><uintptr_t>_address(lib, "zmq_errno")
+    z_poll = <poll_fn><uintptr_t>_address(lib, "zmq_poll")
 
 
 _load_libzmq()
@@ -167,6 +189,37 @@ cdef inline int send_retry(send_fn fn, void *sock, const void *buf, size_t n, in
             return rc
 
 
+cdef inline int wait_writable(void *sock, double *wait_left) noexcept nogil:
+    """Wait until ``sock`` accepts a message, for at most ``wait_left`` seconds (reduced by the
+    time spent). Returns 1 when writable, 0 when the time ran out."""
+    cdef sim_zmq_pollitem_t item
+    cdef double t0, timeout_ms
+    cdef int rc
+    while wait_left[0] > 0:
+        item.socket = sock
+        item.fd = 0
+        item.events = ZMQ_POLLOUT
+        item.revents = 0
+        timeout_ms = wait_left[0] * 1000.0
+        t0 = monotonic_now()
+        rc = z_poll(&item, 1, <long>timeout_ms if timeout_ms >= 1.0 else 1)
+        wait_left[0] -= monotonic_now() - t0
+        if rc > 0 and (item.revents & ZMQ_POLLOUT):
+            return 1
+        if rc < 0 and z_errno() != EINTR:
+            return 0
+    wait_left[0] = 0
+    return 0
+
+
+cdef inline int msg_send_retry(sim_zmq_msg_t *msg, void *sock) noexcept nogil:
+    cdef int rc
+    while True:
+        rc = z_msg_send(msg, sock, ZMQ_DONTWAIT)
+        if rc >= 0 or z_errno() != EINTR:
+            return rc
+
+
 cdef class V1FramePool:
     """Stream v1 pieces of every pool frame (see ``sim.streams.v1_fast_pieces``)."""
 
@@ -218,18 +271,23 @@ cdef class V1FramePool:
         self.appendix_len = len(appendix)
 
     def send(self, uintptr_t socket_handle, int64_t first_frame, const int64_t[::1] pool_index,
-             int64_t t0_ns, int64_t frame_ns, double t_start, double period_s):
+             int64_t t0_ns, int64_t frame_ns, double t_start, double period_s, double max_wait_s,
+             bint final_wait):
         """Send frames ``first_frame + i`` (pool frame ``pool_index[i]``), frame i not before
-        ``t_start + i * period_s`` (monotonic clock). Returns (sent, dropped)."""
+        ``t_start + i * period_s`` (monotonic clock), waiting at most ``max_wait_s`` in all for a
+        consumer (see the module docstring). Returns (frames handled, sent, dropped, seconds
+        waited); frames handled < len(pool_index) only when the wait ran out without
+        ``final_wait``."""
         cdef void *sock = <void *>socket_handle
         cdef Py_ssize_t i, n = pool_index.shape[0]
         cdef int64_t p, frame, start
         cdef char part1[256]
         cdef char part4[256]
         cdef size_t len1, len4
-        cdef int starved = 0, rc
+        cdef int rc
         cdef int last_flags = ZMQ_SNDMORE if self.appendix_len else 0
-        cdef Py_ssize_t sent = 0, dropped = 0
+        cdef Py_ssize_t sent = 0, dropped = 0, handled = n
+        cdef double wait_left = max_wait_s if max_wait_s > 0 else 0.0
         for i in range(n):
             if pool_index[i] < 0 or pool_index[i] >= self.pool_size:
                 raise IndexError(f"pool index {pool_index[i]} out of range 0..{self.pool_size - 1}")
@@ -243,13 +301,16 @@ cdef class V1FramePool:
                 len1 = 9 + put_decimal(part1 + 9, <uint64_t>frame)
                 memcpy(part1 + len1, self.suffix_ptr[p], self.suffix_len[p])
                 len1 += self.suffix_len[p]
-                rc = send_retry(z_send, sock, part1, len1, ZMQ_SNDMORE | (ZMQ_DONTWAIT if starved else 0))
+                rc = send_retry(z_send, sock, part1, len1, ZMQ_SNDMORE | ZMQ_DONTWAIT)
+                # POLLOUT can be set while the send still finds the pipe full: retry until taken
+                while rc < 0 and z_errno() == EAGAIN and wait_writable(sock, &wait_left):
+                    rc = send_retry(z_send, sock, part1, len1, ZMQ_SNDMORE | ZMQ_DONTWAIT)
+                if rc < 0 and not final_wait and wait_left <= 0 and max_wait_s > 0:
+                    handled = i
+                    break
                 if rc < 0:
-                    # No consumer took the frame in time (SNDTIMEO): dropped, as a DCU counts it.
                     dropped += 1
-                    starved = 1
                     continue
-                starved = 0
                 start = t0_ns + frame * frame_ns
                 memcpy(part4, self.dconfig_prefix, self.dconfig_prefix_len)
                 len4 = self.dconfig_prefix_len
@@ -266,7 +327,7 @@ cdef class V1FramePool:
                 if self.appendix_len:
                     send_retry(z_send_const, sock, self.appendix, self.appendix_len, 0)
                 sent += 1
-        return sent, dropped
+        return handled, sent, dropped, max(0.0, max_wait_s) - wait_left
 
 
 cdef class V2FramePool:
@@ -305,7 +366,8 @@ cdef class V2FramePool:
         self.after_start, self.after_start_len = <const char *>after_start, len(after_start)
 
     def send(self, uintptr_t socket_handle, int64_t first_frame, const int64_t[::1] pool_index,
-             int64_t t0_ticks, int64_t frame_ticks, double t_start, double period_s):
+             int64_t t0_ticks, int64_t frame_ticks, double t_start, double period_s, double max_wait_s,
+             bint final_wait):
         """Like ``V1FramePool.send``; times are 50 MHz ticks relative to the series date."""
         cdef void *sock = <void *>socket_handle
         cdef Py_ssize_t i, n = pool_index.shape[0]
@@ -313,8 +375,9 @@ cdef class V2FramePool:
         cdef sim_zmq_msg_t msg
         cdef unsigned char *out
         cdef size_t size
-        cdef int starved = 0, rc
-        cdef Py_ssize_t sent = 0, dropped = 0
+        cdef int rc
+        cdef Py_ssize_t sent = 0, dropped = 0, handled = n
+        cdef double wait_left = max_wait_s if max_wait_s > 0 else 0.0
         cdef size_t fixed = self.prefix_len + self.after_id_len + self.after_start_len
         for i in range(n):
             if pool_index[i] < 0 or pool_index[i] >= self.pool_size:
@@ -344,18 +407,19 @@ cdef class V2FramePool:
                 size += self.after_start_len
                 size += put_cbor_uint(out + size, <uint64_t>(start + self.real_ticks))
                 memcpy(out + size, self.tail_ptr[p], self.tail_len[p])
-                while True:
-                    rc = z_msg_send(&msg, sock, ZMQ_DONTWAIT if starved else 0)
-                    if rc >= 0 or z_errno() != EINTR:
-                        break
+                rc = msg_send_retry(&msg, sock)
+                while rc < 0 and z_errno() == EAGAIN and wait_writable(sock, &wait_left):
+                    rc = msg_send_retry(&msg, sock)
+                if rc < 0 and not final_wait and wait_left <= 0 and max_wait_s > 0:
+                    z_msg_close(&msg)
+                    handled = i
+                    break
                 if rc < 0:
                     z_msg_close(&msg)
                     dropped += 1
-                    starved = 1
                     continue
-                starved = 0
                 sent += 1
-        return sent, dropped
+        return handled, sent, dropped, max(0.0, max_wait_s) - wait_left
 
 
 def count_messages(uintptr_t socket_handle, Py_ssize_t max_messages):

@@ -466,10 +466,12 @@ class SimulatedDetector:
             delay, period = self._ext_trigger_delay_s, self._ext_trigger_period_s
         try:
             self.sink.start_series(info)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 series.ended = True
             self._finish(series)
+            if isinstance(exc, ValueError):  # a setting the scientist can change (e.g. replay format)
+                raise CommandRejected(f"arm: {exc}") from exc
             raise
         with self._lock:
             status.set("state", "ready")
@@ -573,6 +575,7 @@ class SimulatedDetector:
                 self.sink.send_frames(info, first, count, period, series.stop)
         finally:
             with self._lock:
+                self._status["stream"].set("dropped", self.sink.dropped_frames())
                 series.next_frame = first + count
                 series.triggers_done += 1
                 completes = False
@@ -616,6 +619,7 @@ class SimulatedDetector:
             self.sink.end_series(series.info)
         finally:
             with self._lock:
+                self._status["stream"].set("dropped", self.sink.dropped_frames())
                 if self._series is series:
                     self._series = None
                     self._status["detector"].set("state", "idle")

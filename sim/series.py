@@ -61,6 +61,9 @@ class StreamSink(Protocol):
     def end_series(self, series: SeriesInfo) -> None:
         """Called on completion, disarm, cancel and abort: the end-of-series message."""
 
+    def dropped_frames(self) -> int:
+        """Images of the current (or last) series no consumer took (``stream/status/dropped``)."""
+
     def get_sim_config(self) -> dict[str, Any]:
         """Simulator-only settings (data generator, pacing, faults) as JSON-able values."""
 
@@ -97,6 +100,9 @@ class NullStreamSink:
 
     def end_series(self, series: SeriesInfo) -> None:
         return None
+
+    def dropped_frames(self) -> int:
+        return 0
 
     def get_sim_config(self) -> dict[str, Any]:
         return dict(self._sim_config)

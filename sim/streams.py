@@ -5,9 +5,12 @@
 and sent either by the Python loop here (which also injects :mod:`sim.faults`) or, when no fault
 is set, by the compiled loop in ``sim._fastsend``.
 
-A send that finds no consumer for ``send_timeout_ms`` drops the frame (counted in ``dropped``, as
-a DCU counts ``stream/status/dropped``); later frames of the same call are then tried without
-waiting until one goes through, so a scan without a consumer still takes only its exposure time.
+No consumer, or one too slow (the PUSH high-water mark is reached): a series waits for the
+socket to take its messages for at most ``send_timeout_ms`` *in all* (its wait budget, spent by
+the header, the frames and the end message together). Once the budget is spent every further
+message is offered without waiting and dropped when refused; dropped images are counted per
+series (:meth:`DetectorStreamSink.dropped_frames`, the state machine's ``stream/status/dropped``).
+So arm, trigger and disarm with nobody connected take the exposure time plus at most the budget.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ DEFAULT_SIM_CONFIG: dict[str, Any] = {
     "pacing": "frame_time", "nav_shape": None, "seed": 0, "dose": 20.0, "pool_size": 64,
     "faults": [], "replay_file": None, "fast_path": True, "send_timeout_ms": 2000,
 }
-# The fast path sends in batches so that ``stop`` is honoured within this time.
+# Paced sends go in batches, and waits for a consumer in slices, of this length so that ``stop``
+# is honoured within it.
 FAST_BATCH_SECONDS = 0.05
 
 
@@ -86,7 +90,8 @@ def _validated_sim_config(current: dict[str, Any], changes: dict[str, Any]) -> d
                 raise ValueError(f"fast_path must be true or false, got {value!r}")
         elif key == "send_timeout_ms":
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 600_000:
-                raise ValueError(f"send_timeout_ms must be an integer in 0..600000, got {value!r}")
+                raise ValueError(f"send_timeout_ms (how long a series may wait in all for a consumer) "
+                                 f"must be an integer in 0..600000, got {value!r}")
         new[key] = value
     return new
 
@@ -113,6 +118,9 @@ class SeriesStream:
     held_frame: int = -1
     stopped: bool = False
     fast_pool: Any = None
+    wait_left_s: float = 0.0  # what is left of the series' wait budget (send_timeout_ms)
+    trigger_starts_ns: dict[int, int] = field(default_factory=dict)  # inte: frame -> start offset
+    last_stop_ns: int = 0  # inte: stop of the last image after the time origin
 
     @property
     def real_ns(self) -> int:
@@ -146,8 +154,9 @@ class DetectorStreamSink:
         self._generators: dict[tuple, ScanDataGenerator] = {}
         # Pools sent zero-copy stay referenced until close(): ZeroMQ may still hold their bytes.
         self._fast_pools: dict[tuple, Any] = {}
-        self.dropped = 0
+        self.dropped = 0  # images dropped since the sink was made, all series
         self.frames_sent = 0
+        self._series_dropped = 0  # images dropped in the current (or last) series
 
     # -- sockets ---------------------------------------------------------------------------
 
@@ -159,7 +168,6 @@ class DetectorStreamSink:
     def _bind_one(self, stream_format: str, port: int) -> None:
         sock = self._context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDTIMEO, int(self._sim_config["send_timeout_ms"]))
         sock.bind(f"tcp://{self.host}:{port if port else '*'}")
         self._sockets[stream_format] = sock
         self._endpoints[stream_format] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -207,10 +215,11 @@ class DetectorStreamSink:
     def update_sim_config(self, changes: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
             self._sim_config = _validated_sim_config(self._sim_config, changes)
-            if "send_timeout_ms" in changes:
-                for sock in self._sockets.values():
-                    sock.setsockopt(zmq.SNDTIMEO, int(self._sim_config["send_timeout_ms"]))
             return self.get_sim_config()
+
+    def dropped_frames(self) -> int:
+        """Images of the current (or last) series that no consumer took (``stream/status/dropped``)."""
+        return self._series_dropped
 
     # -- series ------------------------------------------------------------------------------
 
@@ -253,8 +262,13 @@ class DetectorStreamSink:
                 generator=None if replay_file else self._generator_for(series),
                 channels=channels, plan=self._take_faults(),
                 replay=ReplayRecording.load(replay_file) if replay_file else None,
-                t0_ns=time.monotonic_ns())
+                t0_ns=time.monotonic_ns(), wait_left_s=self._sim_config["send_timeout_ms"] / 1000.0)
+            if state.replay is not None and state.replay.stream_format != stream_format:
+                raise ValueError(
+                    f"replay_file holds a {state.replay.stream_format} stream but stream/config/format "
+                    f"is {stream_format}; set the format to {state.replay.stream_format} to replay it")
             self._current = state
+            self._series_dropped = 0
             if not series.stream_enabled:
                 return
             if state.plan.stale_end:
@@ -266,12 +280,13 @@ class DetectorStreamSink:
             state = self._current
             if state is None or state.series.series_id != series.series_id:
                 state = SeriesStream(series, series.stream_config.get("format", "legacy"), None,
-                                     ["threshold_1"], FaultPlan(), None, time.monotonic_ns())
+                                     ["threshold_1"], FaultPlan(), None, time.monotonic_ns(),
+                                     wait_left_s=self._sim_config["send_timeout_ms"] / 1000.0)
             self._current = None
             if not series.stream_enabled:
                 return
             if state.held is not None and not state.stopped:
-                self._send(state, state.held)
+                self._send(state, state.held, image=True)
                 state.held = None
             if state.stopped:
                 return
@@ -284,7 +299,7 @@ class DetectorStreamSink:
         detail = series.stream_config.get("header_detail", "basic")
         appendix = str(series.stream_config.get("header_appendix", "") or "")
         if state.replay is not None:
-            return state.replay.header(series.series_id)
+            return state.replay.header(series.series_id, series.series_unique_id)
         gen = state.generator
         assert gen is not None
         if state.stream_format == "legacy":
@@ -355,7 +370,7 @@ class DetectorStreamSink:
         return fields
 
     def _end_message(self, state: SeriesStream, series_id: int) -> list[bytes]:
-        if state.stream_format == "cbor" and state.replay is None:
+        if state.stream_format == "cbor":
             return [encode.v2_end_message(series_id, state.series.series_unique_id)]
         return [encode.v1_series_end(series_id)]
 
@@ -374,19 +389,33 @@ class DetectorStreamSink:
             state.encoded[pool_index] = cached
         return cached
 
+    @staticmethod
+    def _start_offset_ns(state: SeriesStream, frame_number: int) -> int:
+        """Start of image ``frame_number`` after the series' time origin: frame_time steps, or in
+        ``inte`` (every image its own count time) when its trigger actually came."""
+        start = state.trigger_starts_ns.get(frame_number)
+        return start if start is not None else frame_number * state.frame_ns
+
     def frame_message(self, state: SeriesStream, frame_number: int,
-                      faults: dict[str, FaultSpec] | None = None) -> list[bytes]:
-        """The ZeroMQ parts of image ``frame_number`` with the frame faults in ``faults`` applied."""
+                      faults: dict[str, FaultSpec] | None = None,
+                      series: SeriesInfo | None = None) -> list[bytes]:
+        """The ZeroMQ parts of image ``frame_number`` with the frame faults in ``faults`` applied;
+        ``series`` overrides the armed series' count time (an ``inte`` trigger's value)."""
         faults = faults or {}
-        series = state.series
+        series = series or state.series
         series_id = series.series_id + (1 if "wrong_series" in faults else 0)
         if state.replay is not None:
-            parts = state.replay.image(frame_number, series_id)
+            parts = state.replay.image(frame_number, series_id, series.series_unique_id)
+            # v1: the blob is part 3; v2: the one CBOR message carries the blob(s)
+            blob_index = 2 if state.stream_format == "legacy" else 0
             if "corrupt" in faults:
-                parts[2] = corrupt_blob(parts[2])
+                parts[blob_index] = corrupt_blob(parts[blob_index])
             if "truncate" in faults:
-                parts = parts[:2] if faults["truncate"].mode == "parts" else \
-                    parts[:2] + [truncate_blob(parts[2])] + parts[3:]
+                if state.stream_format == "cbor":
+                    parts = [parts[0][: len(parts[0]) // 2]]
+                else:
+                    parts = parts[:2] if faults["truncate"].mode == "parts" else \
+                        parts[:2] + [truncate_blob(parts[2])] + parts[3:]
             return parts
         gen = state.generator
         assert gen is not None
@@ -407,9 +436,10 @@ class DetectorStreamSink:
             dimage_d = state.dimage_d.get(pool_index)
             if dimage_d is None:
                 dimage_d = state.dimage_d[pool_index] = encode.v1_dimage_d(first)
-            start = state.t0_ns + frame_number * state.frame_ns
-            parts = encode.v1_image_message(series_id, frame_number, first, real_time_ns=state.real_ns,
-                                            start_time_ns=start, stop_time_ns=start + state.real_ns,
+            start = state.t0_ns + self._start_offset_ns(state, frame_number)
+            real_ns = round(series.count_time * 1e9)
+            parts = encode.v1_image_message(series_id, frame_number, first, real_time_ns=real_ns,
+                                            start_time_ns=start, stop_time_ns=start + real_ns,
                                             image_appendix=appendix, dimage_d=dimage_d)
             if blob_fault:
                 parts[2] = faulted(parts[2])
@@ -418,11 +448,12 @@ class DetectorStreamSink:
             return parts
         if blob_fault:
             encoded = [_replace_v2_blob(e, faulted(e.v2_blob)) for e in encoded]
-        start_ticks = frame_number * state.frame_ticks
+        start_ticks = round(self._start_offset_ns(state, frame_number) * encode.V2_TIMEBASE / 1e9)
+        real_ticks = round(series.count_time * encode.V2_TIMEBASE)
         message = encode.v2_image_message(
             series_id=series_id, series_unique_id=series.series_unique_id, image_id=frame_number,
-            series_date=state.series_date or series.arm_date, real_time_ticks=state.real_ticks,
-            start_time_ticks=start_ticks, stop_time_ticks=start_ticks + state.real_ticks,
+            series_date=state.series_date or series.arm_date, real_time_ticks=real_ticks,
+            start_time_ticks=start_ticks, stop_time_ticks=start_ticks + real_ticks,
             channels=list(zip(state.channels, encoded)), user_data=appendix)
         if "truncate" in faults and faults["truncate"].mode == "parts":
             message = message[: len(message) // 2]
@@ -431,17 +462,30 @@ class DetectorStreamSink:
     # -- sending -----------------------------------------------------------------------------
 
     def _socket(self, state: SeriesStream) -> zmq.Socket:
-        return self._sockets["legacy" if state.replay is not None else state.stream_format]
+        return self._sockets[state.stream_format]
 
-    def _send(self, state: SeriesStream, parts: list[bytes], *, starved: bool = False) -> bool:
-        """Send one message; False (and counted in ``dropped``) when no consumer took it in time."""
+    def _send(self, state: SeriesStream, parts: list[bytes], *, image: bool = False,
+              stop: threading.Event | None = None) -> bool:
+        """Send one message, waiting for a consumer only as long as the series' wait budget
+        lasts; False when it was dropped (an image is then counted in ``dropped``)."""
         sock = self._socket(state)
-        try:
-            sock.send(parts[0], (zmq.SNDMORE if len(parts) > 1 else 0) | (zmq.DONTWAIT if starved else 0),
-                      copy=len(parts[0]) < 65536)
-        except zmq.Again:
-            self.dropped += 1
-            return False
+        flags = zmq.SNDMORE if len(parts) > 1 else 0
+        while True:
+            try:
+                sock.send(parts[0], flags | zmq.DONTWAIT, copy=len(parts[0]) < 65536)
+                break
+            except zmq.Again:
+                if state.wait_left_s <= 0 or (stop is not None and stop.is_set()):
+                    if image:
+                        self.dropped += 1
+                        self._series_dropped += 1
+                    return False
+                # slices, so a stop request is seen while waiting
+                slice_s = min(state.wait_left_s, FAST_BATCH_SECONDS)
+                t0 = time.monotonic()
+                sock.poll(max(1, round(slice_s * 1000)), zmq.POLLOUT)
+                state.wait_left_s -= time.monotonic() - t0
+        # ZeroMQ takes the further parts of a message whose first part it took
         for i, part in enumerate(parts[1:], start=2):
             sock.send(part, zmq.SNDMORE if i < len(parts) else 0, copy=len(part) < 65536)
         return True
@@ -456,15 +500,23 @@ class DetectorStreamSink:
             return _wait_exposure(count, period, stop)
         if not state.series_date:
             state.series_date = _now_rfc3339()
-        if self._fast_path_usable(state):
+        own_count_time = series.trigger_mode == "inte" or series.count_time != state.series.count_time
+        if own_count_time:
+            # inte: this trigger's images start now and carry the trigger's count time
+            # an image cannot start before the previous one stopped
+            offset = max(time.monotonic_ns() - state.t0_ns, state.last_stop_ns)
+            real_ns = round(series.count_time * 1e9)
+            for i in range(count):
+                state.trigger_starts_ns[first_frame + i] = offset + i * max(round(period * 1e9), real_ns)
+            state.last_stop_ns = state.trigger_starts_ns[first_frame + count - 1] + real_ns
+        if self._fast_path_usable(state) and not own_count_time:
             return self._send_frames_fast(state, first_frame, count, period, stop)
-        return self._send_frames_python(state, first_frame, count, period, stop)
+        return self._send_frames_python(state, series, first_frame, count, period, stop)
 
-    def _send_frames_python(self, state: SeriesStream, first_frame: int, count: int, period: float,
-                            stop: threading.Event) -> int:
+    def _send_frames_python(self, state: SeriesStream, series: SeriesInfo, first_frame: int, count: int,
+                            period: float, stop: threading.Event) -> int:
         plan = state.plan
         t_start = time.monotonic()
-        starved = False
         for i in range(count):
             if period > 0:
                 delay = t_start + i * period - time.monotonic()
@@ -480,22 +532,21 @@ class DetectorStreamSink:
                 return i
             with self._lock:
                 if "drop" not in faults:
-                    parts = self.frame_message(state, k, faults)
+                    parts = self.frame_message(state, k, faults, series)
                     if "reorder" in faults:
                         state.held, state.held_frame = parts, k
                     else:
-                        sent = self._send(state, parts, starved=starved)
-                        starved = not sent
+                        sent = self._send(state, parts, image=True, stop=stop)
                         self.frames_sent += sent
                         if sent and "duplicate" in faults:
                             self._send(state, parts)
                         if state.held is not None and state.held_frame == k - 1:
-                            self._send(state, state.held)
+                            self._send(state, state.held, image=True, stop=stop)
                             state.held = None
                 if plan.stop_after is not None and k >= plan.stop_after:
                     state.stopped = True
                 if "rebind" in faults:
-                    self.rebind("legacy" if state.replay is not None else state.stream_format)
+                    self.rebind(state.stream_format)
         return count
 
     # -- compiled fast path ------------------------------------------------------------------
@@ -542,11 +593,17 @@ class DetectorStreamSink:
             n = min(batch, count - done)
             indices = np.ascontiguousarray(gen.pool_index(np.arange(first_frame + done, first_frame + done + n,
                                                                     dtype=np.int64)), dtype=np.int64)
-            sent, dropped = pool.send(sock.underlying, first_frame + done, indices, time_base, time_step,
-                                      t_start + done * period, period)
+            # Wait in slices so that a stop request is seen while no consumer takes frames.
+            wait_s = min(state.wait_left_s, FAST_BATCH_SECONDS)
+            final_wait = state.wait_left_s <= FAST_BATCH_SECONDS
+            handled, sent, dropped, waited = pool.send(sock.underlying, first_frame + done, indices, time_base,
+                                                       time_step, t_start + done * period, period, wait_s,
+                                                       final_wait)
+            state.wait_left_s = max(0.0, state.wait_left_s - waited)
             self.frames_sent += sent
             self.dropped += dropped
-            done += n
+            self._series_dropped += dropped
+            done += handled
         return done
 
 

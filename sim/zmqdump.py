@@ -7,11 +7,19 @@ into messages by their ``htype`` (a ``dheader-1.0`` with its detail-dependent pa
 optional appendix, ``dimage-1.0`` + 3 parts + an optional appendix, ``dseries_end-1.0``); a
 stream v2 record (starting with the CBOR self-describe tag) is a message of its own.
 
-Replay (``update_sim_config({"replay_file": path})``) supports v1 recordings. What is rewritten:
-the ``series`` of the ``dheader-1.0``, ``dimage-1.0`` and ``dseries_end-1.0`` parts becomes the
-armed series id, and image ``i`` of the armed series is recorded image ``i % n`` with its
-``frame`` set to ``i``. Everything else (config part, blobs, ``dimage_d``, hash, ``dconfig``
-times, appendices) is sent exactly as recorded.
+Replay (``update_sim_config({"replay_file": path})``) of a v1 or a v2 recording; the stream
+format set over REST must match the recording's. Image ``i`` of the armed series is recorded image
+``i % n``. What is rewritten:
+
+* v1: the ``series`` of the ``dheader-1.0`` and ``dimage-1.0`` parts becomes the armed series id
+  and the ``frame`` of image ``i`` becomes ``i``.
+* v2: in the start and image messages the values of the top-level ``series_id``,
+  ``series_unique_id`` and (image) ``image_id`` keys become the armed ones; the bytes are patched
+  in place (no CBOR re-encoding), so every other byte is sent exactly as recorded.
+
+Everything else (config parts, blobs, ``dimage_d``, hash, times, appendices, v2 start fields) is
+sent as recorded: replaying a recording under the series it was recorded with sends the recorded
+bytes. The end message is the sink's own.
 
 Record: ``python -m sim.zmqdump record --connect tcp://127.0.0.1:PORT --out FILE
 [--messages N | --until-end]`` (SIGINT stops and keeps what was written).
@@ -127,37 +135,118 @@ def _rewrite_series(part: bytes, series_id: int, **extra: int) -> bytes:
     return (json.dumps(obj, separators=(",", ":"), sort_keys=True) + "\n").encode()
 
 
+def _cbor_head(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(major type, argument, position after the head) of the CBOR item at ``pos``."""
+    first = data[pos]
+    major, info = first >> 5, first & 0x1F
+    if info < 24:
+        return major, info, pos + 1
+    if info > 27:
+        raise ValueError(f"indefinite-length or reserved CBOR item at byte {pos}")
+    width = 1 << (info - 24)
+    return major, int.from_bytes(data[pos + 1:pos + 1 + width], "big"), pos + 1 + width
+
+
+def _cbor_uint(value: int) -> bytes:
+    if value < 24:
+        return bytes([value])
+    for info, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if value < 1 << (8 * width):
+            return bytes([info]) + value.to_bytes(width, "big")
+    raise ValueError(f"{value} does not fit a CBOR unsigned integer")
+
+
+def _cbor_text(value: str) -> bytes:
+    raw = value.encode()
+    head = _cbor_uint(len(raw))
+    return bytes([0x60 | head[0]]) + head[1:] + raw
+
+
+def _patch_v2_value(message: bytes, key: str, new_value: bytes, major: int) -> bytes:
+    """Replace the value of top-level ``key`` (an unsigned integer or a text string, major type
+    ``major``) of a recorded v2 message by the encoded ``new_value``."""
+    needle = _cbor_text(key)
+    at = message.find(needle)
+    if at < 0:
+        raise ValueError(f"recorded v2 message has no {key!r} key")
+    start = at + len(needle)
+    found, argument, end = _cbor_head(message, start)
+    if found != major:
+        raise ValueError(f"recorded v2 message: {key!r} has CBOR major type {found}, expected {major}")
+    if major == 3:
+        end += argument
+    return message[:start] + new_value + message[end:]
+
+
+def _v2_type(message: bytes) -> str:
+    """The ``type`` value of a v2 message (its first key, by SIMPLON §4); "" when it has none."""
+    major, _, pos = _cbor_head(message, len(SELF_DESCRIBE_PREFIX))
+    if major != 5:
+        raise ValueError("a stream v2 message must be a CBOR map")
+    major, length, pos = _cbor_head(message, pos)
+    if major != 3 or message[pos:pos + length] != b"type":
+        return ""
+    major, length, pos = _cbor_head(message, pos + length)
+    return message[pos:pos + length].decode(errors="replace") if major == 3 else ""
+
+
 @dataclass
 class ReplayRecording:
-    """A v1 recording ready to be replayed for any armed series id."""
+    """A v1 or v2 recording ready to be replayed for any armed series."""
 
     header_parts: list[bytes]
     images: list[list[bytes]]
+    stream_format: str = "legacy"  # "legacy" (v1) or "cbor" (v2)
 
     @classmethod
     def load(cls, path: str | Path) -> "ReplayRecording":
         header: list[bytes] | None = None
         images: list[list[bytes]] = []
+        formats = set()
         for message in read_zmqdump(path):
             if message[0].startswith(SELF_DESCRIBE_PREFIX):
-                raise ValueError(f"{path}: replay supports stream v1 (legacy) recordings only; "
-                                 f"this one holds CBOR (stream v2) messages")
+                formats.add("cbor")
+                kind = _v2_type(message[0])
+                if kind == "start" and header is None:
+                    header = message
+                elif kind == "image":
+                    images.append(message)
+                continue
+            formats.add("legacy")
             htype = _htype(message[0])
             if htype == "dheader-1.0" and header is None:
                 header = message
             elif htype == "dimage-1.0":
                 images.append(message)
+        if len(formats) > 1:
+            raise ValueError(f"{path}: the recording mixes stream v1 and stream v2 messages; "
+                             f"record one stream per file")
         if header is None or not images:
-            raise ValueError(f"{path}: a replay recording needs a dheader-1.0 and at least one "
-                             f"image; found {'a' if header else 'no'} header and {len(images)} images")
-        return cls(header, images)
+            raise ValueError(f"{path}: a replay recording needs a header (dheader-1.0 / v2 start) and "
+                             f"at least one image; found {'a' if header else 'no'} header and "
+                             f"{len(images)} images")
+        return cls(header, images, formats.pop())
 
-    def header(self, series_id: int) -> list[bytes]:
+    def header(self, series_id: int, series_unique_id: str = "") -> list[bytes]:
+        if self.stream_format == "cbor":
+            return [self._patch_v2(self.header_parts[0], series_id, series_unique_id)]
         return [_rewrite_series(self.header_parts[0], series_id)] + self.header_parts[1:]
 
-    def image(self, frame_number: int, series_id: int) -> list[bytes]:
+    def image(self, frame_number: int, series_id: int, series_unique_id: str = "") -> list[bytes]:
         recorded = self.images[frame_number % len(self.images)]
+        if self.stream_format == "cbor":
+            return [self._patch_v2(recorded[0], series_id, series_unique_id, frame_number)]
         return [_rewrite_series(recorded[0], series_id, frame=frame_number)] + list(recorded[1:])
+
+    @staticmethod
+    def _patch_v2(message: bytes, series_id: int, series_unique_id: str,
+                  image_id: int | None = None) -> bytes:
+        message = _patch_v2_value(message, "series_id", _cbor_uint(series_id), 0)
+        if series_unique_id:
+            message = _patch_v2_value(message, "series_unique_id", _cbor_text(series_unique_id), 3)
+        if image_id is not None:
+            message = _patch_v2_value(message, "image_id", _cbor_uint(image_id), 0)
+        return message
 
 
 def record(connect: str, out: str | Path, *, messages: int | None = None, until_end: bool = False,

@@ -80,7 +80,8 @@ class RecordingSink(NullStreamSink):
     def send_frames(self, series: SeriesInfo, first_frame: int, count: int, period_s: float,
                     stop: threading.Event) -> int:
         with self._lock:
-            self.calls.append(("frames", series.series_id, first_frame, count, series.count_time))
+            self.calls.append(("frames", series.series_id, first_frame, count, series.count_time,
+                               time.monotonic()))
         self.sending.set()
         return super().send_frames(series, first_frame, count, period_s, stop)
 
@@ -94,6 +95,11 @@ class RecordingSink(NullStreamSink):
     def frame_ranges(self, series_id: int) -> list[tuple[int, int]]:
         with self._lock:
             return [(call[2], call[3]) for call in self.calls if call[0] == "frames" and call[1] == series_id]
+
+    def frame_call_times(self, series_id: int) -> list[float]:
+        """Monotonic times at which the trigger source asked for each trigger's frames."""
+        with self._lock:
+            return [call[5] for call in self.calls if call[0] == "frames" and call[1] == series_id]
 
     def count(self, kind: str, series_id: int) -> int:
         with self._lock:
@@ -418,6 +424,22 @@ def test_external_trigger_modes_run_by_themselves(recorded, mode, nimages, expec
     assert sink.count("end", series_id) == 1
     assert dcu.command("disarm") == {"sequence id": series_id}
     assert sink.count("end", series_id) == 1
+
+
+def test_external_trigger_period_spaces_the_triggers(recorded):
+    """ext_trigger_period_s: trigger k comes no earlier than k periods after the arm."""
+    dcu, sink = recorded
+    dcu.put("frame_time", _fastest_frame_time())
+    dcu.put("trigger_mode", "exte")
+    dcu.put("ntrigger", 3)
+    response = requests.put(dcu.base + "/sim/api/config", json={"ext_trigger_period_s": 0.1}, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    before_arm = time.monotonic()
+    series_id = dcu.command("arm")["sequence id"]
+    dcu.wait_for_state("idle")
+    assert sink.frame_ranges(series_id) == [(0, 1), (1, 1), (2, 1)]
+    times = sink.frame_call_times(series_id)
+    assert all(t - before_arm >= k * 0.1 for k, t in enumerate(times))
 
 
 @pytest.mark.timeout(60)

@@ -278,16 +278,37 @@ def test_invalid_sim_settings_are_refused_with_a_message(tmp_path):
         sink.close()
 
 
-def test_missing_consumer_drops_instead_of_blocking():
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_missing_consumer_drops_instead_of_blocking(fast_path):
+    """The series' wait budget is spent by the header; every image is then dropped and counted."""
     series = make_series(nimages=5)
     sink = DetectorStreamSink()
     try:
         sink.bind()
-        sink.update_sim_config({"send_timeout_ms": 50})
-        sink.start_series(series)  # the header has no consumer: dropped after 50 ms
+        sink.update_sim_config({"send_timeout_ms": 50, "fast_path": fast_path})
+        sink.start_series(series)  # the header has no consumer: the 50 ms budget runs out
         assert sink.send_frames(series, 0, 5, 0.0, threading.Event()) == 5
         sink.end_series(series)
-        assert sink.dropped == 7
+        assert sink.dropped == 5
+        assert sink.dropped_frames() == 5
+        assert sink.frames_sent == 0
+    finally:
+        sink.close()
+
+
+def test_stop_ends_the_wait_for_a_consumer():
+    """A disarm while frames wait for a consumer is honoured before the budget is spent."""
+    series = make_series(nimages=3)
+    sink = DetectorStreamSink()
+    stop = threading.Event()
+    try:
+        sink.bind()
+        sink.update_sim_config({"send_timeout_ms": 0})
+        sink.start_series(series)
+        sink.update_sim_config({"send_timeout_ms": 600_000})
+        stop.set()
+        assert sink.send_frames(series, 0, 3, 0.0, stop) == 0
+        sink.end_series(series)
     finally:
         sink.close()
 
@@ -335,4 +356,59 @@ def test_end_to_end_through_rest():
     images = image_messages(messages)
     assert [json.loads(m[0])["frame"] for m in images] == [0, 1, 2, 3]
     assert json.loads(images[0][1])["shape"] == [512, 512]
+    assert json.loads(messages[-1][0]) == {"htype": "dseries_end-1.0", "series": series_id}
+
+
+def test_series_without_consumer_completes_and_counts_dropped_over_rest():
+    """Nobody connected: arm and trigger return, every image is counted in stream/status/dropped
+    and the detector goes back to idle; a consumer that connects afterwards gets a whole series."""
+    import requests
+
+    from sim.server import SimulatorServer
+
+    server = SimulatorServer(model="QUADRO").start()
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    session = requests.Session()
+    base = server.rest_url
+
+    def put(module: str, task: str, key: str, value: Any = None) -> dict:
+        body = None if value is None else {"value": value}
+        response = session.put(f"{base}/{module}/api/1.8.0/{task}/{key}", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json() if response.content else {}
+
+    def get(module: str, task: str, key: str) -> Any:
+        response = session.get(f"{base}/{module}/api/1.8.0/{task}/{key}", timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()["value"]
+
+    try:
+        put("detector", "command", "initialize")
+        put("stream", "config", "mode", "enabled")
+        put("detector", "config", "nimages", 6)
+        put("detector", "config", "trigger_mode", "ints")
+        response = session.put(f"{base}/sim/api/config", json={"pacing": "max", "send_timeout_ms": 100},
+                               timeout=30)
+        assert response.status_code == 200, response.text
+        put("detector", "command", "arm")
+        put("detector", "command", "trigger")  # ints, ntrigger 1: the series completes
+        assert get("detector", "status", "state") == "idle"
+        assert get("stream", "status", "dropped") == 6
+
+        pull.connect(f"tcp://127.0.0.1:{server.stream_port}")
+        response = session.put(f"{base}/sim/api/config", json={"send_timeout_ms": 30_000}, timeout=30)
+        assert response.status_code == 200, response.text
+        series_id = put("detector", "command", "arm")["sequence id"]
+        put("detector", "command", "trigger")
+        messages = StreamUnderTest(server.sink, pull).collect(timeout_s=10)
+        assert get("stream", "status", "dropped") == 0
+    finally:
+        session.close()
+        pull.close(linger=0)
+        context.term()
+        server.stop()
+    assert json.loads(messages[0][0])["series"] == series_id
+    assert [json.loads(m[0])["frame"] for m in image_messages(messages)] == list(range(6))
     assert json.loads(messages[-1][0]) == {"htype": "dseries_end-1.0", "series": series_id}

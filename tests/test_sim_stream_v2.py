@@ -1,6 +1,8 @@
 """Stream v2 (CBOR) of the simulator's sink, held against the real EIGER2 16M capture."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 from collections.abc import Mapping
 from datetime import datetime
@@ -178,3 +180,41 @@ def test_lz4_hdf5_framing_stores_incompressible_blocks_raw():
     assert framed[12:16] == (64).to_bytes(4, "big") and framed[16:80] == sentence[:64]
     assert framed[80:84] == (8).to_bytes(4, "big") and framed[84:] == sentence[64:]
     assert dectris.compression.decompress(framed, "lz4") == sentence
+
+
+def _rational_ticks(value) -> int:
+    """Ticks of a v2 rational [ticks, 50 MHz timebase]."""
+    ticks, timebase = value
+    assert timebase == encode.V2_TIMEBASE
+    return ticks
+
+
+@pytest.mark.parametrize("stream_format", ["legacy", "cbor"])
+def test_inte_trigger_count_time_is_the_images_real_time(stream_format):
+    """inte: each trigger's value is that image's exposure, in v1 dconfig (ns) and v2 (ticks)."""
+    series = make_series(stream_format, nimages=1)
+    series = dataclasses.replace(series, trigger_mode="inte", ntrigger=3)
+    exposures = [0.002, 0.0005, 0.004]
+    with stream_under_test(stream_format) as stream:
+        stream.sink.start_series(series)
+        for frame, exposure in enumerate(exposures):
+            stream.sink.send_frames(dataclasses.replace(series, count_time=exposure), frame, 1,
+                                    exposure, threading.Event())
+        stream.sink.end_series(series)
+        messages = stream.collect()
+    images = messages[1:-1]
+    assert len(images) == 3
+    starts = []
+    for message, exposure in zip(images, exposures):
+        if stream_format == "legacy":
+            dconfig = json.loads(message[3])
+            real, start, stop, unit = dconfig["real_time"], dconfig["start_time"], dconfig["stop_time"], 1e9
+        else:
+            image = cbor2.loads(message[0])
+            real, start, stop = (_rational_ticks(image[k]) for k in ("real_time", "start_time", "stop_time"))
+            unit = encode.V2_TIMEBASE
+        assert real == round(exposure * unit)
+        assert stop - start == real
+        starts.append(start)
+    # each image starts when its trigger came, after the previous image's exposure
+    assert starts[1] - starts[0] >= round(exposures[0] * (1e9 if stream_format == "legacy" else encode.V2_TIMEBASE))
