@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stream v2 (cbor) port, 0 = any free port (default 31001)")
     parser.add_argument("--model", default="QUADRO", choices=sorted(MODELS), help="detector preset (default QUADRO)")
     parser.add_argument("--verbose", action="store_true", help="log every HTTP request to stderr")
+    parser.add_argument("--profile", default="full", choices=("full", "minimal"),
+                        help="minimal: a DCU with only part of SIMPLON (no key listings, no filewriter/"
+                             "monitor/system, basic stream settings only)")
     return parser
 
 
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     server = SimulatorServer(host=args.host, port=args.port, stream_port=args.stream_port,
-                             stream2_port=args.stream2_port, model=args.model, verbose=args.verbose)
+                             stream2_port=args.stream2_port, model=args.model, verbose=args.verbose,
+                             profile=args.profile)
     try:
         server.start()
     except OSError as exc:

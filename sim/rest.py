@@ -53,6 +53,13 @@ def parse_json_body(raw: bytes) -> Any:
         raise RequestRefused(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
 
 
+# What a DCU with only part of SIMPLON answers (older firmware, other simulators): no key
+# listings, no filewriter/monitor/system modules, only the basic stream settings (stream v1).
+API_PROFILES = ("full", "minimal")
+MINIMAL_MODULES = ("detector", "stream")
+MINIMAL_STREAM_KEYS = {"config": ("mode", "header_detail"), "status": ("state", "dropped")}
+
+
 class SimplonHTTPServer(ThreadingHTTPServer):
     """An HTTP server answering the SIMPLON API of one simulated detector."""
 
@@ -61,9 +68,13 @@ class SimplonHTTPServer(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self, address: tuple[str, int], detector: SimulatedDetector, verbose: bool = False) -> None:
+    def __init__(self, address: tuple[str, int], detector: SimulatedDetector, verbose: bool = False,
+                 profile: str = "full") -> None:
+        if profile not in API_PROFILES:
+            raise ValueError(f"API profile must be one of {', '.join(API_PROFILES)}, got {profile!r}")
         self.detector = detector
         self.verbose = verbose
+        self.profile = profile
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, SimplonRequestHandler)
@@ -187,6 +198,8 @@ class SimplonRequestHandler(BaseHTTPRequestHandler):
         key = "/".join(rest)
         if not key:
             raise RequestRefused(HTTPStatus.NOT_FOUND, f'unknown path: "{path}" (no parameter named)')
+        if self.server.profile == "minimal":
+            self._refuse_outside_minimal_profile(module, task, key, path)
         detector = self.server.detector
         if task in ("config", "status"):
             if key == "keys":
@@ -203,6 +216,15 @@ class SimplonRequestHandler(BaseHTTPRequestHandler):
             self._require(method, "PUT", path)
             return detector.command(module, key, self._command_body(key, body), version)
         raise RequestRefused(HTTPStatus.NOT_FOUND, f'unknown path: "{path}" (task "{task}" does not exist)')
+
+    @staticmethod
+    def _refuse_outside_minimal_profile(module: str, task: str, key: str, path: str) -> None:
+        if module not in MINIMAL_MODULES:
+            raise RequestRefused(HTTPStatus.NOT_FOUND, f'unknown module "{module}" in path "{path}"')
+        if key == "keys" and task in ("config", "status"):
+            raise RequestRefused(HTTPStatus.NOT_FOUND, f'unknown path: "{path}" (this DCU lists no keys)')
+        if module == "stream" and task in MINIMAL_STREAM_KEYS and key not in MINIMAL_STREAM_KEYS[task]:
+            raise RequestRefused(HTTPStatus.NOT_FOUND, f'unknown parameter "{key}" in path "{path}"')
 
     @staticmethod
     def _require(method: str, allowed: str, path: str) -> None:

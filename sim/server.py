@@ -22,7 +22,8 @@ class SimulatorServer:
     (0 = any free port; the actual ports are known after :meth:`start`)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, stream_port: int = 0, stream2_port: int = 0,
-                 model: str = "QUADRO", sink: StreamSink | None = None, verbose: bool = False) -> None:
+                 model: str = "QUADRO", sink: StreamSink | None = None, verbose: bool = False,
+                 profile: str = "full") -> None:
         self.host = host
         self.port = port
         self.stream_port = stream_port
@@ -31,6 +32,7 @@ class SimulatorServer:
         self.sink: StreamSink = sink if sink is not None else _make_sink(host, stream_port, stream2_port)
         self.detector = SimulatedDetector(self.model, self.sink)
         self.verbose = verbose
+        self.profile = profile  # "minimal": a DCU with only part of SIMPLON (see sim.rest)
         self._http: SimplonHTTPServer | None = None
         self._serving: threading.Thread | None = None
         self._stop_lock = threading.Lock()
@@ -47,7 +49,7 @@ class SimulatorServer:
             raise RuntimeError("the simulator is already started")
         self.stream_port, self.stream2_port = self.sink.bind()
         try:
-            self._http = SimplonHTTPServer((self.host, self.port), self.detector, self.verbose)
+            self._http = SimplonHTTPServer((self.host, self.port), self.detector, self.verbose, self.profile)
         except OSError:
             self.sink.close()
             raise
