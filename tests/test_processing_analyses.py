@@ -105,3 +105,15 @@ def test_sums_are_exact_beyond_float32_precision():
     results = ctx.run_udf(dataset=dataset, udf=[b.udf for b in built])
     assert results[0]["intensity"].data[0, 0] == 2**24 + 2
     assert list(results[1]["intensity"].data.ravel()) == [2**24 + 1, 1, 1]
+
+
+def test_exact_accumulator_never_overflows():
+    from tango_dectris_live.processing.udfs import exact_accumulator
+
+    assert exact_accumulator(np.uint16, 512) == np.uint32
+    assert exact_accumulator(np.uint16, 512 * 512) == np.uint64  # a 512x512 frame's total
+    assert exact_accumulator(np.uint32, 2) == np.uint64
+    assert exact_accumulator(np.int16, 4) == np.int32
+    assert exact_accumulator(np.float32, 4) == np.float64
+    worst = np.full((2, 65536), 65535, np.uint16)
+    assert np.sum(worst, axis=1, dtype=exact_accumulator(np.uint16, 65536))[0] == 65535 * 65536
