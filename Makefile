@@ -30,7 +30,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test,bench]"
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 docs: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[docs]"
