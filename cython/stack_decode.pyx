@@ -5,17 +5,22 @@ The Python reference (``tango_dectris_live.stream.decode``) makes one ``dectris.
 call per frame, allocating a new bytes object each time; this loop reads each frame's compressed
 bytes where the receiver put them and writes the pixels into the caller's array.
 
-The decompressors are the ones the bitshuffle package has already loaded (``LZ4_decompress_safe``,
-``ZSTD_decompress``, ``bshuf_untrans_bit_elem``), called through addresses resolved with ctypes
-(``bitshuffle_functions()`` in decode.py) rather than linked at build time, like libzmq in
-receiver.pyx: no library path or header at build time, and one copy of each library per process.
+The HDF5-framed formats (bslz4, bszstd, v2 lz4) are decoded by DECTRIS's own C decompressor,
+``compression_decompress_buffer``, the function ``dectris.compression.decompress`` wraps: called
+here with the frame's bytes in shared memory as its source and the output row as its destination,
+it costs one C call per frame instead of a Python call, a bytes allocation and a copy. It bounds
+every read by the blob size it is given, so a damaged frame cannot make it read past its end.
 
-Why a block loop here instead of ``bshuf_decompress_lz4``: that function trusts the compressed
-block sizes written in the blob, so a truncated or corrupt frame would make it read past the
-frame (and past the end of the shared-memory segment); and it runs its blocks in an OpenMP
-parallel region, whose thread start-up costs more than the decoding of a small frame and whose
-threads compete with the receiver and the other workers. Every read below is bounded by the
-frame's size in the index.
+Both C functions (``compression_decompress_buffer``, and ``LZ4_decompress_safe`` for the v1 raw
+LZ4 block, which has no framing) are the ones the dectris.compression extension has already loaded,
+called through addresses resolved with ctypes (``decoder_functions()`` in decode.py) rather than
+linked at build time, like libzmq in receiver.pyx: no library path or header at build time, and one
+copy of each library per process.
+
+An earlier version decoded the bit-shuffled blocks itself with bitshuffle's exported LZ4 and
+un-shuffle functions; dectris-compression's un-shuffle is about twice as fast at every frame size
+(benchmarks/bench_decode.py: 96x96 uint16 bslz4 149k vs 319k frames/s per core, 512x512 4.2k vs
+9.3k), so that loop is gone.
 """
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, realloc
@@ -24,8 +29,10 @@ from libc.string cimport memcpy
 from tango_dectris_live.stream.errors import CorruptFrameError, FrameSizeMismatchError, UnsupportedEncodingError
 
 ctypedef int (*lz4_decompress_safe_fn)(const char*, char*, int, int) noexcept nogil
-ctypedef size_t (*zstd_decompress_fn)(void*, size_t, const void*, size_t) noexcept nogil
-ctypedef int64_t (*untrans_bit_elem_fn)(const void*, void*, size_t, size_t) noexcept nogil
+# size_t compression_decompress_buffer(CompressionAlgorithm algorithm, char* dst, size_t dst_size,
+#                                      const char* src, size_t src_size, size_t elem_size)
+# returns the decompressed size, or SIZE_MAX when the data are damaged; dst_size 0 asks for the size.
+ctypedef size_t (*dectris_decompress_fn)(int, char*, size_t, const char*, size_t, size_t) noexcept nogil
 
 # One index record per frame of a stack (numpy dtype FRAME_RECORD_DTYPE in framestack.py).
 cdef struct FrameRecord:
@@ -67,16 +74,16 @@ PIXEL_TYPES = {"uint8": T_U8, "uint16": T_U16, "uint32": T_U32, "uint64": T_U64,
 # What decode_one() returns.
 cdef enum:
     R_OK = 0
-    R_FALLBACK = 1       # leave this frame to the Python reference path
+    R_FALLBACK = 1       # leave this frame to the Python reference path (pixel types)
     R_SHORT_HEADER = 2   # framed blob shorter than its 12-byte header
     R_DECLARED_SIZE = 3  # framed header declares another decompressed size
     R_RAW_SIZE = 4       # uncompressed blob of the wrong length
-    R_CORRUPT = 5        # the compressed data does not decompress to the frame's size
-    R_TRUNCATED = 6      # a block runs past the end of the blob
+    R_CORRUPT = 5        # the raw LZ4 block does not decompress to the frame's size
     R_UNKNOWN_ENCODING = 7
     R_OUTSIDE = 8        # the index points outside the stack's data area
     R_NO_CHANNEL = 9
     R_NO_MEMORY = 10
+    R_REJECTED = 11      # dectris-compression rejects the data (damaged or truncated)
 
 cdef const char* ALGORITHM_NAMES[5]
 ALGORITHM_NAMES[0] = b"none"
@@ -84,6 +91,13 @@ ALGORITHM_NAMES[1] = b"bslz4"
 ALGORITHM_NAMES[2] = b"lz4<"
 ALGORITHM_NAMES[3] = b"lz4"
 ALGORITHM_NAMES[4] = b"bszstd"
+
+# dectris-compression's CompressionAlgorithm values (checked by the tests, which decode every
+# framed encoding through this path).
+cdef enum:
+    DECTRIS_BSLZ4 = 0
+    DECTRIS_LZ4_HDF5 = 1
+    DECTRIS_BSZSTD = 2
 
 
 cdef inline int pixel_type_of_tag(int32_t tag) noexcept nogil:
@@ -127,10 +141,6 @@ cdef inline uint64_t read_be64(const uint8_t* p) noexcept nogil:
     for i in range(8):
         value = (value << 8) | p[i]
     return value
-
-
-cdef inline uint32_t read_be32(const uint8_t* p) noexcept nogil:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
 
 
 ctypedef fused integer_pixel:
@@ -203,139 +213,41 @@ cdef bint convert(const void* src, int src_kind, void* dst, int dst_kind, Py_ssi
 
 
 cdef class StackDecoder:
-    """Decodes frame records into an output array. Holds scratch buffers: one per thread.
+    """Decodes frame records into an output array. Holds a scratch buffer (for frames whose pixel
+    type differs from the output's): one decoder per thread.
 
-    ``functions``: addresses of ``LZ4_decompress_safe``, ``bshuf_untrans_bit_elem`` and
-    (optional, 0 when absent) ``ZSTD_decompress``. Bit-shuffled frames larger than
-    ``bitshuffle_max_bytes`` (decompressed) are left to the Python reference.
+    ``functions``: addresses of dectris-compression's ``compression_decompress_buffer`` and
+    ``LZ4_decompress_safe``.
     """
+    cdef dectris_decompress_fn f_dectris
     cdef lz4_decompress_safe_fn f_lz4
-    cdef untrans_bit_elem_fn f_untrans
-    cdef zstd_decompress_fn f_zstd
-    cdef uint8_t* block_scratch
-    cdef size_t block_scratch_size
     cdef uint8_t* frame_scratch
     cdef size_t frame_scratch_size
-    # details of the last failure, for the error message
-    cdef int64_t fail_value
-    cdef int64_t fail_limit
-    cdef public size_t bitshuffle_max_bytes
+    cdef int64_t fail_value  # detail of the last failure, for the error message
 
-    def __init__(self, functions: dict, size_t bitshuffle_max_bytes) -> None:
-        self.bitshuffle_max_bytes = bitshuffle_max_bytes
+    def __init__(self, functions: dict) -> None:
+        self.f_dectris = <dectris_decompress_fn><uintptr_t>functions["compression_decompress_buffer"]
         self.f_lz4 = <lz4_decompress_safe_fn><uintptr_t>functions["LZ4_decompress_safe"]
-        self.f_untrans = <untrans_bit_elem_fn><uintptr_t>functions["bshuf_untrans_bit_elem"]
-        self.f_zstd = <zstd_decompress_fn><uintptr_t>functions.get("ZSTD_decompress", 0)
-        if self.f_lz4 == NULL or self.f_untrans == NULL:
-            raise ValueError("the stack decoder needs LZ4_decompress_safe and bshuf_untrans_bit_elem")
+        if self.f_dectris == NULL or self.f_lz4 == NULL:
+            raise ValueError("the stack decoder needs compression_decompress_buffer and LZ4_decompress_safe")
 
     def __dealloc__(self):
-        free(self.block_scratch)
         free(self.frame_scratch)
 
-    cdef uint8_t* scratch(self, uint8_t** buffer, size_t* size, size_t needed) noexcept nogil:
+    cdef uint8_t* scratch(self, size_t needed) noexcept nogil:
         cdef uint8_t* grown
-        if needed > size[0]:
-            grown = <uint8_t*>realloc(buffer[0], needed)
+        if needed > self.frame_scratch_size:
+            grown = <uint8_t*>realloc(self.frame_scratch, needed)
             if grown == NULL:
                 return NULL
-            buffer[0] = grown
-            size[0] = needed
-        return buffer[0]
-
-    cdef int decode_bitshuffled(self, const uint8_t* blob, size_t blob_size, int encoding,
-                                size_t elem_size, size_t nbytes, uint8_t* dest) noexcept nogil:
-        """bslz4 / bszstd after the 12-byte header: blocks of [uint32 BE size][data] that each
-        decompress to ``block`` elements, bit-transposed; the last block holds the remaining
-        whole multiple of 8 elements; the last ``elements % 8`` elements follow as raw bytes."""
-        cdef size_t elements = nbytes // elem_size
-        cdef size_t block_bytes = read_be32(blob + 8)
-        cdef size_t block, this_block, this_bytes, done = 0, pos = 12, csize, leftover, got
-        cdef uint8_t* tmp
-        if block_bytes == 0 or block_bytes % elem_size != 0 or (block_bytes // elem_size) % 8 != 0:
-            return R_FALLBACK  # a framing this loop does not expect: the reference decides
-        if nbytes > self.bitshuffle_max_bytes:
-            return R_FALLBACK  # dectris-compression's bit-unshuffle is faster on large frames
-        block = block_bytes // elem_size
-        if encoding == ENC_BSZSTD and self.f_zstd == NULL:
-            return R_FALLBACK
-        tmp = self.scratch(&self.block_scratch, &self.block_scratch_size,
-                           (block if block < elements else elements) * elem_size + 8)
-        if tmp == NULL:
-            return R_NO_MEMORY
-        while done < elements:
-            this_block = elements - done
-            if this_block >= block:
-                this_block = block
-            else:
-                this_block -= this_block % 8
-                if this_block == 0:
-                    break
-            this_bytes = this_block * elem_size
-            if blob_size - pos < 4:
-                self.fail_value = pos + 4
-                self.fail_limit = blob_size
-                return R_TRUNCATED
-            csize = read_be32(blob + pos)
-            pos += 4
-            if csize > blob_size - pos:
-                self.fail_value = pos + csize
-                self.fail_limit = blob_size
-                return R_TRUNCATED
-            if encoding == ENC_BSLZ4:
-                got = <size_t>self.f_lz4(<const char*>(blob + pos), <char*>tmp, <int>csize, <int>this_bytes)
-            else:
-                got = self.f_zstd(tmp, this_bytes, blob + pos, csize)
-            if got != this_bytes:
-                self.fail_value = done * elem_size
-                return R_CORRUPT
-            if self.f_untrans(tmp, dest + done * elem_size, this_block, elem_size) < 0:
-                self.fail_value = done * elem_size
-                return R_CORRUPT
-            pos += csize
-            done += this_block
-        leftover = (elements - done) * elem_size
-        if leftover:
-            if blob_size - pos < leftover:
-                self.fail_value = pos + leftover
-                self.fail_limit = blob_size
-                return R_TRUNCATED
-            memcpy(dest + done * elem_size, blob + pos, leftover)
-        return R_OK
-
-    cdef int decode_lz4_hdf5(self, const uint8_t* blob, size_t blob_size, size_t nbytes,
-                             uint8_t* dest) noexcept nogil:
-        """v2 lz4 (HDF5 filter 32004) after the header: blocks of [uint32 BE size][data]; a block
-        whose size equals its decompressed size is stored as it is."""
-        cdef size_t block_bytes = read_be32(blob + 8)
-        cdef size_t done = 0, pos = 12, csize, this_bytes
-        if block_bytes == 0:
-            return R_FALLBACK
-        while done < nbytes:
-            this_bytes = nbytes - done if nbytes - done < block_bytes else block_bytes
-            if blob_size - pos < 4:
-                self.fail_value = pos + 4
-                self.fail_limit = blob_size
-                return R_TRUNCATED
-            csize = read_be32(blob + pos)
-            pos += 4
-            if csize > blob_size - pos:
-                self.fail_value = pos + csize
-                self.fail_limit = blob_size
-                return R_TRUNCATED
-            if csize == this_bytes:
-                memcpy(dest + done, blob + pos, csize)
-            elif <size_t>self.f_lz4(<const char*>(blob + pos), <char*>(dest + done), <int>csize,
-                                    <int>this_bytes) != this_bytes:
-                self.fail_value = done
-                return R_CORRUPT
-            pos += csize
-            done += this_bytes
-        return R_OK
+            self.frame_scratch = grown
+            self.frame_scratch_size = needed
+        return self.frame_scratch
 
     cdef int decode_one(self, const uint8_t* blob, size_t blob_size, int encoding, size_t elem_size,
                         size_t nbytes, uint8_t* dest) noexcept nogil:
         cdef uint64_t declared
+        cdef int algorithm
         if encoding == ENC_NONE:
             if blob_size != nbytes:
                 self.fail_value = blob_size
@@ -349,8 +261,16 @@ cdef class StackDecoder:
                 self.fail_value = 0
                 return R_CORRUPT
             return R_OK
-        if encoding != ENC_BSLZ4 and encoding != ENC_LZ4_HDF5 and encoding != ENC_BSZSTD:
+        if encoding == ENC_BSLZ4:
+            algorithm = DECTRIS_BSLZ4
+        elif encoding == ENC_BSZSTD:
+            algorithm = DECTRIS_BSZSTD
+        elif encoding == ENC_LZ4_HDF5:
+            algorithm = DECTRIS_LZ4_HDF5
+        else:
             return R_UNKNOWN_ENCODING
+        # The header is checked here, as the reference does, for the specific message (and so
+        # that a header declaring less than the frame cannot pass for a short decode).
         if blob_size < 12:
             self.fail_value = blob_size
             return R_SHORT_HEADER
@@ -358,9 +278,10 @@ cdef class StackDecoder:
         if declared != nbytes:
             self.fail_value = <int64_t>declared
             return R_DECLARED_SIZE
-        if encoding == ENC_LZ4_HDF5:
-            return self.decode_lz4_hdf5(blob, blob_size, nbytes, dest)
-        return self.decode_bitshuffled(blob, blob_size, encoding, elem_size, nbytes, dest)
+        if self.f_dectris(algorithm, <char*>dest, nbytes, <const char*>blob, blob_size, elem_size) != nbytes:
+            self.fail_value = blob_size
+            return R_REJECTED
+        return R_OK
 
     def decode(self, const uint8_t[::1] segment, Py_ssize_t slot_start, Py_ssize_t data_start,
                Py_ssize_t start, Py_ssize_t stop, uint8_t[:, ::1] out, int out_kind,
@@ -424,7 +345,7 @@ cdef class StackDecoder:
                 if src_kind == out_kind:
                     result = self.decode_one(base + begin, size, record.encoding, elem_size, nbytes, dest)
                 else:
-                    frame_buffer = self.scratch(&self.frame_scratch, &self.frame_scratch_size, nbytes)
+                    frame_buffer = self.scratch(nbytes)
                     if frame_buffer == NULL:
                         result = R_NO_MEMORY
                     else:
@@ -439,11 +360,10 @@ cdef class StackDecoder:
                     failed = i
                     break
         if failed >= 0:
-            raise_decode_error(result, records + failed, nbytes, channel, self.fail_value, self.fail_limit)
+            raise_decode_error(result, records + failed, nbytes, channel, self.fail_value)
 
 
-cdef raise_decode_error(int result, const FrameRecord* record, size_t nbytes, int channel,
-                        int64_t value, int64_t limit):
+cdef raise_decode_error(int result, const FrameRecord* record, size_t nbytes, int channel, int64_t value):
     where = f"frame {record.frame}"
     name = ALGORITHM_NAMES[record.encoding].decode() if 0 <= record.encoding <= 4 else "?"
     if result == R_SHORT_HEADER:
@@ -453,11 +373,7 @@ cdef raise_decode_error(int result, const FrameRecord* record, size_t nbytes, in
     if result == R_RAW_SIZE:
         raise FrameSizeMismatchError(f"{where}: uncompressed data holds {value} bytes, the frame needs {nbytes}")
     if result == R_CORRUPT:
-        raise CorruptFrameError(f"{where}: {name} data could not be decompressed "
-                                f"(the block at decompressed byte {value} is damaged)")
-    if result == R_TRUNCATED:
-        raise CorruptFrameError(f"{where}: {name} data could not be decompressed (a block needs "
-                                f"{value} bytes, the blob has {limit}: truncated)")
+        raise CorruptFrameError(f"{where}: {name} data could not be decompressed (damaged or truncated)")
     if result == R_UNKNOWN_ENCODING:
         raise UnsupportedEncodingError(f"{where}: the frame index names an unknown encoding "
                                        f"(code {record.encoding})")
@@ -466,6 +382,9 @@ cdef raise_decode_error(int result, const FrameRecord* record, size_t nbytes, in
                                 f"(offset {record.offset}, size {record.size}); the stack is damaged")
     if result == R_NO_CHANNEL:
         raise IndexError(f"{where} has {max(record.channels, 1)} channel(s), no channel {channel}")
+    if result == R_REJECTED:
+        raise CorruptFrameError(f"{where}: {name} data could not be decompressed (dectris-compression "
+                                f"rejects the {value}-byte blob: damaged or truncated)")
     if result == R_NO_MEMORY:
         raise MemoryError(f"{where}: no memory for a decoding buffer of {nbytes} bytes")
     raise RuntimeError(f"{where}: decoding failed with internal code {result}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import bitshuffle
@@ -27,11 +28,14 @@ from tests.stream_producer import StreamProducer, collect_series, compress, rand
 ODD_SHAPE = (67, 131)
 
 
-@pytest.fixture(autouse=True)
-def compiled_for_every_size(monkeypatch):
-    """Frames of every size through the compiled loop (by default large bit-shuffled frames go
-    to the reference, which is faster there)."""
-    monkeypatch.setattr(decode_module, "BITSHUFFLE_COMPILED_MAX_BYTES", 1 << 62)
+@pytest.fixture
+def reference_calls(monkeypatch) -> list[int]:
+    """Frame numbers the compiled loop leaves to the per-frame Python reference."""
+    calls = []
+    reference = decode_module._decode_record
+    monkeypatch.setattr(decode_module, "_decode_record",
+                        lambda *args: (calls.append(int(args[1]["frame"])), reference(*args)))
+    return calls
 
 
 def _blob(frame: np.ndarray, algorithm: Algorithm, block_bytes: int = 8192) -> bytes:
@@ -88,9 +92,9 @@ def _both(handle: FrameStackHandle, out_dtype, start: int = 0, stop: int | None 
 
 @pytest.mark.parametrize("algorithm", [Algorithm.BSLZ4, Algorithm.BSZSTD, Algorithm.LZ4, Algorithm.LZ4H5,
                                        Algorithm.NONE])
-@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32"])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "int32"])
 @pytest.mark.parametrize("out_dtype", ["same", "uint16", "float32", "float64"])
-def test_compiled_equals_reference(algorithm, dtype, out_dtype):
+def test_compiled_equals_reference(algorithm, dtype, out_dtype, reference_calls):
     frames = random_frames(5, ODD_SHAPE, dtype, seed=3)
     frames[1] = 0  # an all-zero frame compresses to almost nothing
     frames[2] = np.iinfo(dtype).max  # and the largest pixel value must survive the conversion
@@ -102,6 +106,7 @@ def test_compiled_equals_reference(algorithm, dtype, out_dtype):
         assert list(numbers) == order
         np.testing.assert_array_equal(compiled, reference)
         np.testing.assert_array_equal(compiled, frames[order].astype(out_dtype))
+    assert sorted(reference_calls) == sorted(order)  # from decode_frames_into_reference only
 
 
 @pytest.mark.parametrize("block_bytes", [256, 1024, 1 << 20])
@@ -136,24 +141,28 @@ def test_frames_the_loop_leaves_to_python_still_decode():
         np.testing.assert_array_equal(compiled[1], floats[1].astype(np.float64))
 
 
-def test_large_bitshuffled_frames_go_to_the_reference(monkeypatch):
-    monkeypatch.setattr(decode_module, "BITSHUFFLE_COMPILED_MAX_BYTES", 1024)
-    reference_calls = []
-    reference = decode_module._decode_record
-    monkeypatch.setattr(decode_module, "_decode_record",
-                        lambda *args: (reference_calls.append(args[1]["frame"]), reference(*args)))
-    small, large = random_frames(1, (16, 32), "uint16", seed=3)[0], random_frames(1, (32, 32), "uint16", seed=4)[0]
-    blobs = [(0, _blob(small, Algorithm.BSLZ4), Algorithm.BSLZ4.code, "uint16"),
-             (1, _blob(large, Algorithm.BSLZ4), Algorithm.BSLZ4.code, "uint16"),
-             (2, _blob(large, Algorithm.LZ4H5), Algorithm.LZ4H5.code, "uint16")]
-    with frame_stack(blobs, (32, 32)) as handle:
-        # 16x32 and 32x32 frames do not share a stack in practice; the loop only checks sizes
-        with pytest.raises(FrameSizeMismatchError, match="frame 0"):
-            decode_frames_into(handle, 0, 1, np.zeros((1, 32, 32), np.uint16))
-        out = np.zeros((2, 32, 32), np.uint16)
-        decode_frames_into(handle, 1, 3, out)
-    np.testing.assert_array_equal(out, [large, large])
-    assert reference_calls == [1]  # the 2 KiB bslz4 frame; v2 lz4 is always compiled
+@pytest.mark.parametrize("algorithm", [Algorithm.BSLZ4, Algorithm.BSZSTD, Algorithm.LZ4H5])
+def test_large_frames_are_decoded_by_the_compiled_loop(algorithm, reference_calls):
+    frames = random_frames(3, (300, 260), "uint16", seed=5)  # 152 KiB: 19 bitshuffle blocks
+    blobs = [(n, _blob(frames[n], algorithm), algorithm.code, "uint16") for n in range(3)]
+    with frame_stack(blobs, (300, 260)) as handle:
+        out = np.zeros((3, 300, 260), np.uint16)
+        decode_frames_into(handle, 0, 3, out)
+    np.testing.assert_array_equal(out, frames)
+    assert reference_calls == []
+
+
+def test_threads_decode_concurrently():
+    """Each thread has its own decoder (scratch buffer); the loop runs without the GIL."""
+    frames = random_frames(8, (64, 96), "uint16", seed=11)
+    blobs = [(n, _blob(frames[n], Algorithm.BSLZ4), Algorithm.BSLZ4.code, "uint16") for n in range(8)]
+    with frame_stack(blobs, (64, 96)) as handle:
+        outs = {dtype: np.zeros((8, 64, 96), dtype) for dtype in ("uint16", "float32", "int64", "uint8")}
+        with ThreadPoolExecutor(len(outs)) as pool:
+            for future in [pool.submit(decode_frames_into, handle, 0, 8, out) for out in outs.values()]:
+                future.result(timeout=30)
+    for out in outs.values():
+        np.testing.assert_array_equal(out, frames.astype(out.dtype))
 
 
 def test_non_contiguous_output_uses_the_reference_path():
@@ -186,13 +195,16 @@ def _corrupted(blob: bytes) -> bytes:
 FRAME = random_frames(1, (32, 32), "uint16", seed=8)[0]
 GOOD = _blob(FRAME, Algorithm.BSLZ4)
 BAD_BLOBS = {
-    "corrupt bslz4": (Algorithm.BSLZ4, _corrupted(GOOD), CorruptFrameError, "could not be decompressed"),
+    "corrupt bslz4": (Algorithm.BSLZ4, _corrupted(GOOD), CorruptFrameError,
+                      rf"could not be decompressed \(dectris-compression rejects the {len(GOOD)}-byte blob"),
     "truncated bslz4": (Algorithm.BSLZ4, GOOD[:len(GOOD) // 2], CorruptFrameError, "could not be decompressed"),
     "short header": (Algorithm.BSLZ4, GOOD[:7], CorruptFrameError, "shorter than its 12-byte header"),
     "declared size": (Algorithm.BSLZ4, struct.pack(">Q", FRAME.nbytes * 2) + GOOD[8:], FrameSizeMismatchError,
                       "declares 4096 bytes"),
     "corrupt bszstd": (Algorithm.BSZSTD, _corrupted(_blob(FRAME, Algorithm.BSZSTD)), CorruptFrameError,
                        "could not be decompressed"),
+    "bslz4 block not 8 pixels": (Algorithm.BSLZ4, GOOD[:8] + struct.pack(">I", 8190) + GOOD[12:], CorruptFrameError,
+                                 "could not be decompressed"),
     "corrupt lz4<": (Algorithm.LZ4, b"\xff" * 64, CorruptFrameError, "could not be decompressed"),
     "truncated v2 lz4": (Algorithm.LZ4H5, _blob(FRAME, Algorithm.LZ4H5)[:40], CorruptFrameError,
                          "could not be decompressed"),

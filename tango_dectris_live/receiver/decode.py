@@ -1,9 +1,10 @@
 """Worker side: decode the frames of a stack straight from shared memory into an array.
 
 :func:`decode_frames_into` runs the compiled loop (``cython/stack_decode.pyx``) with the GIL
-released; frames it does not handle (big-endian or half-float pixels, float pixels into another
-type, an unusual block framing) go through :func:`decode_frames_into_reference`'s per-frame
-Python path, which stays the reference the tests compare against.
+released: it hands each frame to dectris-compression's C decompressor, the shared memory as its
+source and ``out`` as its destination. Frames it does not handle (big-endian or half-float pixels,
+float pixels into another type) go through :func:`decode_frames_into_reference`'s per-frame Python
+path, which stays the reference the tests compare against.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import ctypes
 import threading
 from functools import lru_cache
 
+import dectris.compression
 import numpy as np
 
 from tango_dectris_live.stream import Encoding, UnsupportedEncodingError, algorithm_from_code, decode_frame_into
@@ -18,43 +20,29 @@ from tango_dectris_live.stream import Encoding, UnsupportedEncodingError, algori
 from . import _stack_decode
 from .framestack import FrameStackHandle, attach_segment, dtype_of_tag, record_bytes
 
-_BITSHUFFLE_FUNCTIONS = ("LZ4_decompress_safe", "bshuf_untrans_bit_elem", "ZSTD_decompress")
-_decoders = threading.local()  # a StackDecoder owns scratch buffers: one per thread
-
-BITSHUFFLE_COMPILED_MAX_BYTES = 32 * 1024
-"""Bit-shuffled frames up to this size (decompressed) are decoded by the compiled loop, larger
-ones by the reference. bitshuffle's exported un-shuffle kernel runs SSE2 code for 16-bit pixels
-and is about half as fast as dectris-compression's (measured: 512x512 uint16 bslz4, 3.6k vs 6.9k
-frames/s per core); on small frames the per-frame Python call costs more than that difference
-(96x96: 127k vs 54k frames/s)."""
+_DECTRIS_FUNCTIONS = ("compression_decompress_buffer", "LZ4_decompress_safe")
+_decoders = threading.local()  # a StackDecoder owns a scratch buffer: one per thread
 
 
-def bitshuffle_functions() -> dict[str, int]:
-    """Addresses of the decompressors the compiled loop calls, from the bitshuffle extension
-    this process has loaded (see cython/stack_decode.pyx for why they are not linked at build
-    time). ``ZSTD_decompress`` is 0 when bitshuffle was built without Zstandard."""
-    from bitshuffle import ext
-
-    library = ctypes.CDLL(ext.__file__)
+def decoder_functions() -> dict[str, int]:
+    """Addresses of the C functions the compiled loop calls, from the dectris.compression
+    extension this process has loaded (see cython/stack_decode.pyx for why they are not linked
+    at build time)."""
+    library = ctypes.CDLL(dectris.compression.__file__)
     addresses = {}
-    for name in _BITSHUFFLE_FUNCTIONS:
+    for name in _DECTRIS_FUNCTIONS:
         try:
-            addresses[name] = ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0
+            addresses[name] = ctypes.cast(getattr(library, name), ctypes.c_void_p).value
         except AttributeError:
-            if name == "ZSTD_decompress":
-                addresses[name] = 0
-                continue
-            raise RuntimeError(f"bitshuffle's extension does not export {name}; the compiled frame "
-                               "decoder needs bitshuffle >= 0.5") from None
+            raise RuntimeError(f"dectris-compression's extension ({dectris.compression.__file__}) does not "
+                               f"export {name}; the compiled frame decoder was written for dectris-compression 0.4") from None
     return addresses
 
 
 def _stack_decoder() -> _stack_decode.StackDecoder:
     decoder = getattr(_decoders, "decoder", None)
     if decoder is None:
-        decoder = _decoders.decoder = _stack_decode.StackDecoder(bitshuffle_functions(),
-                                                                 BITSHUFFLE_COMPILED_MAX_BYTES)
-    decoder.bitshuffle_max_bytes = BITSHUFFLE_COMPILED_MAX_BYTES
+        decoder = _decoders.decoder = _stack_decode.StackDecoder(decoder_functions())
     return decoder
 
 
