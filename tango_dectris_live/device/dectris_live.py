@@ -157,6 +157,11 @@ class DectrisLive(Device):
 
     # -- health → State/Status ----------------------------------------------------------------
 
+    def dev_state(self) -> DevState:
+        """The state the device set, without Tango's default turn to ALARM whenever an attribute
+        reads with WARNING quality: a result with missing frames is not a detector alarm."""
+        return self.get_state()
+
     def _set_health(self, state: DevState, status: str) -> None:
         state_changed = state != self.get_state()
         self.set_state(state)
