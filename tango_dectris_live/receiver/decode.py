@@ -8,7 +8,6 @@ path, which stays the reference the tests compare against.
 """
 from __future__ import annotations
 
-import ctypes
 import threading
 from functools import lru_cache
 
@@ -18,6 +17,7 @@ import numpy as np
 from tango_dectris_live.stream import Encoding, UnsupportedEncodingError, algorithm_from_code, decode_frame_into
 
 from . import _stack_decode
+from .native import function_addresses
 from .framestack import FrameStackHandle, attach_segment, dtype_of_tag, record_bytes
 
 _DECTRIS_FUNCTIONS = ("compression_decompress_buffer", "LZ4_decompress_safe")
@@ -28,15 +28,8 @@ def decoder_functions() -> dict[str, int]:
     """Addresses of the C functions the compiled loop calls, from the dectris.compression
     extension this process has loaded (see cython/stack_decode.pyx for why they are not linked
     at build time)."""
-    library = ctypes.CDLL(dectris.compression.__file__)
-    addresses = {}
-    for name in _DECTRIS_FUNCTIONS:
-        try:
-            addresses[name] = ctypes.cast(getattr(library, name), ctypes.c_void_p).value
-        except AttributeError:
-            raise RuntimeError(f"dectris-compression's extension ({dectris.compression.__file__}) does not "
-                               f"export {name}; the compiled frame decoder was written for dectris-compression 0.4") from None
-    return addresses
+    return function_addresses(dectris.compression.__file__, _DECTRIS_FUNCTIONS,
+                              "the compiled frame decoder was written for dectris-compression 0.4")
 
 
 def _stack_decoder() -> _stack_decode.StackDecoder:

@@ -15,7 +15,6 @@ takes that one series and goes back to IDLE; LISTENING takes every series, one a
 """
 from __future__ import annotations
 
-import ctypes
 import enum
 import logging
 import os
@@ -40,6 +39,7 @@ from tango_dectris_live.stream import (
 )
 
 from . import _receiver
+from .native import function_addresses
 from .framestack import FrameStackHandle, FrameStackLayout, SharedFrameStacks, SlotState, dtype_of_tag, dtype_tag
 from .stats import RateWindow, ReceiverStats
 
@@ -62,15 +62,8 @@ def libzmq_functions() -> dict[str, int]:
     """
     from zmq.backend.cython import _zmq as backend
 
-    library = ctypes.CDLL(backend.__file__)
-    addresses = {}
-    for name in _LIBZMQ_FUNCTIONS:
-        try:
-            addresses[name] = ctypes.cast(getattr(library, name), ctypes.c_void_p).value
-        except AttributeError:
-            raise RuntimeError(f"pyzmq's libzmq does not export {name}; the compiled receiver needs "
-                               f"libzmq >= 4.0 (pyzmq reports {zmq.zmq_version()})") from None
-    return addresses
+    return function_addresses(backend.__file__, _LIBZMQ_FUNCTIONS,
+                              f"the compiled receiver needs libzmq >= 4.0 (pyzmq reports {zmq.zmq_version()})")
 
 
 # ---- events -------------------------------------------------------------------------------------
