@@ -54,25 +54,9 @@ cdef enum:
     MAX_CHANNELS = 16
     CBOR_MAX_DEPTH = 32
 
-# One index record per frame of a stack (numpy dtype FRAME_RECORD_DTYPE in framestack.py).
-cdef struct FrameRecord:
-    int64_t frame
-    int64_t offset
-    int64_t size
-    int32_t encoding
-    int32_t elem_size
-    int32_t channels
-    int32_t dtype_tag
+from frame_index cimport ENC_BSLZ4, ENC_BSZSTD, ENC_LZ4_HDF5, ENC_LZ4_RAW, ENC_NONE, FrameRecord
 
 FRAME_RECORD_BYTES = sizeof(FrameRecord)
-
-# Frame encodings: the values of tango_dectris_live.stream.Algorithm.code (a test checks them).
-cdef enum:
-    ENC_NONE = 0
-    ENC_BSLZ4 = 1
-    ENC_LZ4_RAW = 2
-    ENC_LZ4_HDF5 = 3
-    ENC_BSZSTD = 4
 
 ENCODING_IDS = {"none": ENC_NONE, "bslz4": ENC_BSLZ4, "lz4": ENC_LZ4_RAW,
                 "lz4h5": ENC_LZ4_HDF5, "bszstd": ENC_BSZSTD}

@@ -34,25 +34,9 @@ ctypedef int (*lz4_decompress_safe_fn)(const char*, char*, int, int) noexcept no
 # returns the decompressed size, or SIZE_MAX when the data are damaged; dst_size 0 asks for the size.
 ctypedef size_t (*dectris_decompress_fn)(int, char*, size_t, const char*, size_t, size_t) noexcept nogil
 
-# One index record per frame of a stack (numpy dtype FRAME_RECORD_DTYPE in framestack.py).
-cdef struct FrameRecord:
-    int64_t frame
-    int64_t offset
-    int64_t size
-    int32_t encoding
-    int32_t elem_size
-    int32_t channels
-    int32_t dtype_tag
+from frame_index cimport ENC_BSLZ4, ENC_BSZSTD, ENC_LZ4_HDF5, ENC_LZ4_RAW, ENC_NONE, FrameRecord
 
 FRAME_RECORD_BYTES = sizeof(FrameRecord)
-
-# Frame encodings: tango_dectris_live.stream.Algorithm.code.
-cdef enum:
-    ENC_NONE = 0
-    ENC_BSLZ4 = 1
-    ENC_LZ4_RAW = 2
-    ENC_LZ4_HDF5 = 3
-    ENC_BSZSTD = 4
 
 # Pixel types this loop converts between (little-endian, as the frame index stores them).
 cdef enum:
