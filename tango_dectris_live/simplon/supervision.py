@@ -68,6 +68,10 @@ class DetectorSupervisor:
         self._reachable = False
         self._running_command: str | None = None
         self._last_command_error: str | None = None
+        # Reads are numbered when they start: a poll that read the state before a command and
+        # finishes after the command's own refresh must not publish its older state over it.
+        self._reads_started = 0
+        self._newest_read_published = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._background: threading.Thread | None = None
@@ -101,17 +105,20 @@ class DetectorSupervisor:
     def refresh(self) -> DetectorHealth:
         """Poll the DCU now and publish the resulting health."""
         was_reachable = self._reachable
+        with self._lock:
+            self._reads_started += 1
+            read = self._reads_started
         try:
             dcu_state = self.client.state()
         except DcuConnectionError as exc:
             self._reachable = False
             return self._publish(DetectorHealth(
                 DetectorCondition.UNREACHABLE, None,
-                f"DCU unreachable: {exc}; retrying every {self.poll_period:g} s"))
+                f"DCU unreachable: {exc}; retrying every {self.poll_period:g} s"), read)
         except SimplonError as exc:
             self._reachable = True
             return self._publish(DetectorHealth(
-                DetectorCondition.ERROR, None, f"DCU answered the state request with an error: {exc}"))
+                DetectorCondition.ERROR, None, f"DCU answered the state request with an error: {exc}"), read)
         self._reachable = True
         if not was_reachable and self._on_reconnect is not None:
             try:
@@ -121,8 +128,8 @@ class DetectorSupervisor:
                 self._reachable = False
                 return self._publish(DetectorHealth(
                     DetectorCondition.UNREACHABLE, None,
-                    f"DCU answered but reading its parameters failed: {exc}; retrying"))
-        return self._publish(self._health_from_state(dcu_state))
+                    f"DCU answered but reading its parameters failed: {exc}; retrying"), read)
+        return self._publish(self._health_from_state(dcu_state), read)
 
     def _health_from_state(self, dcu_state: str) -> DetectorHealth:
         condition = _CONDITION_OF_STATE.get(dcu_state)
@@ -159,8 +166,13 @@ class DetectorSupervisor:
             error = "; ".join(str(e) for e in error)
         return str(error) if error else "(the DCU gives no error text)"
 
-    def _publish(self, health: DetectorHealth) -> DetectorHealth:
+    def _publish(self, health: DetectorHealth, read: int | None = None) -> DetectorHealth:
+        """Publish ``health``; from a state read, only if no read that started later was published."""
         with self._lock:
+            if read is not None:
+                if read < self._newest_read_published:
+                    return self._health
+                self._newest_read_published = read
             changed = health != self._health
             self._health = health
         if changed and self._on_change is not None:
