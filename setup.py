@@ -23,6 +23,11 @@ extensions = [
         ["cython/stack_decode.pyx"],
         extra_compile_args=compile_args,
     ),
+    Extension(
+        "tango_dectris_live.processing._pixel_sums",
+        ["cython/pixel_sums.pyx"],
+        extra_compile_args=compile_args,
+    ),
 ]
 
 setup(

@@ -58,7 +58,8 @@ class PipelineBench:
 
     def __init__(self, scenario: Scenario, analyses: str, *, workers: int = 2, receiver_mode: str = "listen",
                  stream_format: str = "legacy", header_detail: str = "basic", frame_rate: float | None = None,
-                 num_slots: int = 16, frame_stack_size: int | None = None, receive_hwm: int = 1000) -> None:
+                 num_slots: int | None = None, frame_stack_size: int | None = None, receive_hwm: int = 1000,
+                 frames_per_partition: int | None = None) -> None:
         if receiver_mode not in ("listen", "arm"):
             raise ValueError(f"receiver_mode must be listen (passive) or arm (active), got {receiver_mode!r}")
         self.scenario = scenario
@@ -67,7 +68,9 @@ class PipelineBench:
         self.receiver_mode = receiver_mode
         self.settings = {"workers": workers, "receiver_mode": receiver_mode, "stream_format": stream_format,
                          "header_detail": header_detail, "num_slots": num_slots,
-                         "frame_stack_size": frame_stack_size, "receive_hwm": receive_hwm, "frame_rate": frame_rate}
+                         "frame_stack_size": frame_stack_size, "receive_hwm": receive_hwm, "frame_rate": frame_rate,
+                         "frames_per_partition": frames_per_partition}
+        self.frames_per_partition = frames_per_partition  # None: a worker takes its whole stack at once
         self.sim = SimulatorProcess(scenario.model)
         try:
             self.control = SimulatorControl(self.sim.rest_url)
@@ -131,7 +134,8 @@ class PipelineBench:
             self.receiver.arm(series)
         self.source.first_stack_at = None
         bytes_before = self.receiver.stats().bytes_received
-        run = self.runner.process(self.source, self.analyses, nav_shape=self.scenario.nav_shape)
+        run = self.runner.process(self.source, self.analyses, nav_shape=self.scenario.nav_shape,
+                                  frames_per_partition=self.frames_per_partition)
         armed = self.control.arm()
         if armed != series:
             raise RuntimeError(f"the simulator armed series {armed}, expected {series}")

@@ -26,13 +26,16 @@ class ArrayStack:
 
     path: str
     series: int
-    frame_numbers: tuple[int, ...]
+    numbers: tuple[int, ...]
     shape: tuple[int, int]
     dtype: str
 
     @property
     def frames(self) -> int:
-        return len(self.frame_numbers)
+        return len(self.numbers)
+
+    def frame_numbers(self) -> np.ndarray:
+        return np.asarray(self.numbers, np.int64)
 
 
 @lru_cache(maxsize=8)
@@ -42,7 +45,7 @@ def _series_frames(path: str) -> np.ndarray:
 
 def decode_array_stack_into(stack: ArrayStack, start: int, stop: int, out: np.ndarray) -> np.ndarray:
     """Copy frames [start, stop) of ``stack`` into ``out``; return their frame numbers."""
-    numbers = np.asarray(stack.frame_numbers[start:stop], np.int64)
+    numbers = np.asarray(stack.numbers[start:stop], np.int64)
     frames = _series_frames(stack.path)
     # a frame number beyond the file (a corrupt header, in the tests) still gets pixels
     out[...] = frames[numbers % frames.shape[0]]

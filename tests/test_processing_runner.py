@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import tango_dectris_live.processing.runner as runner_module
 from tango_dectris_live.processing import analyses
 from tango_dectris_live.processing.analyses import AnalysisParameters, AnalysisRegistry
 from tango_dectris_live.processing.runner import LiveRunner
@@ -112,6 +113,28 @@ def test_missing_frames_are_nan_and_counted(runner, source):
     for name in ("sumsig_image", "bf_image", "adf_image", "com_x_image", "com_y_image"):
         np.testing.assert_array_equal(np.flatnonzero(np.isnan(snapshot.buffers[name])), missing, err_msg=name)
     assert_matches_offline(snapshot, frames, received)
+
+
+@pytest.mark.parametrize("order", ["increasing", "shuffled"])
+def test_native_dtype_analyses_decode_tile_by_tile_or_whole_stacks(runner, source, order, monkeypatch):
+    """Analyses that all take the native pixels, stacks in increasing order: tiles (here one
+    frame each) are decoded as the UDFs read them; shuffled stacks are decoded whole and
+    sorted. Same results."""
+    monkeypatch.setattr(runner_module, "_TILE_BYTES", 1)
+    frames = make_frames(seed=5)
+    missing = [3, 4, 5, 130]
+    received = np.ones(N, bool)
+    received[missing] = False
+    arrived = [n for n in (range(N) if order == "increasing" else arrival_order(seed=6)) if received[n]]
+    run = runner.process(source, ["sum", "sumsig", "last_frame"], PARAMETERS, nav_shape=SCAN)
+    source.begin_series(10, frames)
+    source.send_frames(arrived, stack_size=50)
+    source.finish_series(missing)
+    snapshot = run.wait(timeout=60)
+    assert (snapshot.state, snapshot.frames_processed, snapshot.frames_missing) == (RunState.FINISHED, N - 4, 4)
+    expected = offline(frames, received)
+    for name in ("sum_image", "sumsig_image", "last_frame"):
+        np.testing.assert_array_equal(snapshot.buffers[name], expected[name], err_msg=name)
 
 
 def test_frames_outside_the_scan_are_counted_not_placed(runner, source):

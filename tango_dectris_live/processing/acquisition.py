@@ -72,7 +72,7 @@ class PipelineSettings:
     def resolved(self, frame_shape: tuple[int, int], dtype: str) -> PipelineSettings:
         """Concrete values for frames of ``frame_shape``/``dtype``: what is 0 gets its default."""
         layout = FrameStackLayout.for_frames(
-            frame_shape, dtype, num_slots=self.num_slots or 16,
+            frame_shape, dtype, num_slots=self.num_slots or None,
             frame_stack_size=self.frame_stack_size or None, bytes_per_frame=self.bytes_per_frame or None)
         return PipelineSettings(
             workers=self.workers or default_workers(),

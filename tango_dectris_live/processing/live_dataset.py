@@ -32,6 +32,9 @@ class FrameStack(Protocol):
     shape: tuple[int, int]
     dtype: str
 
+    def frame_numbers(self) -> np.ndarray:
+        """The frame numbers of the stack's frames, in stack order (without decoding them)."""
+
 
 # decode_frames_into(stack, start, stop, out) -> frame numbers of out[0..stop-start)
 StackDecoder = Callable[[Any, int, int, np.ndarray], np.ndarray]
@@ -207,18 +210,49 @@ class LiveDataSet(DataSet):
     def get_partitions(self) -> Iterator[Partition]:
         return iter(())
 
-    def partition_for_run(self, first_frame: int, frames: np.ndarray | None, count: int) -> FrameRunPartition:
+    def partition_for_run(self, first_frame: int, frames: np.ndarray | StackTileSource | None,
+                          count: int) -> FrameRunPartition:
         """The partition of ``count`` consecutive scan positions from ``first_frame``."""
         return FrameRunPartition(self._meta, first_frame, count, frames)
 
 
+class StackTileSource:
+    """The frames of a partition still compressed in a stack: stack positions ``first``,
+    ``first + 1``, ... decoded a tile at a time into ``tile_buffer`` (reused for every tile,
+    so a tile is still in the CPU cache when the UDFs read it)."""
+
+    def __init__(self, decode_frames_into: StackDecoder, stack: Any, first: int, tile_buffer: np.ndarray):
+        self._decode = decode_frames_into
+        self._stack = stack
+        self._first = first
+        self._buffer = tile_buffer
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._buffer.dtype
+
+    def tiles(self, count: int, depth: int, expected_first: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(offset in the partition, decoded frames) for ``count`` frames, ``depth`` at a time."""
+        depth = min(depth, self._buffer.shape[0])
+        for start in range(0, count, depth):
+            tile = self._buffer[:min(depth, count - start)]
+            position = self._first + start
+            numbers = self._decode(self._stack, position, position + tile.shape[0], tile)
+            if numbers[0] != expected_first + start:
+                raise RuntimeError(f"stack position {position} holds frame {numbers[0]}, "
+                                   f"expected {expected_first + start}: the stack changed while decoding")
+            yield start, tile
+
+
 class FrameRunPartition(Partition):
-    """Consecutive scan positions ``[first_frame, first_frame + count)`` with their decoded frames.
+    """Consecutive scan positions ``[first_frame, first_frame + count)`` with their frames:
+    decoded already (an array), or decoded as the tiles are read (a :class:`StackTileSource`).
 
     In the main process it is created without frames, only to place partial results.
     """
 
-    def __init__(self, meta: DataSetMeta, first_frame: int, count: int, frames: np.ndarray | None):
+    def __init__(self, meta: DataSetMeta, first_frame: int, count: int,
+                 frames: np.ndarray | StackTileSource | None):
         sig = tuple(meta.shape.sig)
         partition_slice = Slice(origin=(first_frame, 0, 0), shape=Shape((count, *sig), sig_dims=2))
         super().__init__(meta=meta, partition_slice=partition_slice, io_backend=None, decoder=None)
@@ -243,8 +277,13 @@ class FrameRunPartition(Partition):
         depth = tiling_scheme.depth
         origin = self.slice.origin[0]
         sig = tuple(self.meta.shape.sig)
-        frames = self._frames.astype(dest_dtype, copy=False)
-        for start in range(0, frames.shape[0], depth):
-            tile = frames[start:start + depth]
+        if isinstance(self._frames, StackTileSource):
+            if self._frames.dtype != np.dtype(dest_dtype):
+                raise ValueError(f"frames are decoded as {self._frames.dtype}, the UDFs want {np.dtype(dest_dtype)}")
+            tiles = self._frames.tiles(self.shape[0], depth, origin)
+        else:
+            frames = self._frames.astype(dest_dtype, copy=False)
+            tiles = ((start, frames[start:start + depth]) for start in range(0, frames.shape[0], depth))
+        for start, tile in tiles:
             tile_slice = Slice(origin=(origin + start, 0, 0), shape=Shape((tile.shape[0], *sig), sig_dims=2))
             yield DataTile(tile, tile_slice=tile_slice, scheme_idx=0)

@@ -4,9 +4,9 @@ Design (and why it is not LiberTEM's PipelinedExecutor): a LiberTEM DataSet fixe
 when a run starts, but the frame stacks of a live series have frame ranges known only when they
 arrive, and stop/abort must act on pending work at any moment. So this module keeps its own pool
 of worker processes (started once, reused for every series) and lets LiberTEM do the UDF work:
-each worker decodes a stack (the source's ``decode_frames_into``), cuts it into runs of
-consecutive frame numbers, and runs LiberTEM's ``UDFPartRunner`` on a
-:class:`~.live_dataset.FrameRunPartition` per run. The main process merges the partial results
+each worker cuts a stack into runs of consecutive frame numbers and runs LiberTEM's
+``UDFPartRunner`` on a :class:`~.live_dataset.FrameRunPartition` per run, whose tiles are decoded
+(the source's ``decode_frames_into``) one at a time as the UDFs ask for them. The main process merges the partial results
 with each UDF's own ``merge``, in dispatch order, into buffers allocated from a
 :class:`~.live_dataset.LiveDataSet` -- the same steps LiberTEM's ``UDFRunner`` takes.
 """
@@ -30,13 +30,13 @@ from libertem.io.dataset.base import TilingScheme
 from libertem.udf.base import MergeAttrMapping, UDF, UDFMeta, UDFParams, UDFPartRunner
 
 from .analyses import AnalysisParameters, AnalysisRegistry, SelectedAnalysis
-from .live_dataset import (FrameSource, LiveDataSet, ScanShape, SeriesFinished, SeriesStarted,
-                           StackDecoder, StackReady, resolve_scan_shape)
+from .live_dataset import (FrameRunPartition, FrameSource, LiveDataSet, ScanShape, SeriesFinished,
+                           SeriesStarted, StackDecoder, StackReady, StackTileSource, resolve_scan_shape)
 from .snapshot import ResultSnapshot, RunState, blank_unprocessed, empty_snapshot
 
 log = logging.getLogger(__name__)
 
-_TILE_BYTES = 1 << 20  # tiles of whole frames, about 1 MiB each
+_TILE_BYTES = 1 << 22  # tiles of whole frames, about 1 MiB each
 _NO_RUN = -1
 _POLL = 0.05  # seconds: how promptly stop/abort are noticed while waiting
 
@@ -76,20 +76,80 @@ def _frame_runs(numbers: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+_buffers: dict[tuple, np.ndarray] = {}  # per worker process: decode/convert buffers, reused
+
+
+def _buffer(role: str, frames: int, frame_shape: tuple[int, int], dtype: Any) -> np.ndarray:
+    """A reusable (frames, *frame_shape) array: a fresh one per stack would page-fault every
+    byte of it again (at 512x512, a 32 MiB stack costs more to fault in than to decode)."""
+    dtype = np.dtype(dtype)
+    key = (role, tuple(frame_shape), dtype.str)
+    buffer = _buffers.get(key)
+    if buffer is None or buffer.shape[0] < frames:
+        buffer = _buffers[key] = np.empty((frames, *frame_shape), dtype=dtype)
+    return buffer[:frames]
+
+
+def _run_udfs(spec: _SeriesSpec, env: Environment, tiling_scheme: TilingScheme, members: list[int],
+              partition: FrameRunPartition) -> list[dict]:
+    """LiberTEM's UDFPartRunner over one partition for the UDFs ``members``; their buffers."""
+    kwargs = [spec.udf_kwargs[i] for i in members]
+    udfs = [spec.udf_classes[i].new_for_partition(kw, partition, None) for i, kw in zip(members, kwargs)]
+    params = UDFParams(kwargs=kwargs, roi=None, corrections=None, tiling_scheme=tiling_scheme)
+    results = UDFPartRunner(udfs).run_for_partition(partition, params, env, None)
+    return [{name: buf.raw_data for name, buf in result.items() if buf.has_data()} for result in results]
+
+
 def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment) -> tuple[list, int]:
-    """Decode ``stack`` and run the UDFs on each run of consecutive frames, at most
-    ``spec.frames_per_partition`` frames at a time.
+    """Run the UDFs on each run of consecutive frame numbers of ``stack``, at most
+    ``spec.frames_per_partition`` frames per partition.
+
+    The usual stack holds frames in increasing order: then each partition decodes its frames a
+    tile at a time, right before the UDFs read them (the tile is still in the CPU cache).
+    Disordered stacks are decoded whole, then sorted.
 
     Returns ([(first_frame, count, [buffers per UDF]), ...], frames outside the scan)."""
-    partial: list = []
-    out_of_scan = 0
     dataset = LiveDataSet(spec.scan_shape, spec.frame_shape, spec.raw_dtype)
     tiling_scheme = TilingScheme.make_for_shape(
         tileshape=Shape((spec.tile_depth, *spec.frame_shape), sig_dims=2), dataset_shape=dataset.shape)
+    numbers = np.asarray(stack.frame_numbers(), dtype=np.int64)
+    scan_size = int(np.prod(spec.scan_shape))
+    in_scan = (numbers >= 0) & (numbers < scan_size)
+    out_of_scan = int(np.count_nonzero(~in_scan))
+    increasing = out_of_scan == 0 and bool(np.all(np.diff(numbers) > 0))
+    if increasing and len(spec.dtype_groups) == 1:
+        return _process_in_tiles(spec, stack, env, dataset, tiling_scheme, numbers), 0
+    return _process_decoded(spec, stack, env, dataset, tiling_scheme), out_of_scan
+
+
+def _process_in_tiles(spec: _SeriesSpec, stack: Any, env: Environment, dataset: LiveDataSet,
+                      tiling_scheme: TilingScheme, numbers: np.ndarray) -> list:
+    """Frames in increasing order, one input dtype: stack positions of a run are contiguous."""
+    dtype, members = spec.dtype_groups[0]
+    chunk = max(1, spec.frames_per_partition)
+    tile_buffer = _buffer("tile", min(spec.tile_depth, stack.frames), spec.frame_shape, dtype)
+    partial: list = []
+    buffers: list[dict | None] = [None] * len(spec.udf_classes)
+    for run_start, run_stop in _frame_runs(numbers):
+        for start in range(run_start, run_stop, chunk):
+            stop = min(run_stop, start + chunk)
+            source = StackTileSource(spec.decode_frames_into, stack, start, tile_buffer)
+            partition = dataset.partition_for_run(int(numbers[start]), source, stop - start)
+            for i, result in zip(members, _run_udfs(spec, env, tiling_scheme, members, partition)):
+                buffers[i] = result
+            partial.append((int(numbers[start]), stop - start, list(buffers)))
+    return partial
+
+
+def _process_decoded(spec: _SeriesSpec, stack: Any, env: Environment, dataset: LiveDataSet,
+                     tiling_scheme: TilingScheme) -> list:
+    """Decode ``spec.frames_per_partition`` frames at a time, drop those outside the scan,
+    sort the rest, convert them once per input dtype, run each dtype's UDFs."""
+    partial: list = []
     chunk = max(1, spec.frames_per_partition)
     # one group: decode straight into its dtype; several: decode the raw pixels once, convert per group
     decode_dtype = spec.dtype_groups[0][0] if len(spec.dtype_groups) == 1 else spec.raw_dtype
-    frames = np.empty((min(chunk, stack.frames), *spec.frame_shape), dtype=decode_dtype)
+    frames = _buffer("decoded", min(chunk, stack.frames), spec.frame_shape, decode_dtype)
     udf_count = len(spec.udf_classes)
     scan_size = int(np.prod(spec.scan_shape))
     for begin in range(0, stack.frames, chunk):
@@ -97,7 +157,6 @@ def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment) -> tuple[lis
         decoded = frames[:end - begin]
         numbers = np.asarray(spec.decode_frames_into(stack, begin, end, decoded), dtype=np.int64)
         in_scan = (numbers >= 0) & (numbers < scan_size)
-        out_of_scan += int(np.count_nonzero(~in_scan))
         # stacks hold frames in arrival order; LiberTEM wants them in scan order
         numbers, first_index = np.unique(numbers[in_scan], return_index=True)
         already_ordered = numbers.size == decoded.shape[0] and np.array_equal(first_index, np.arange(numbers.size))
@@ -106,16 +165,14 @@ def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment) -> tuple[lis
             buffers: list[dict | None] = [None] * udf_count
             for dtype, members in spec.dtype_groups:
                 data = ordered[start:stop]
-                data = data if data.dtype == np.dtype(dtype) else data.astype(dtype)
+                if data.dtype != np.dtype(dtype):
+                    data = _buffer("converted", stop - start, spec.frame_shape, dtype)
+                    np.copyto(data, ordered[start:stop], casting="unsafe")
                 partition = dataset.partition_for_run(int(numbers[start]), data, stop - start)
-                kwargs = [spec.udf_kwargs[i] for i in members]
-                udfs = [spec.udf_classes[i].new_for_partition(kw, partition, None) for i, kw in zip(members, kwargs)]
-                params = UDFParams(kwargs=kwargs, roi=None, corrections=None, tiling_scheme=tiling_scheme)
-                results = UDFPartRunner(udfs).run_for_partition(partition, params, env, None)
-                for i, result in zip(members, results):
-                    buffers[i] = {name: buf.raw_data for name, buf in result.items() if buf.has_data()}
+                for i, result in zip(members, _run_udfs(spec, env, tiling_scheme, members, partition)):
+                    buffers[i] = result
             partial.append((int(numbers[start]), stop - start, buffers))
-    return partial, out_of_scan
+    return partial
 
 
 def _worker_main(tasks: multiprocessing.Queue, results: multiprocessing.Queue, active_run) -> None:
@@ -248,6 +305,9 @@ class SeriesRun:
         self._stacks_merged = 0
         self._stale_stacks = 0
         self._in_flight: dict[int, tuple[Any, int]] = {}  # seq -> (stack, worker)
+        self._flight_lock = threading.Lock()  # _in_flight and the pool's per-worker counts
+        self._dispatch_closed = False  # no more stacks will be dispatched (under _flight_lock)
+        self._collector_error: WorkerFailed | None = None
         self._pending: dict[int, tuple[str, Any]] = {}  # results waiting for earlier ones
         self._next_merge = 0
         self._seq = itertools.count()
@@ -337,10 +397,6 @@ class SeriesRun:
             self._error = f"{type(error).__name__}: {error}"
             self._abort.set()
             self._pool.cancel_series()
-            try:
-                self._drain_in_flight()
-            except WorkerFailed:
-                self._in_flight.clear()  # their stacks died with the worker
             self._state = RunState.FAILED
         finally:
             self._pool.cancel_series()
@@ -355,28 +411,36 @@ class SeriesRun:
         self._state = RunState.RUNNING
         frame_shape, dtype = started.frame_shape, started.dtype
         finished = False
-        while not finished:
-            if self._abort.is_set() or self._stop.is_set():
-                break
-            self._pool.check_alive()
-            event = self._source.next_event(_POLL)
-            if isinstance(event, StackReady):
-                if event.stack.series != self._series:
-                    self._source.release(event.stack)
-                    self._stale_stacks += 1
-                    continue
-                if not self._selected:
-                    self._set_up(started, frame_shape or tuple(event.stack.shape), dtype or event.stack.dtype)
-                seq = next(self._seq)
-                worker = self._pool.dispatch(self._run_id, seq, event.stack)
-                self._in_flight[seq] = (event.stack, worker)
-            elif isinstance(event, SeriesFinished) and event.series == self._series:
-                self._dropped = np.asarray(event.missing_frames, np.int64)
-                finished = True
-            self._collect(block=False)
-        if self._abort.is_set():
-            self._pool.cancel_series()
-        self._drain_in_flight()
+        # results are taken by their own thread: a slot goes back to the receiver the moment
+        # its stack is processed, not when the next stack happens to arrive
+        collector = threading.Thread(target=self._collect_results, name=f"series-results-{self._run_id}",
+                                     daemon=True)
+        collector.start()
+        try:
+            while not finished:
+                if self._abort.is_set() or self._stop.is_set() or self._collector_error is not None:
+                    break
+                event = self._source.next_event(_POLL)
+                if isinstance(event, StackReady):
+                    if event.stack.series != self._series:
+                        self._source.release(event.stack)
+                        self._stale_stacks += 1
+                        continue
+                    if not self._selected:
+                        self._set_up(started, frame_shape or tuple(event.stack.shape), dtype or event.stack.dtype)
+                    self._dispatch(event.stack)
+                elif isinstance(event, SeriesFinished) and event.series == self._series:
+                    self._dropped = np.asarray(event.missing_frames, np.int64)
+                    finished = True
+        finally:
+            if self._abort.is_set():
+                self._pool.cancel_series()
+            with self._flight_lock:
+                self._dispatch_closed = True
+            self._pool.results.put(("wake", self._run_id, -1, None))  # the collector re-checks now
+            collector.join()
+        if self._collector_error is not None:
+            raise self._collector_error
         if not self._selected and frame_shape is not None and dtype is not None:
             self._set_up(started, frame_shape, dtype)  # a series without any frame: all missing
         with self._lock:
@@ -427,30 +491,44 @@ class SeriesRun:
             self._selected = selected
             self._done = np.zeros(int(np.prod(scan.shape)), bool)
 
-    def _drain_in_flight(self) -> None:
-        while self._in_flight:
-            self._pool.check_alive()
-            self._collect(block=True)
+    def _dispatch(self, stack: Any) -> None:
+        seq = next(self._seq)
+        with self._flight_lock:
+            worker = self._pool.dispatch(self._run_id, seq, stack)
+            self._in_flight[seq] = (stack, worker)
 
-    def _collect(self, block: bool) -> None:
-        """Take the partial results that came back and merge those that are next in order."""
+    def _collect_results(self) -> None:
+        """The collector thread: partial results in, slots released, merged in order, until
+        dispatching has ended and nothing is in flight. A dead worker ends it (the run fails)."""
         try:
-            message = self._pool.results.get(timeout=_POLL) if block else self._pool.results.get_nowait()
-        except queue.Empty:
+            while True:
+                with self._flight_lock:
+                    if self._dispatch_closed and not self._in_flight:
+                        return
+                try:
+                    message = self._pool.results.get(timeout=_POLL)
+                except queue.Empty:
+                    self._pool.check_alive()
+                    continue
+                self._take_result(*message)
+        except WorkerFailed as error:
+            self._collector_error = error
+            self._abort.set()
+            with self._flight_lock:
+                self._in_flight.clear()  # their stacks died with the worker
+
+    def _take_result(self, kind: str, run_id: int, seq: int, payload: Any) -> None:
+        if kind == "wake":
             return
-        while True:
-            kind, run_id, seq, payload = message
-            if run_id == self._run_id and seq in self._in_flight:
-                stack, worker = self._in_flight.pop(seq)
-                self._pool.completed(worker)
-                self._source.release(stack)
-                self._pending[seq] = (kind, payload)
-            else:
-                log.warning("result of an unknown run/stack (%s, %s) ignored", run_id, seq)
-            try:
-                message = self._pool.results.get_nowait()
-            except queue.Empty:
-                break
+        with self._flight_lock:
+            taken = self._in_flight.pop(seq, None) if run_id == self._run_id else None
+            if taken is not None:
+                self._pool.completed(taken[1])
+        if taken is None:
+            log.warning("result of an unknown run/stack (%s, %s) ignored", run_id, seq)
+            return
+        self._source.release(taken[0])
+        self._pending[seq] = (kind, payload)
         self._merge_pending()
 
     def _merge_pending(self) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 from libertem.udf.base import UDF
 
+from . import _pixel_sums
+
 
 class LastFrameUDF(UDF):
     """The frame with the highest scan index seen so far (the most recent one of a scan).
@@ -49,21 +51,44 @@ def exact_accumulator(dtype: np.dtype, terms: int) -> np.dtype:
     return np.dtype(np.int32 if bits < 32 else np.int64)
 
 
+def _native_pixels(tile: np.ndarray) -> np.ndarray | None:
+    """``tile`` as (frames, pixels) if the compiled sums take it (unsigned 8/16/32-bit, C order)."""
+    if tile.dtype.kind != "u" or tile.dtype.itemsize > 4 or not tile.dtype.isnative:
+        return None
+    if not tile.flags.c_contiguous:
+        return None
+    return tile.reshape(tile.shape[0], -1)
+
+
 class ExactSumUDF(UDF):
-    """Sum of all frames, exact for integer pixels: frames come in their native integer type
-    (no conversion, no float32 rounding) and are accumulated in float64, exact to 2**53 counts."""
+    """Sum of all frames, exact for integer pixels: frames come in their native type (no
+    conversion, no float32 rounding) and are added into 64-bit integers (the private buffer
+    ``counts``); the result ``intensity`` is float64, exact to 2**53 counts per pixel."""
 
     def get_preferred_input_dtype(self):
         return self.USE_NATIVE_DTYPE
 
     def get_result_buffers(self):
-        return {"intensity": self.buffer(kind="sig", dtype=np.float64)}
+        dtype = np.dtype(self.meta.input_dtype)
+        counts = np.uint64 if dtype.kind == "u" else np.int64 if dtype.kind == "i" else np.float64
+        return {
+            "counts": self.buffer(kind="sig", dtype=counts, use="private"),
+            "intensity": self.buffer(kind="sig", dtype=np.float64, use="result_only"),
+        }
 
     def process_tile(self, tile):
-        self.results.intensity[:] += np.sum(tile, axis=0, dtype=exact_accumulator(tile.dtype, tile.shape[0]))
+        pixels = _native_pixels(tile)
+        counts = self.results.counts
+        if pixels is not None and counts.flags.c_contiguous:
+            _pixel_sums.add_frames(pixels, counts.reshape(-1))
+        else:
+            counts[:] += np.sum(tile, axis=0, dtype=exact_accumulator(tile.dtype, tile.shape[0]))
 
     def merge(self, dest, src):
-        dest.intensity[:] += src.intensity
+        dest.counts[:] += src.counts
+
+    def get_results(self):
+        return {"intensity": self.results.counts.astype(np.float64)}
 
 
 class ExactSumSigUDF(UDF):
@@ -76,5 +101,10 @@ class ExactSumSigUDF(UDF):
         return {"intensity": self.buffer(kind="nav", dtype=np.float64)}
 
     def process_tile(self, tile):
-        pixels = tile.reshape(tile.shape[0], -1)
-        self.results.intensity[:] += np.sum(pixels, axis=1, dtype=exact_accumulator(tile.dtype, pixels.shape[1]))
+        pixels = _native_pixels(tile)
+        totals = self.results.intensity
+        if pixels is not None and totals.flags.c_contiguous:
+            _pixel_sums.add_frame_totals(pixels, totals)
+        else:
+            flat = tile.reshape(tile.shape[0], -1)
+            totals[:] += np.sum(flat, axis=1, dtype=exact_accumulator(tile.dtype, flat.shape[1]))

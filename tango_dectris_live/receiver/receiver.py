@@ -139,7 +139,7 @@ class StreamReceiver:
     """
 
     def __init__(self, endpoint: str, *, stream_version: int = 1, frame_shape: tuple[int, int] = (512, 512),
-                 dtype: np.dtype | str = "uint16", num_slots: int = 16, frame_stack_size: int | None = None,
+                 dtype: np.dtype | str = "uint16", num_slots: int | None = None, frame_stack_size: int | None = None,
                  bytes_per_frame: int | None = None, max_latency: float = 0.1, timeout: float = 10.0,
                  receive_hwm: int = 1000, poll_interval: float = 0.05, rate_window: float = 2.0) -> None:
         if stream_version not in (1, 2):
