@@ -36,7 +36,7 @@ from .snapshot import ResultSnapshot, RunState, blank_unprocessed, empty_snapsho
 
 log = logging.getLogger(__name__)
 
-_TILE_BYTES = 1 << 22  # tiles of whole frames, about 1 MiB each
+_TILE_BYTES = 1 << 20  # tiles of whole frames, about 1 MiB each
 _NO_RUN = -1
 _POLL = 0.05  # seconds: how promptly stop/abort are noticed while waiting
 
@@ -178,6 +178,15 @@ def _process_decoded(spec: _SeriesSpec, stack: Any, env: Environment, dataset: L
 def _worker_main(tasks: multiprocessing.Queue, results: multiprocessing.Queue, active_run) -> None:
     """A worker process: series specs and stacks in, partial results out, until ``None``."""
     env = Environment(threads_per_worker=1, threaded_executor=False)
+    # one thread per worker for the numeric libraries, set once: LiberTEM enters the environment
+    # again for every partition, and when it is already entered that costs nothing, while a
+    # first entry scans the loaded libraries (threadpoolctl) -- 5 % of a worker's time at 96x96
+    with env.enter():
+        _serve_tasks(tasks, results, active_run, env)
+
+
+def _serve_tasks(tasks: multiprocessing.Queue, results: multiprocessing.Queue, active_run,
+                 env: Environment) -> None:
     spec: _SeriesSpec | None = None
     while True:
         message = tasks.get()
