@@ -1,14 +1,17 @@
 """Run the benchmark scenarios at every available depth, print one table, write the JSON record.
 
-Each (scenario, analyses, depth) runs in its own Python process (``bench_pipeline.py`` or
-``bench_libertem_live.py``: one warm-up series, then ``--runs`` measured ones) so that processes,
-memory peaks and shared memory of one system never affect the other. The table shows medians;
-``ratio`` is our frames/s over LiberTEM-live's for the same scenario and analyses. A run whose
-results differ from the ground truth makes its row FAILED.
+Depths: ``pipeline`` (receiver + workers, no Tango: ``bench_pipeline.py``), ``device`` (the
+DectrisLive device server driven through a DeviceProxy that receives the result events:
+``bench_device.py``) and ``libertem-live`` (``bench_libertem_live.py``). Each (scenario, analyses,
+depth) runs in its own Python process (one warm-up series, then ``--runs`` measured ones) so that
+processes, memory peaks and shared memory of one system never affect the other. The table shows
+medians; ``ratio`` is our frames/s (pipeline or device) over LiberTEM-live's for the same scenario
+and analyses. A run whose results differ from the ground truth makes its row FAILED.
 
     .venv/bin/python benchmarks/run_all.py --quick                   # 1/8 of the frames
     .venv/bin/python benchmarks/run_all.py                           # issue 6's scenarios
     .venv/bin/python benchmarks/run_all.py --quick --scenarios arina96 quadro512 --analyses sum+sumsig
+    .venv/bin/python benchmarks/run_all.py --quick --scenarios arina96 --depths device
     .venv/bin/python benchmarks/run_all.py --realtime arina96 --realtime-max 120000
 
 Figures are from a shared 2-core machine, simulator included: compare within one run of this script.
@@ -33,8 +36,11 @@ from benchmarks.scenarios import ANALYSIS_SETS, SCENARIOS, median, scenario_by_n
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-SCRIPTS = {"pipeline": HERE / "bench_pipeline.py", "libertem-live": HERE / "bench_libertem_live.py"}
+SCRIPTS = {"pipeline": HERE / "bench_pipeline.py", "device": HERE / "bench_device.py",
+           "libertem-live": HERE / "bench_libertem_live.py"}
+OURS = ("pipeline", "device")
 RUN_TIMEOUT_S = 1800
+STOP_GRACE_S = 60  # a script told to stop (SIGTERM) stops its simulator, servers and workers first
 
 
 def libertem_live_available() -> bool:
@@ -50,14 +56,21 @@ def run_script(depth: str, args: list[str]) -> tuple[Any, str]:
     with tempfile.TemporaryDirectory(prefix="tdl-bench-") as tmp:
         out = Path(tmp) / "figures.json"
         command = [sys.executable, str(SCRIPTS[depth]), *args, "--json", str(out)]
-        try:
-            completed = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-                                       cwd=HERE.parent)
-            output = completed.stdout + completed.stderr
-        except subprocess.TimeoutExpired as expired:
-            return None, f"timed out after {RUN_TIMEOUT_S} s: {expired.stdout or ''}{expired.stderr or ''}"[-2000:]
-        if completed.returncode != 0 or not out.exists():
-            return None, f"exit status {completed.returncode}: {output[-2000:]}"
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=HERE.parent) as script:
+            try:
+                output, _ = script.communicate(timeout=RUN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                # SIGTERM, not SIGKILL: the script then stops the processes it started itself
+                script.terminate()
+                try:
+                    output, _ = script.communicate(timeout=STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    script.kill()
+                    output, _ = script.communicate()
+                return None, f"timed out after {RUN_TIMEOUT_S} s: {output}"[-2000:]
+        if script.returncode != 0 or not out.exists():
+            return None, f"exit status {script.returncode}: {output[-2000:]}"
         return json.loads(out.read_text()), output[-2000:]
 
 
@@ -84,29 +97,29 @@ def summarise(depth: str, scenario: str, analyses: str, runs: list[dict[str, Any
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """ratio = ours / LiberTEM-live frames/s, on our row, for the same scenario and analyses."""
+    """ratio = ours / LiberTEM-live frames/s, on our rows, for the same scenario and analyses."""
     theirs = {(r["scenario"], r["analyses"]): r for r in rows if r["depth"] == "libertem-live" and r["runs"]}
     for row in rows:
         other = theirs.get((row["scenario"], row["analyses"]))
-        if row["depth"] == "pipeline" and row["runs"] and other is not None:
+        if row["depth"] in OURS and row["runs"] and other is not None:
             row["ratio_vs_libertem_live"] = round(row["frames_per_s"] / other["frames_per_s"], 2)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = (f"{'scenario':22s} {'depth':13s} {'analyses':11s} {'frames/s':>10s} {'MB/s':>7s} {'latency ms':>10s} "
-              f"{'CPU s per component':44s} {'peak MB':>8s} {'ratio':>6s} correct")
+              f"{'CPU s per component':66s} {'peak MB':>8s} {'ratio':>6s} correct")
     print(header)
     print("-" * len(header))
     for r in rows:
         if not r["runs"]:
             print(f"{r['scenario']:22s} {r['depth']:13s} {r['analyses']:11s} {'-':>10s} {'-':>7s} {'-':>10s} "
-                  f"{'':44s} {'-':>8s} {'-':>6s} FAILED ({'; '.join(r['problems'])[:120]})")
+                  f"{'':66s} {'-':>8s} {'-':>6s} FAILED ({'; '.join(r['problems'])[:120]})")
             continue
         cpu = " ".join(f"{k} {v:.2f}" for k, v in r["cpu_s"].items())
         ratio = f"{r['ratio_vs_libertem_live']:.2f}" if "ratio_vs_libertem_live" in r else "-"
         verdict = "yes" if r["correct"] else "FAILED (" + "; ".join(r["problems"])[:120] + ")"
         print(f"{r['scenario']:22s} {r['depth']:13s} {r['analyses']:11s} {r['frames_per_s']:10,.0f} "
-              f"{r['mb_per_s']:7,.0f} {r['latency_ms']:10.1f} {cpu:44s} {r['peak_mb']:8,.0f} {ratio:>6s} {verdict}")
+              f"{r['mb_per_s']:7,.0f} {r['latency_ms']:10.1f} {cpu:66s} {r['peak_mb']:8,.0f} {ratio:>6s} {verdict}")
 
 
 def main() -> None:
@@ -133,7 +146,6 @@ def main() -> None:
     if "libertem-live" in depths and not libertem_live_available():
         depths.remove("libertem-live")
         notes.append("libertem-live is not installed (pip install -e '.[bench]'): depth 3 skipped")
-    notes.append("depth 2 (the Tango device through a DeviceProxy) is not part of this harness yet")
     for note in notes:
         print(f"note: {note}")
 

@@ -1,0 +1,388 @@
+"""Depth 2: the DectrisLive Tango device, driven through a DeviceProxy that subscribes to its results.
+
+Started once, outside the measured time: an embedded Tango database, the simulator (its own
+process), one ``tango-dectris-live`` server process (its worker processes are its children); the
+device gets the analyses, ``nav_shape`` and tuning, and ``Listen`` (passive mode). Each run then
+arms and triggers one series over the simulator's REST API from this process -- exactly as
+``bench_pipeline.py`` does in its default ``listen`` mode, so both depths time the same interval:
+
+* ``elapsed``: trigger sent -> the last result attribute's FINAL change event (quality VALID, not
+  CHANGING) received by this process' subscriber; frames/s and MB/s = frames (raw bytes) / elapsed;
+* ``latency``: the simulator's last frame handed to ZeroMQ (its trigger returns) -> that event.
+
+CPU seconds per component: ``simulator``, ``receiver`` (the server's StreamReceiver thread, found
+by name with ``py-spy dump``; left out, and counted in ``device``, where py-spy cannot attach),
+``device`` (the rest of the server process: Tango, merging, publishing), ``workers`` (the server's
+worker processes) and ``client`` (this process: trigger, event reception). Peak memory is the
+server's plus its workers'. Every run's final event images are checked against the ground truth.
+
+    .venv/bin/python benchmarks/bench_device.py --scenario arina96-quick --analyses sum+sumsig --runs 1
+    .venv/bin/python benchmarks/bench_device.py --scenario quadro512 --runs 3 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import tango
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "demo"))  # run_demo imports its neighbours as top-level modules
+
+from benchmarks.bench_pipeline import json_default, print_figures  # noqa: E402
+from benchmarks.scenarios import (  # noqa: E402
+    RunFigures, Scenario, SimulatorControl, SimulatorProcess, TriggerThread, analyses_by_name,
+    check_results, child_pids, cpu_seconds, figures_from_timing, ground_truth, peak_rss_mb, reset_peak_rss,
+    scenario_by_name)
+from run_demo import stop_leftovers  # noqa: E402
+from tango_dectris_live.device.embedded_db import EmbeddedTangoDatabase  # noqa: E402
+from tango_dectris_live.processing.analyses import AnalysisParameters  # noqa: E402
+
+DEPTH = "device"
+DEVICE = "bench/dectris/1"
+INSTANCE = "bench"
+RUN_TIMEOUT_S = 600.0
+STARTUP_TIMEOUT_S = 180.0  # device ON, workers spawned, listening
+_PY_SPY_THREAD = re.compile(r'^Thread (\d+) \([^)]*\): "([^"]*)"', re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class ResultEvent:
+    """One change event of a result attribute, as this process received it."""
+
+    received_at: float  # time.perf_counter() on arrival
+    value: np.ndarray
+    quality: tango.AttrQuality
+
+
+class FinalResultWatch:
+    """Change-event subscriber of the result attributes: per run, the final (not CHANGING) event of
+    each and when it arrived; intermediate events are only counted."""
+
+    def __init__(self, proxy: tango.DeviceProxy, results: list[str]) -> None:
+        self.proxy = proxy
+        self.results = results
+        self._changed = threading.Condition()
+        self._final: dict[str, ResultEvent] = {}
+        self._seen: set[str] = set()
+        self.intermediate = 0
+        self.errors: list[str] = []
+        self._subscriptions: list[int] = []
+
+    def __enter__(self) -> FinalResultWatch:
+        try:
+            for name in self.results:
+                self._subscriptions.append(self.proxy.subscribe_event(
+                    name, tango.EventType.CHANGE_EVENT, self._callback(name)))
+        except tango.DevFailed:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        while self._subscriptions:
+            self.proxy.unsubscribe_event(self._subscriptions.pop())
+
+    def _callback(self, name: str):
+        def push_event(event: tango.EventData) -> None:
+            received_at = time.perf_counter()
+            with self._changed:
+                self._seen.add(name)
+                if event.err:
+                    self.errors.append(f"{name}: {event.errors[0].desc}")
+                elif event.attr_value.quality == tango.AttrQuality.ATTR_CHANGING:
+                    self.intermediate += 1
+                else:
+                    self._final[name] = ResultEvent(received_at, np.asarray(event.attr_value.value),
+                                                    event.attr_value.quality)
+                self._changed.notify_all()
+        return push_event
+
+    def wait_subscribed(self, timeout: float) -> None:
+        """Wait for the event every subscription delivers at once (the current value)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._seen >= set(self.results), timeout):
+                raise TimeoutError(f"no initial event of {sorted(set(self.results) - self._seen)} "
+                                   f"within {timeout} s")
+
+    def clear(self) -> None:
+        """Forget what arrived: the next final events belong to the next series."""
+        with self._changed:
+            self._final.clear()
+            self.intermediate = 0
+            self.errors.clear()
+
+    def wait_final(self, timeout: float, trigger: TriggerThread) -> dict[str, ResultEvent]:
+        """Every result's final event; gives up at once when the trigger failed (no frames will come)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not self._final.keys() >= set(self.results):
+                if trigger.error is not None:
+                    break
+                if self.errors:
+                    raise RuntimeError(f"error events from the device: {'; '.join(self.errors)}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no final result event of {sorted(set(self.results) - self._final.keys())} "
+                                       f"within {timeout} s")
+                self._changed.wait(0.2)
+            return dict(self._final)
+
+
+def wait_until(condition, timeout: float, what: str, detail=lambda: "") -> None:
+    """Poll ``condition`` until true; TimeoutError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout:.0f} s {detail()}")
+        time.sleep(0.1)
+
+
+def server_worker_pids(server_pid: int) -> list[int]:
+    """The server's children that are worker processes (not multiprocessing's resource tracker)."""
+    workers = []
+    for pid in child_pids(server_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if b"resource_tracker" in handle.read():
+                    continue
+        except FileNotFoundError:
+            continue
+        workers.append(pid)
+    return workers
+
+
+def thread_id_by_name(pid: int, name_prefix: str) -> int | None:
+    """Native id of the Python thread of process ``pid`` whose name starts with ``name_prefix``,
+    from ``py-spy dump`` (Python 3.11 does not give its threads OS-level names); None when py-spy
+    is missing or cannot attach (ptrace not permitted)."""
+    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if py_spy is None:
+        return None
+    try:
+        dump = subprocess.run([py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    for tid, name in _PY_SPY_THREAD.findall(dump.stdout):
+        if name.startswith(name_prefix):
+            return int(tid)
+    return None
+
+
+def _is_own_resource_tracker(process: psutil.Process) -> bool:
+    """This process' multiprocessing resource tracker: it lives as long as this process does, and
+    killing it makes multiprocessing start another one that complains about unknown resources."""
+    try:
+        return process.ppid() == os.getpid() and "resource_tracker" in " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+
+
+def result_attributes(proxy: tango.DeviceProxy, analyses: tuple[str, ...]) -> list[str]:
+    """The result attributes of ``analyses``, from the device's ``result_attributes`` listing."""
+    by_analysis = dict(line.split(": ", 1) for line in proxy.result_attributes)
+    return [result for name in analyses for result in by_analysis[name].split(", ")]
+
+
+class DeviceBench:
+    """Simulator + Tango database + one DectrisLive server listening, measured over several series."""
+
+    def __init__(self, scenario: Scenario, analyses: str, *, workers: int = 2, stream_format: str = "legacy",
+                 header_detail: str = "basic", frame_rate: float | None = None, num_slots: int = 16,
+                 frame_stack_size: int | None = None, result_event_rate: float = 10.0) -> None:
+        self.scenario = scenario
+        self.analyses_name = analyses
+        self.analyses = analyses_by_name(analyses)
+        self.settings = {"workers": workers, "receiver_mode": "listen", "stream_format": stream_format,
+                         "header_detail": header_detail, "num_slots": num_slots, "frame_stack_size": frame_stack_size,
+                         "frame_rate": frame_rate, "result_event_rate": result_event_rate}
+        self.db = EmbeddedTangoDatabase()
+        self.sim: SimulatorProcess | None = None
+        self.watch: FinalResultWatch | None = None
+        try:
+            self._start(stream_format, header_detail, frame_rate, workers, num_slots, frame_stack_size,
+                        result_event_rate)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, stream_format: str, header_detail: str, frame_rate: float | None, workers: int,
+               num_slots: int, frame_stack_size: int | None, result_event_rate: float) -> None:
+        self.sim = SimulatorProcess(self.scenario.model)
+        self.control = SimulatorControl(self.sim.rest_url)
+        self.control.prepare(self.scenario, stream_format=stream_format, header_detail=header_detail,
+                             frame_rate=frame_rate)
+        self.truth = ground_truth(self.scenario, self.analyses, self.control.sim_config())
+        self.db.start()
+        # The tuning as properties too: the worker pool the device spawns at start-up is the one used.
+        self.db.register_device(INSTANCE, DEVICE, {
+            "DcuHost": "127.0.0.1", "DcuPort": self.sim.rest_port, "StreamPort": self.sim.stream_port,
+            "Stream2Port": self.sim.stream2_port, "Workers": workers, "NumSlots": num_slots,
+            "FrameStackSize": frame_stack_size or 0})
+        self.server_pid = self.db.start_server(INSTANCE, DEVICE).pid
+        self.proxy = tango.DeviceProxy(f"tango://{self.db.tango_host}/{DEVICE}")
+        self.proxy.set_timeout_millis(10_000)
+        wait_until(lambda: self.proxy.state() == tango.DevState.ON, STARTUP_TIMEOUT_S, "device State ON",
+                   lambda: f"(Status: {self.proxy.status()})")
+        self.proxy.analyses = list(self.analyses)
+        self.proxy.nav_shape = list(self.scenario.nav_shape)
+        self.proxy.workers = workers
+        self.proxy.num_slots = num_slots
+        self.proxy.frame_stack_size = frame_stack_size or 0
+        self.proxy.result_event_rate = result_event_rate
+        # The parameters the ground truth is computed with: the frame's centre, not the beam centre
+        # the simulated DCU reports (which the device would take by default).
+        parameters = AnalysisParameters().resolved(self.scenario.frame_shape)
+        self.proxy.beam_center = [parameters.beam_centre[1], parameters.beam_centre[0]]
+        self.proxy.bf_radius = parameters.bf_radius
+        self.proxy.adf_outer_radius = parameters.adf_outer_radius
+        self.proxy.adf_inner_radius = parameters.adf_inner_radius
+        self.results = result_attributes(self.proxy, self.analyses)
+        self.watch = FinalResultWatch(self.proxy, self.results).__enter__()
+        self.watch.wait_subscribed(30)
+        self.proxy.Listen()
+        wait_until(lambda: str(self.proxy.acquisition_status).startswith("listening"), STARTUP_TIMEOUT_S,
+                   "device listening", lambda: f"(Status: {self.proxy.status()})")
+        wait_until(lambda: len(server_worker_pids(self.server_pid)) >= workers, STARTUP_TIMEOUT_S,
+                   f"{workers} worker processes")
+        self.receiver_tid = thread_id_by_name(self.server_pid, "StreamReceiver(")
+        self._next_series = 1  # the simulator counts series from 1 after initialize
+
+    def close(self) -> None:
+        """Stop everything this bench started, also after a failure or Ctrl-C."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+        try:
+            started = [p for p in psutil.Process().children(recursive=True) if not _is_own_resource_tracker(p)]
+            if self.watch is not None:
+                try:
+                    self.watch.__exit__()
+                except tango.DevFailed:
+                    pass  # the server is gone already; stopping it below is all that is left
+            self.db.stop()
+            if self.sim is not None:
+                self.control.close()
+                self.sim.close()
+            killed = stop_leftovers(started)
+            if killed:
+                print(f"note: had to kill {len(killed)} leftover processes: {killed}", file=sys.stderr)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def __enter__(self) -> DeviceBench:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _cpu(self, workers: list[int]) -> dict[str, float]:
+        try:
+            return self._cpu_of_processes(workers)
+        except FileNotFoundError as error:
+            raise RuntimeError(f"a process or the receiver thread of the device server ended during the run "
+                               f"({error.filename} is gone): see the server's log") from error
+
+    def _cpu_of_processes(self, workers: list[int]) -> dict[str, float]:
+        server = cpu_seconds(self.server_pid)
+        cpu = {"simulator": cpu_seconds(self.sim.pid)}
+        if self.receiver_tid is not None:
+            cpu["receiver"] = cpu_seconds(self.server_pid, self.receiver_tid)
+            server -= cpu["receiver"]
+        cpu.update(device=server, workers=sum(cpu_seconds(pid) for pid in workers),
+                   client=cpu_seconds(os.getpid()))
+        return cpu
+
+    def run_once(self) -> RunFigures:
+        """Process one series; its figures (``correct`` False when the results are wrong)."""
+        series = self._next_series
+        self.watch.clear()
+        armed = self.control.arm()
+        if armed != series:
+            raise RuntimeError(f"the simulator armed series {armed}, expected {series}")
+        self._next_series += 1
+        workers = server_worker_pids(self.server_pid)
+        processes = [self.server_pid, *workers]
+        for pid in (*processes, self.sim.pid, os.getpid()):
+            reset_peak_rss(pid)
+        cpu_before = self._cpu(workers)
+        trigger = TriggerThread(self.control).start()
+        final = self.watch.wait_final(RUN_TIMEOUT_S, trigger)
+        trigger.join()  # raises with the simulator's answer when the trigger failed
+        finished_at = max(event.received_at for event in final.values())
+        cpu_after = self._cpu(workers)
+        peak_mb = sum(peak_rss_mb(pid) for pid in processes)
+        progress = {name: self.proxy.read_attribute(name).value
+                    for name in ("series_id", "frames_processed", "frames_missing")}
+        problems = []
+        if int(progress["series_id"]) != series:
+            problems.append(f"the device reports series {progress['series_id']}, expected {series}")
+        if int(progress["frames_processed"]) != self.scenario.frames:
+            problems.append(f"{progress['frames_processed']} of {self.scenario.frames} frames processed "
+                            f"({progress['frames_missing']} missing)")
+        problems += [f"{name}: final quality {event.quality}" for name, event in final.items()
+                     if event.quality != tango.AttrQuality.ATTR_VALID]
+        problems += check_results({name: event.value for name, event in final.items()}, self.truth)
+        extra: dict[str, Any] = {
+            "settings": self.settings, "intermediate_result_events": self.watch.intermediate,
+            "receiver_thread_separated": self.receiver_tid is not None,
+            "peak_mb_simulator": round(peak_rss_mb(self.sim.pid), 1),
+            "peak_mb_client": round(peak_rss_mb(os.getpid()), 1),
+            "status": str(self.proxy.acquisition_status)}
+        return figures_from_timing(self.scenario, DEPTH, self.analyses_name, trigger, finished_at,
+                                   {k: cpu_after[k] - cpu_before[k] for k in cpu_after}, peak_mb, problems, extra)
+
+
+def measure(scenario: Scenario, analyses: str, runs: int = 3, warmup: int = 1, **settings: Any) -> list[RunFigures]:
+    """``warmup`` unreported series (worker imports, first allocations), then ``runs`` measured ones."""
+    with DeviceBench(scenario, analyses, **settings) as bench:
+        for _ in range(warmup):
+            bench.run_once()
+        return [bench.run_once() for _ in range(runs)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="quadro512-quick", help="scenario name (suffix -quick: 1/8 frames)")
+    parser.add_argument("--analyses", default="sum+sumsig", help="sum+sumsig or bf+adf+com")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--stream-format", default="legacy", choices=("legacy", "cbor"))
+    parser.add_argument("--header-detail", default="basic", choices=("all", "basic", "none"))
+    parser.add_argument("--frame-rate", type=float, default=None, help="pace the simulator (Hz); default: max")
+    parser.add_argument("--num-slots", type=int, default=16)
+    parser.add_argument("--frame-stack-size", type=int, default=None)
+    parser.add_argument("--result-event-rate", type=float, default=10.0,
+                        help="the device's result_event_rate (intermediate events per second)")
+    parser.add_argument("--json", type=Path, default=None, help="write the runs' figures here")
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    # SIGTERM (run_all.py's timeout, `kill`) cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        figures = measure(scenario_by_name(args.scenario), args.analyses, args.runs, args.warmup,
+                          workers=args.workers, stream_format=args.stream_format, header_detail=args.header_detail,
+                          frame_rate=args.frame_rate, num_slots=args.num_slots,
+                          frame_stack_size=args.frame_stack_size, result_event_rate=args.result_event_rate)
+    except KeyboardInterrupt:
+        sys.exit("interrupted; every process this benchmark started is stopped")
+    print_figures(figures)
+    if args.json is not None:
+        args.json.write_text(json.dumps([f.as_dict() for f in figures], default=json_default))
+
+
+if __name__ == "__main__":
+    main()
