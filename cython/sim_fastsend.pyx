@@ -12,8 +12,12 @@ build time was rejected: with ``pip install -e .`` the build runs in an isolated
 pyzmq (and its bundled libzmq path, needed for an rpath) is deleted after the build, and a socket
 handle is only valid in the very library instance that created it.
 
-Zero copy: v1 ``dimage_d`` parts and blobs are sent with ``zmq_send_const`` from bytes the pool
-owns; the owner of the pool must keep it alive until the ZeroMQ context is terminated.
+Zero copy: v1 ``dimage_d`` parts, blobs and the image appendix are sent from bytes the pool owns.
+The last of them in each message goes with ``zmq_msg_init_data``, the others with
+``zmq_send_const``: ZeroMQ releases the parts of a message in order, and calls the free function
+of that last part when its I/O thread is done with it; the function only counts the part as
+released, so ``in_flight`` says when nothing of the pool is queued any more and the owner may
+drop it (before, it has to keep the pool alive).
 
 No consumer / high-water mark: every message is offered with ``ZMQ_DONTWAIT``; when ZeroMQ
 refuses it the loop waits for the socket to become writable (``zmq_poll``) for at most the wait
@@ -42,6 +46,9 @@ cdef extern from *:
 ctypedef int (*send_fn)(void *s, const void *buf, size_t n, int flags) noexcept nogil
 ctypedef int (*msg_init_size_fn)(sim_zmq_msg_t *msg, size_t size) noexcept nogil
 ctypedef int (*msg_init_fn)(sim_zmq_msg_t *msg) noexcept nogil
+ctypedef void (*msg_free_fn)(void *data, void *hint) noexcept nogil
+ctypedef int (*msg_init_data_fn)(sim_zmq_msg_t *msg, void *data, size_t size, msg_free_fn ffn,
+                                 void *hint) noexcept nogil
 ctypedef void *(*msg_data_fn)(sim_zmq_msg_t *msg) noexcept nogil
 ctypedef size_t (*msg_size_fn)(sim_zmq_msg_t *msg) noexcept nogil
 ctypedef int (*msg_send_fn)(sim_zmq_msg_t *msg, void *s, int flags) noexcept nogil
@@ -66,6 +73,7 @@ cdef send_fn z_send
 cdef send_fn z_send_const
 cdef msg_init_size_fn z_msg_init_size
 cdef msg_init_fn z_msg_init
+cdef msg_init_data_fn z_msg_init_data
 cdef msg_data_fn z_msg_data
 cdef msg_size_fn z_msg_size
 cdef msg_send_fn z_msg_send
@@ -85,7 +93,7 @@ def _address(lib, name):
 
 
 def _load_libzmq():
-    global z_send, z_send_const, z_msg_init_size, z_msg_init, z_msg_data, z_msg_size
+    global z_send, z_send_const, z_msg_init_size, z_msg_init, z_msg_init_data, z_msg_data, z_msg_size
     global z_msg_send, z_msg_recv, z_msg_close, z_msg_more, z_errno, z_poll
     lib = ctypes.CDLL(_pyzmq_extension.__file__)
     major, minor, patch = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
@@ -96,6 +104,7 @@ def _load_libzmq():
     z_send_const = <send_fn><uintptr_t>_address(lib, "zmq_send_const")
     z_msg_init_size = <msg_init_size_fn><uintptr_t>_address(lib, "zmq_msg_init_size")
     z_msg_init = <msg_init_fn><uintptr_t>_address(lib, "zmq_msg_init")
+    z_msg_init_data = <msg_init_data_fn><uintptr_t>_address(lib, "zmq_msg_init_data")
     z_msg_data = <msg_data_fn><uintptr_t>_address(lib, "zmq_msg_data")
     z_msg_size = <msg_size_fn><uintptr_t>_address(lib, "zmq_msg_size")
     z_msg_send = <msg_send_fn><uintptr_t>_address(lib, "zmq_msg_send")
@@ -107,6 +116,41 @@ def _load_libzmq():
 
 
 _load_libzmq()
+
+
+cdef extern from *:
+    """
+    /* ZeroMQ calls this from its I/O thread (or from zmq_msg_close) when a part sent from a pool
+       is no longer needed; the pool's bytes are not freed here, only counted as released. */
+    static void sim_pool_part_released(void *data, void *hint) {
+        (void)data;
+        __atomic_fetch_sub((long *)hint, 1, __ATOMIC_RELEASE);
+    }
+    static long sim_in_flight(long *counter) { return __atomic_load_n(counter, __ATOMIC_ACQUIRE); }
+    static void sim_in_flight_add(long *counter) { __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED); }
+    """
+    void sim_pool_part_released(void *data, void *hint) noexcept nogil
+    long sim_in_flight(long *counter) noexcept nogil
+    void sim_in_flight_add(long *counter) noexcept nogil
+
+
+cdef inline int send_pool_part(void *sock, const char *data, size_t size, int flags,
+                               long *in_flight) noexcept nogil:
+    """Send ``size`` bytes of a pool without copying them; counted in ``in_flight`` until ZeroMQ
+    releases them."""
+    cdef sim_zmq_msg_t msg
+    cdef int rc
+    sim_in_flight_add(in_flight)
+    if z_msg_init_data(&msg, <void *>data, size, sim_pool_part_released, <void *>in_flight) != 0:
+        sim_pool_part_released(NULL, <void *>in_flight)
+        return -1
+    while True:
+        rc = z_msg_send(&msg, sock, flags)
+        if rc >= 0:
+            return rc
+        if z_errno() != EINTR:
+            z_msg_close(&msg)  # calls sim_pool_part_released
+            return rc
 
 
 cdef inline size_t put_decimal(char *out, uint64_t value) noexcept nogil:
@@ -237,6 +281,7 @@ cdef class V1FramePool:
     cdef size_t appendix_len
     cdef int64_t real_ns
     cdef Py_ssize_t pool_size
+    cdef long _in_flight  # parts ZeroMQ has not released yet (see send_pool_part)
 
     def __init__(self, dimage_suffixes, dimage_d, blobs, bytes dconfig_prefix, bytes appendix,
                  int64_t real_ns):
@@ -285,7 +330,6 @@ cdef class V1FramePool:
         cdef char part4[256]
         cdef size_t len1, len4
         cdef int rc
-        cdef int last_flags = ZMQ_SNDMORE if self.appendix_len else 0
         cdef Py_ssize_t sent = 0, dropped = 0, handled = n
         cdef double wait_left = max_wait_s if max_wait_s > 0 else 0.0
         for i in range(n):
@@ -321,13 +365,23 @@ cdef class V1FramePool:
                 part4[len4] = 125  # '}'
                 part4[len4 + 1] = 10  # newline
                 len4 += 2
+                # ZeroMQ releases the parts of a message in order, so counting the message's last
+                # pool-owned part covers the ones before it (one allocation per message, not three)
                 send_retry(z_send_const, sock, self.dimage_d_ptr[p], self.dimage_d_len[p], ZMQ_SNDMORE)
-                send_retry(z_send_const, sock, self.blob_ptr[p], self.blob_len[p], ZMQ_SNDMORE)
-                send_retry(z_send, sock, part4, len4, last_flags)
                 if self.appendix_len:
-                    send_retry(z_send_const, sock, self.appendix, self.appendix_len, 0)
+                    send_retry(z_send_const, sock, self.blob_ptr[p], self.blob_len[p], ZMQ_SNDMORE)
+                    send_retry(z_send, sock, part4, len4, ZMQ_SNDMORE)
+                    send_pool_part(sock, self.appendix, self.appendix_len, 0, &self._in_flight)
+                else:
+                    send_pool_part(sock, self.blob_ptr[p], self.blob_len[p], ZMQ_SNDMORE, &self._in_flight)
+                    send_retry(z_send, sock, part4, len4, 0)
                 sent += 1
         return handled, sent, dropped, max(0.0, max_wait_s) - wait_left
+
+    @property
+    def in_flight(self) -> int:
+        """Parts of this pool that ZeroMQ still holds; the pool may be dropped once this is 0."""
+        return sim_in_flight(&self._in_flight)
 
 
 cdef class V2FramePool:
@@ -420,6 +474,38 @@ cdef class V2FramePool:
                     continue
                 sent += 1
         return handled, sent, dropped, max(0.0, max_wait_s) - wait_left
+
+    @property
+    def in_flight(self) -> int:
+        """Always 0: every v2 message is a copy in ZeroMQ's own buffer."""
+        return 0
+
+
+def send_repeated(uintptr_t socket_handle, parts, Py_ssize_t count):
+    """The machine's limit for a message shape: send the multipart message ``parts`` ``count``
+    times, blocking, from a C loop with no per-message work (the parts are sent without copying;
+    the caller keeps ``parts`` alive until the context is terminated). Returns the messages sent."""
+    cdef void *sock = <void *>socket_handle
+    cdef list keep = [bytes(part) for part in parts]
+    cdef Py_ssize_t n_parts = len(keep), i, j, sent = 0
+    if n_parts == 0 or n_parts > 16:
+        raise ValueError(f"a message needs 1 to 16 parts, got {n_parts}")
+    cdef const char *ptr[16]
+    cdef size_t size[16]
+    for j in range(n_parts):
+        ptr[j] = <const char *>keep[j]
+        size[j] = len(keep[j])
+    with nogil:
+        for i in range(count):
+            for j in range(n_parts):
+                if send_retry(z_send_const, sock, ptr[j], size[j],
+                              ZMQ_SNDMORE if j < n_parts - 1 else 0) < 0:
+                    break
+            else:
+                sent += 1
+                continue
+            break
+    return sent
 
 
 def count_messages(uintptr_t socket_handle, Py_ssize_t max_messages):

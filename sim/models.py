@@ -145,6 +145,17 @@ _EIGER2_500K = DetectorModel(
     default_frame_time_s=0.01,
 )
 
+_EIGER2_1M = DetectorModel(
+    name="EIGER2_1M",
+    description="Dectris EIGER2 Si 1M",
+    detector_number="E-08-0107",
+    # Two 500K modules stacked (1028 x 1062 with the gap rows, SIMPLON.md §6); the rates are the
+    # 500K's, as both read out a module at a time [UNVERIFIED against a data sheet]
+    full=Geometry(1028, 1062, FrameRateTable({32: 500.0, 16: 2200.0, 8: 2250.0})),
+    roi_geometries={},
+    default_frame_time_s=0.01,
+)
+
 _EIGER2_16M = DetectorModel(
     name="EIGER2_16M",
     description="Dectris EIGER2 Si 16M",
@@ -155,11 +166,11 @@ _EIGER2_16M = DetectorModel(
 )
 
 MODELS: Mapping[str, DetectorModel] = MappingProxyType(
-    {model.name: model for model in (_QUADRO, _ARINA, _EIGER2_500K, _EIGER2_16M)})
+    {model.name: model for model in (_QUADRO, _ARINA, _EIGER2_500K, _EIGER2_1M, _EIGER2_16M)})
 
 
 def model_by_name(name: str) -> DetectorModel:
-    """The preset called ``name`` (QUADRO, ARINA, EIGER2_500K, EIGER2_16M)."""
+    """The preset called ``name`` (QUADRO, ARINA, EIGER2_500K, EIGER2_1M, EIGER2_16M)."""
     try:
         return MODELS[name]
     except KeyError:

@@ -152,8 +152,9 @@ class DetectorStreamSink:
         self._sim_config = dict(DEFAULT_SIM_CONFIG)
         self._current: SeriesStream | None = None
         self._generators: dict[tuple, ScanDataGenerator] = {}
-        # Pools sent zero-copy stay referenced until close(): ZeroMQ may still hold their bytes.
-        self._fast_pools: dict[tuple, Any] = {}
+        # Compiled pools (with their slot table) sent zero-copy stay referenced while ZeroMQ may
+        # still hold their bytes (their ``in_flight`` count), at the latest until close().
+        self._fast_pools: dict[tuple, tuple[Any, np.ndarray]] = {}
         self.dropped = 0  # images dropped since the sink was made, all series
         self.frames_sent = 0
         self._series_dropped = 0  # images dropped in the current (or last) series
@@ -271,6 +272,11 @@ class DetectorStreamSink:
             self._series_dropped = 0
             if not series.stream_enabled:
                 return
+            self._release_idle_pools()
+            # Encoding at arm keeps it out of the time the series' images take to stream.
+            if state.generator is not None:
+                for pool_index in self._series_pool_indices(state):
+                    self._encoded(state, pool_index)
             if state.plan.stale_end:
                 self._send(state, self._end_message(state, series.series_id - 1))
             self._send(state, self._header_message(state))
@@ -374,6 +380,14 @@ class DetectorStreamSink:
             return [encode.v2_end_message(series_id, state.series.series_unique_id)]
         return [encode.v1_series_end(series_id)]
 
+    @staticmethod
+    def _series_pool_indices(state: SeriesStream) -> np.ndarray:
+        """The pool frames the series' images show (sorted, each once)."""
+        gen = state.generator
+        assert gen is not None
+        frames = min(state.series.total_frames, gen.scan_size)
+        return np.unique(gen.pool_index(np.arange(frames, dtype=np.int64)))
+
     def _encoded(self, state: SeriesStream, pool_index: int) -> list[encode.EncodedFrame]:
         """The encoded channels of one pool frame (cached for the series)."""
         cached = state.encoded.get(pool_index)
@@ -395,6 +409,14 @@ class DetectorStreamSink:
         ``inte`` (every image its own count time) when its trigger actually came."""
         start = state.trigger_starts_ns.get(frame_number)
         return start if start is not None else frame_number * state.frame_ns
+
+    def image_parts(self, frame_number: int) -> list[bytes]:
+        """The ZeroMQ parts of image ``frame_number`` of the series being sent (no faults)."""
+        with self._lock:
+            state = self._current
+            if state is None:
+                raise RuntimeError("no series is armed: arm one before asking for its image messages")
+            return self.frame_message(state, frame_number)
 
     def frame_message(self, state: SeriesStream, frame_number: int,
                       faults: dict[str, FaultSpec] | None = None,
@@ -563,9 +585,14 @@ class DetectorStreamSink:
         appendix = str(series.stream_config.get("image_appendix", "") or "")
         key = (state.stream_format, series.series_id, series.series_unique_id, series.compression,
                id(gen), state.t0_ns, state.series_date, appendix, tuple(state.channels))
-        pool = self._fast_pools.get(key)
-        if pool is None:
-            encoded = [self._encoded(state, p) for p in range(gen.pool_size)]
+        entry = self._fast_pools.get(key)
+        if entry is None:
+            used = self._series_pool_indices(state)
+            # The compiled pool holds only the frames the series shows: slot_of maps a pool frame
+            # to its slot (-1, rejected by the pool's range check, for the frames it does not show).
+            slot_of = np.full(gen.pool_size, -1, dtype=np.int64)
+            slot_of[used] = np.arange(len(used), dtype=np.int64)
+            encoded = [self._encoded(state, int(p)) for p in used]
             if state.stream_format == "legacy":
                 pool = _fastsend.V1FramePool(**v1_fast_pieces(series.series_id, [e[0] for e in encoded],
                                                               state.real_ns, appendix))
@@ -573,13 +600,23 @@ class DetectorStreamSink:
                 pool = _fastsend.V2FramePool(**v2_fast_pieces(
                     series.series_id, series.series_unique_id, state.series_date, state.real_ticks,
                     [list(zip(state.channels, e)) for e in encoded], appendix))
-            self._fast_pools[key] = pool
-        state.fast_pool = pool
-        return pool
+            entry = self._fast_pools[key] = (pool, slot_of)
+        state.fast_pool = entry
+        return entry
+
+    def _release_idle_pools(self) -> None:
+        """Forget the compiled pools of earlier series once ZeroMQ holds none of their bytes."""
+        for key in [k for k, (pool, _) in self._fast_pools.items() if pool.in_flight == 0]:
+            del self._fast_pools[key]
+
+    def fast_pools_held(self) -> int:
+        """Compiled pools kept alive because ZeroMQ may still hold some of their bytes."""
+        with self._lock:
+            return len(self._fast_pools)
 
     def _send_frames_fast(self, state: SeriesStream, first_frame: int, count: int, period: float,
                           stop: threading.Event) -> int:
-        pool = self._fast_pool(state)
+        pool, slot_of = self._fast_pool(state)
         gen = state.generator
         assert gen is not None
         sock = self._socket(state)
@@ -591,8 +628,8 @@ class DetectorStreamSink:
         done = 0
         while done < count and not stop.is_set():
             n = min(batch, count - done)
-            indices = np.ascontiguousarray(gen.pool_index(np.arange(first_frame + done, first_frame + done + n,
-                                                                    dtype=np.int64)), dtype=np.int64)
+            indices = np.ascontiguousarray(slot_of[gen.pool_index(np.arange(first_frame + done, first_frame + done + n,
+                                                                            dtype=np.int64))], dtype=np.int64)
             # Wait in slices so that a stop request is seen while no consumer takes frames.
             wait_s = min(state.wait_left_s, FAST_BATCH_SECONDS)
             final_wait = state.wait_left_s <= FAST_BATCH_SECONDS

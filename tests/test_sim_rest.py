@@ -653,6 +653,7 @@ def test_roi_mode_resets_timing_and_geometry(dcu):
     ("QUADRO", "Dectris QUADRO Si 250K", (512, 512), 1 / 4500),
     ("ARINA", "Dectris ARINA Si 36K", (192, 192), 1 / 30000),
     ("EIGER2_500K", "Dectris EIGER2 Si 500K", (1028, 512), 1 / 2250),
+    ("EIGER2_1M", "Dectris EIGER2 Si 1M", (1028, 1062), 1 / 2250),
     ("EIGER2_16M", "Dectris EIGER2 Si 16M", (4148, 4362), 1 / 133),
 ], indirect=["simulator"])
 def test_model_presets(dcu, simulator, description, size, min_frame_time):
