@@ -18,8 +18,15 @@ cdef enum:
     NARROW_TERMS = 65537    # uint16 (or uint8) values that always fit a uint32 partial sum
 
 
-def add_frames(const pixel_t[:, ::1] frames, uint64_t[::1] acc) -> None:
-    """``acc[p] += frames[0, p] + ... + frames[n-1, p]`` exactly (``frames`` is (n, pixels))."""
+ctypedef fused counts_t:
+    uint32_t
+    uint64_t
+
+
+def add_frames(const pixel_t[:, ::1] frames, counts_t[::1] acc) -> None:
+    """``acc[p] += frames[0, p] + ... + frames[n-1, p]`` (``frames`` is (n, pixels)), exact while
+    ``acc`` does not overflow: a uint32 ``acc`` suits a partition of at most 65,537 frames of
+    uint16 pixels, and moves half the bytes of a uint64 one."""
     cdef Py_ssize_t n = frames.shape[0], pixels = frames.shape[1]
     cdef Py_ssize_t block, end, f, p, first, last
     cdef Py_ssize_t block_pixels = BLOCK, narrow_terms = NARROW_TERMS

@@ -52,3 +52,12 @@ def test_sum_udfs_give_exact_results_for_every_pixel_type(dtype, tmp_path):
     assert total["intensity"].data.dtype == np.float64
     assert np.array_equal(total["intensity"].data, data.sum(axis=(0, 1), dtype=np.float64))
     assert np.array_equal(per_frame["intensity"].data, data.sum(axis=(2, 3), dtype=np.float64))
+
+
+def test_a_uint32_accumulator_holds_the_longest_partition_it_is_chosen_for():
+    from tango_dectris_live.processing.udfs import _NARROW_COUNT_FRAMES
+
+    frames = np.full((_NARROW_COUNT_FRAMES, 2), 65535, np.uint16)
+    acc = np.zeros(2, np.uint32)
+    _pixel_sums.add_frames(frames, acc)
+    assert acc.tolist() == [_NARROW_COUNT_FRAMES * 65535] * 2  # 4,294,901,895: no wrap-around

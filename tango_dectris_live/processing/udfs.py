@@ -1,6 +1,8 @@
 """The UDFs this project writes itself, for analyses LiberTEM has no UDF for."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from libertem.udf.base import UDF
 
@@ -51,6 +53,9 @@ def exact_accumulator(dtype: np.dtype, terms: int) -> np.dtype:
     return np.dtype(np.int32 if bits < 32 else np.int64)
 
 
+_NARROW_COUNT_FRAMES = (2**32 - 1) // (2**16 - 1)  # uint16 values a uint32 sum always holds
+
+
 def _native_pixels(tile: np.ndarray) -> np.ndarray | None:
     """``tile`` as (frames, pixels) if the compiled sums take it (unsigned 8/16/32-bit, C order)."""
     if tile.dtype.kind != "u" or tile.dtype.itemsize > 4 or not tile.dtype.isnative:
@@ -71,6 +76,8 @@ class ExactSumUDF(UDF):
     def get_result_buffers(self):
         dtype = np.dtype(self.meta.input_dtype)
         counts = np.uint64 if dtype.kind == "u" else np.int64 if dtype.kind == "i" else np.float64
+        if dtype.kind == "u" and dtype.itemsize <= 2 and self._partition_frames() <= _NARROW_COUNT_FRAMES:
+            counts = np.uint32  # a partition's counts fit; the merged total is uint64
         return {
             "counts": self.buffer(kind="sig", dtype=counts, use="private"),
             "intensity": self.buffer(kind="sig", dtype=np.float64, use="result_only"),
@@ -83,6 +90,13 @@ class ExactSumUDF(UDF):
             _pixel_sums.add_frames(pixels, counts.reshape(-1))
         else:
             counts[:] += np.sum(tile, axis=0, dtype=exact_accumulator(tile.dtype, tile.shape[0]))
+
+    def _partition_frames(self) -> float:
+        """Frames of the partition being processed (infinite for the whole-scan buffers)."""
+        try:
+            return self.meta.partition_shape.nav.size
+        except ValueError:  # no partition: the main process' buffers for the whole scan
+            return math.inf
 
     def merge(self, dest, src):
         dest.counts[:] += src.counts
