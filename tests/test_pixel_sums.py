@@ -60,4 +60,4 @@ def test_a_uint32_accumulator_holds_the_longest_partition_it_is_chosen_for():
     frames = np.full((_NARROW_COUNT_FRAMES, 2), 65535, np.uint16)
     acc = np.zeros(2, np.uint32)
     _pixel_sums.add_frames(frames, acc)
-    assert acc.tolist() == [_NARROW_COUNT_FRAMES * 65535] * 2  # 4,294,901,895: no wrap-around
+    assert acc.tolist() == [_NARROW_COUNT_FRAMES * 65535] * 2  # 2**32 - 1 exactly: no wrap-around
