@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "demo"))  # run_demo imports its neighbours as top
 
 from benchmarks.bench_pipeline import json_default, print_figures  # noqa: E402
 from benchmarks.scenarios import (  # noqa: E402
+    add_run_arguments, measure_series,
     RunFigures, Scenario, SimulatorControl, SimulatorProcess, TriggerThread, analyses_by_name,
     check_results, child_pids, cpu_seconds, figures_from_timing, ground_truth, peak_rss_mb, reset_peak_rss,
     scenario_by_name)
@@ -201,7 +202,7 @@ class DeviceBench:
     """Simulator + Tango database + one DectrisLive server listening, measured over several series."""
 
     def __init__(self, scenario: Scenario, analyses: str, *, workers: int = 2, stream_format: str = "legacy",
-                 header_detail: str = "basic", frame_rate: float | None = None, num_slots: int = 16,
+                 header_detail: str = "basic", frame_rate: float | None = None, num_slots: int | None = None,
                  frame_stack_size: int | None = None, result_event_rate: float = 10.0) -> None:
         self.scenario = scenario
         self.analyses_name = analyses
@@ -220,7 +221,7 @@ class DeviceBench:
             raise
 
     def _start(self, stream_format: str, header_detail: str, frame_rate: float | None, workers: int,
-               num_slots: int, frame_stack_size: int | None, result_event_rate: float) -> None:
+               num_slots: int | None, frame_stack_size: int | None, result_event_rate: float) -> None:
         self.sim = SimulatorProcess(self.scenario.model)
         self.control = SimulatorControl(self.sim.rest_url)
         self.control.prepare(self.scenario, stream_format=stream_format, header_detail=header_detail,
@@ -230,7 +231,7 @@ class DeviceBench:
         # The tuning as properties too: the worker pool the device spawns at start-up is the one used.
         self.db.register_device(INSTANCE, DEVICE, {
             "DcuHost": "127.0.0.1", "DcuPort": self.sim.rest_port, "StreamPort": self.sim.stream_port,
-            "Stream2Port": self.sim.stream2_port, "Workers": workers, "NumSlots": num_slots,
+            "Stream2Port": self.sim.stream2_port, "Workers": workers, "NumSlots": num_slots or 0,
             "FrameStackSize": frame_stack_size or 0})
         self.server_pid = self.db.start_server(INSTANCE, DEVICE).pid
         self.proxy = tango.DeviceProxy(f"tango://{self.db.tango_host}/{DEVICE}")
@@ -240,7 +241,7 @@ class DeviceBench:
         self.proxy.analyses = list(self.analyses)
         self.proxy.nav_shape = list(self.scenario.nav_shape)
         self.proxy.workers = workers
-        self.proxy.num_slots = num_slots
+        self.proxy.num_slots = num_slots or 0  # 0: automatic, from the frame geometry
         self.proxy.frame_stack_size = frame_stack_size or 0
         self.proxy.result_event_rate = result_event_rate
         # The parameters the ground truth is computed with: the frame's centre, not the beam centre
@@ -345,24 +346,17 @@ class DeviceBench:
 
 
 def measure(scenario: Scenario, analyses: str, runs: int = 3, warmup: int = 1, **settings: Any) -> list[RunFigures]:
-    """``warmup`` unreported series (worker imports, first allocations), then ``runs`` measured ones."""
-    with DeviceBench(scenario, analyses, **settings) as bench:
-        for _ in range(warmup):
-            bench.run_once()
-        return [bench.run_once() for _ in range(runs)]
+    """``warmup`` unreported series, then ``runs`` measured ones."""
+    return measure_series(lambda: DeviceBench(scenario, analyses, **settings), runs, warmup)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", default="quadro512-quick", help="scenario name (suffix -quick: 1/8 frames)")
-    parser.add_argument("--analyses", default="sum+sumsig", help="sum+sumsig or bf+adf+com")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=2)
+    add_run_arguments(parser)
     parser.add_argument("--stream-format", default="legacy", choices=("legacy", "cbor"))
     parser.add_argument("--header-detail", default="basic", choices=("all", "basic", "none"))
     parser.add_argument("--frame-rate", type=float, default=None, help="pace the simulator (Hz); default: max")
-    parser.add_argument("--num-slots", type=int, default=16)
+    parser.add_argument("--num-slots", type=int, default=None, help="default: automatic")
     parser.add_argument("--frame-stack-size", type=int, default=None)
     parser.add_argument("--result-event-rate", type=float, default=10.0,
                         help="the device's result_event_rate (intermediate events per second)")

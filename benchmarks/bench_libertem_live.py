@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.scenarios import (  # noqa: E402
+    add_run_arguments, measure_series,
     FLOAT32_SUM_RTOL, RunFigures, Scenario, SimulatorControl, SimulatorProcess, TriggerThread, analyses_by_name, check_results,
     cpu_seconds, figures_from_timing, ground_truth, peak_rss_mb, reset_peak_rss, scenario_by_name, worker_pids)
 from benchmarks.bench_pipeline import print_figures, json_default  # noqa: E402
@@ -154,19 +155,12 @@ class LiberTEMLiveBench:
 
 def measure(scenario: Scenario, analyses: str, runs: int = 3, warmup: int = 1, **settings: Any) -> list[RunFigures]:
     """``warmup`` unreported series, then ``runs`` measured ones."""
-    with LiberTEMLiveBench(scenario, analyses, **settings) as bench:
-        for _ in range(warmup):
-            bench.run_once()
-        return [bench.run_once() for _ in range(runs)]
+    return measure_series(lambda: LiberTEMLiveBench(scenario, analyses, **settings), runs, warmup)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", default="quadro512-quick", help="scenario name (suffix -quick: 1/8 frames)")
-    parser.add_argument("--analyses", default="sum+sumsig", help="sum+sumsig or bf+adf+com")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=2)
+    add_run_arguments(parser)
     parser.add_argument("--pin-workers", action="store_true", help="let the PipelinedExecutor pin its workers")
     parser.add_argument("--frame-stack-size", type=int, default=None)
     parser.add_argument("--bytes-per-frame", type=int, default=None)

@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.scenarios import (  # noqa: E402
+    add_run_arguments, measure_series,
     RunFigures, Scenario, SimulatorControl, SimulatorProcess, TriggerThread, analyses_by_name, check_results,
     cpu_seconds, figures_from_timing, ground_truth, peak_rss_mb, reset_peak_rss, scenario_by_name, thread_id,
     worker_pids)
@@ -172,11 +173,8 @@ class PipelineBench:
 
 
 def measure(scenario: Scenario, analyses: str, runs: int = 3, warmup: int = 1, **settings: Any) -> list[RunFigures]:
-    """``warmup`` unreported series (worker imports, first allocations), then ``runs`` measured ones."""
-    with PipelineBench(scenario, analyses, **settings) as bench:
-        for _ in range(warmup):
-            bench.run_once()
-        return [bench.run_once() for _ in range(runs)]
+    """``warmup`` unreported series, then ``runs`` measured ones."""
+    return measure_series(lambda: PipelineBench(scenario, analyses, **settings), runs, warmup)
 
 
 # A paced series keeps up when the simulator was never held back (a DCU would have dropped frames)
@@ -241,16 +239,12 @@ def print_figures(figures: list[RunFigures]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", default="quadro512-quick", help="scenario name (suffix -quick: 1/8 frames)")
-    parser.add_argument("--analyses", default="sum+sumsig", help="sum+sumsig or bf+adf+com")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=2)
+    add_run_arguments(parser)
     parser.add_argument("--receiver-mode", default="listen", choices=("listen", "arm"))
     parser.add_argument("--stream-format", default="legacy", choices=("legacy", "cbor"))
     parser.add_argument("--header-detail", default="basic", choices=("all", "basic", "none"))
     parser.add_argument("--frame-rate", type=float, default=None, help="pace the simulator (Hz); default: max")
-    parser.add_argument("--num-slots", type=int, default=16)
+    parser.add_argument("--num-slots", type=int, default=None, help="default: automatic")
     parser.add_argument("--frame-stack-size", type=int, default=None)
     parser.add_argument("--realtime", action="store_true",
                         help="bisect the highest paced frame rate processed in real time instead")

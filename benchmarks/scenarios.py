@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 import numpy as np
 import requests
@@ -454,3 +454,21 @@ def figures_from_timing(scenario: Scenario, depth: str, analyses: str, trigger: 
         latency_ms=(finished_at - trigger.sent_at) * 1e3, sim_send_s=trigger.sent_at - trigger.started_at,
         cpu_s={k: round(v, 3) for k, v in cpu_s.items()}, peak_mb=round(peak_mb, 1), correct=not problems,
         problems=problems, extra=extra or {})
+
+
+def measure_series(make_bench: Callable[[], ContextManager[Any]], runs: int, warmup: int) -> list[RunFigures]:
+    """With one bench (``make_bench()``, a context manager with ``run_once()``): ``warmup``
+    unreported series (worker imports, first allocations), then ``runs`` measured ones."""
+    with make_bench() as bench:
+        for _ in range(warmup):
+            bench.run_once()
+        return [bench.run_once() for _ in range(runs)]
+
+
+def add_run_arguments(parser: Any) -> None:
+    """The command-line options every depth's benchmark shares."""
+    parser.add_argument("--scenario", default="quadro512-quick", help="scenario name (suffix -quick: 1/8 frames)")
+    parser.add_argument("--analyses", default="sum+sumsig", help="sum+sumsig or bf+adf+com")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2)
