@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "demo"))  # run_demo imports its neighbours as top
 
 from benchmarks.bench_pipeline import json_default, print_figures  # noqa: E402
 from benchmarks.scenarios import (  # noqa: E402
-    add_run_arguments, measure_series,
+    ClosingBench, add_run_arguments, measure_series,
     RunFigures, Scenario, SimulatorControl, SimulatorProcess, TriggerThread, analyses_by_name,
     check_results, child_pids, cpu_seconds, figures_from_timing, ground_truth, peak_rss_mb, reset_peak_rss,
     scenario_by_name)
@@ -198,7 +198,7 @@ def result_attributes(proxy: tango.DeviceProxy, analyses: tuple[str, ...]) -> li
     return [result for name in analyses for result in by_analysis[name].split(", ")]
 
 
-class DeviceBench:
+class DeviceBench(ClosingBench):
     """Simulator + Tango database + one DectrisLive server listening, measured over several series."""
 
     def __init__(self, scenario: Scenario, analyses: str, *, workers: int = 2, stream_format: str = "legacy",
@@ -281,12 +281,6 @@ class DeviceBench:
                 print(f"note: had to kill {len(killed)} leftover processes: {killed}", file=sys.stderr)
         finally:
             signal.signal(signal.SIGINT, previous)
-
-    def __enter__(self) -> DeviceBench:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _cpu(self, workers: list[int]) -> dict[str, float]:
         try:

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.scenarios import (  # noqa: E402
-    add_run_arguments, measure_series,
+    ClosingBench, add_run_arguments, measure_series,
     FLOAT32_SUM_RTOL, RunFigures, Scenario, SimulatorControl, SimulatorProcess, TriggerThread, analyses_by_name, check_results,
     cpu_seconds, figures_from_timing, ground_truth, peak_rss_mb, reset_peak_rss, scenario_by_name, worker_pids)
 from benchmarks.bench_pipeline import print_figures, json_default  # noqa: E402
@@ -72,7 +72,7 @@ def libertem_udfs(analyses: tuple[str, ...], frame_shape: tuple[int, int]) -> li
     return udfs
 
 
-class LiberTEMLiveBench:
+class LiberTEMLiveBench(ClosingBench):
     """One simulator + one LiberTEM-live context and connection, measured over several series."""
 
     def __init__(self, scenario: Scenario, analyses: str, *, workers: int = 2, pin_workers: bool = False,
@@ -113,12 +113,6 @@ class LiberTEMLiveBench:
             self.control.close()
         finally:
             self.sim.close()
-
-    def __enter__(self) -> LiberTEMLiveBench:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _cpu(self, workers: list[int]) -> dict[str, float]:
         # LiberTEM-live's receiver is a Rust thread of this process: counted with "main"

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.scenarios import (  # noqa: E402
-    add_run_arguments, measure_series,
+    ClosingBench, add_run_arguments, measure_series,
     RunFigures, Scenario, SimulatorControl, SimulatorProcess, TriggerThread, analyses_by_name, check_results,
     cpu_seconds, figures_from_timing, ground_truth, peak_rss_mb, reset_peak_rss, scenario_by_name, thread_id,
     worker_pids)
@@ -54,7 +54,7 @@ class TimedFrameSource:
         self._inner.release(stack)
 
 
-class PipelineBench:
+class PipelineBench(ClosingBench):
     """One simulator + receiver + runner, measured over several series of one scenario."""
 
     def __init__(self, scenario: Scenario, analyses: str, *, workers: int = 2, receiver_mode: str = "listen",
@@ -99,12 +99,6 @@ class PipelineBench:
             self.control.close()
         finally:
             self.sim.close()
-
-    def __enter__(self) -> PipelineBench:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _cpu(self, workers: list[int]) -> dict[str, float]:
         own = cpu_seconds(os.getpid())

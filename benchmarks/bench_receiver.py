@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.scenarios import (  # noqa: E402
-    SCENARIOS, Scenario, SimulatorControl, SimulatorProcess, TriggerThread)
+    SCENARIOS, ClosingBench, Scenario, SimulatorControl, SimulatorProcess, TriggerThread)
 from sim.data import default_nav_shape  # noqa: E402
 from tango_dectris_live.receiver import (  # noqa: E402
     SeriesFinished, SeriesSummary, StackReady, StreamReceiver, decode_frames_into)
@@ -250,7 +250,7 @@ def sim_scenario(size: int, frames: int) -> Scenario:
                      f"{sorted(SIM_SCENARIOS.values())} or use --producer python")
 
 
-class SimulatorSeriesBench:
+class SimulatorSeriesBench(ClosingBench):
     """One simulator process and one receiver for a frame size; each run arms and triggers one series."""
 
     def __init__(self, version: int, size: int, frames: int) -> None:
@@ -288,12 +288,6 @@ class SimulatorSeriesBench:
             self.control.close()
         finally:
             self.sim.close()
-
-    def __enter__(self) -> SimulatorSeriesBench:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------------------------------------

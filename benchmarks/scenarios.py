@@ -472,3 +472,16 @@ def add_run_arguments(parser: Any) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2)
+
+
+class ClosingBench:
+    """A bench as a context manager: ``close()`` on leaving the ``with`` block."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

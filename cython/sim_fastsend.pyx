@@ -264,6 +264,14 @@ cdef inline int msg_send_retry(sim_zmq_msg_t *msg, void *sock) noexcept nogil:
             return rc
 
 
+
+cdef check_pool_indices(const int64_t[::1] pool_index, Py_ssize_t pool_size):
+    """IndexError before any send when an index is outside the pool (the loops run without checks)."""
+    cdef Py_ssize_t i
+    for i in range(pool_index.shape[0]):
+        if pool_index[i] < 0 or pool_index[i] >= pool_size:
+            raise IndexError(f"pool index {pool_index[i]} out of range 0..{pool_size - 1}")
+
 cdef class V1FramePool:
     """Stream v1 pieces of every pool frame (see ``sim.streams.v1_fast_pieces``)."""
 
@@ -332,9 +340,7 @@ cdef class V1FramePool:
         cdef int rc
         cdef Py_ssize_t sent = 0, dropped = 0, handled = n
         cdef double wait_left = max_wait_s if max_wait_s > 0 else 0.0
-        for i in range(n):
-            if pool_index[i] < 0 or pool_index[i] >= self.pool_size:
-                raise IndexError(f"pool index {pool_index[i]} out of range 0..{self.pool_size - 1}")
+        check_pool_indices(pool_index, self.pool_size)
         with nogil:
             for i in range(n):
                 if period_s > 0:
@@ -433,9 +439,7 @@ cdef class V2FramePool:
         cdef Py_ssize_t sent = 0, dropped = 0, handled = n
         cdef double wait_left = max_wait_s if max_wait_s > 0 else 0.0
         cdef size_t fixed = self.prefix_len + self.after_id_len + self.after_start_len
-        for i in range(n):
-            if pool_index[i] < 0 or pool_index[i] >= self.pool_size:
-                raise IndexError(f"pool index {pool_index[i]} out of range 0..{self.pool_size - 1}")
+        check_pool_indices(pool_index, self.pool_size)
         with nogil:
             for i in range(n):
                 if period_s > 0:

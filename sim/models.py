@@ -135,12 +135,14 @@ _ARINA = DetectorModel(
     extra_keys=("binning_mode", "pixel_format"),
 )
 
+# ADEiger's documentation: long exposures 32 bit, above ~2200 fps 8 bit, otherwise 16 bit
+_EIGER2_MODULE_RATES = FrameRateTable({32: 500.0, 16: 2200.0, 8: 2250.0})
+
 _EIGER2_500K = DetectorModel(
     name="EIGER2_500K",
     description="Dectris EIGER2 Si 500K",
     detector_number="E-01-0500",
-    # ADEiger's documentation: long exposures 32 bit, above ~2200 fps 8 bit, otherwise 16 bit
-    full=Geometry(1028, 512, FrameRateTable({32: 500.0, 16: 2200.0, 8: 2250.0})),
+    full=Geometry(1028, 512, _EIGER2_MODULE_RATES),
     roi_geometries={},
     default_frame_time_s=0.01,
 )
@@ -151,7 +153,7 @@ _EIGER2_1M = DetectorModel(
     detector_number="E-08-0107",
     # Two 500K modules stacked (1028 x 1062 with the gap rows, SIMPLON.md §6); the rates are the
     # 500K's, as both read out a module at a time [UNVERIFIED against a data sheet]
-    full=Geometry(1028, 1062, FrameRateTable({32: 500.0, 16: 2200.0, 8: 2250.0})),
+    full=Geometry(1028, 1062, _EIGER2_MODULE_RATES),
     roi_geometries={},
     default_frame_time_s=0.01,
 )

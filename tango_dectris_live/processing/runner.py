@@ -125,19 +125,17 @@ def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment) -> tuple[lis
 def _process_in_tiles(spec: _SeriesSpec, stack: Any, env: Environment, dataset: LiveDataSet,
                       tiling_scheme: TilingScheme, numbers: np.ndarray) -> list:
     """Frames in increasing order, one input dtype: stack positions of a run are contiguous."""
-    dtype, members = spec.dtype_groups[0]
+    dtype, members = spec.dtype_groups[0]  # one group: every UDF, in order
     chunk = max(1, spec.frames_per_partition)
     tile_buffer = _buffer("tile", min(spec.tile_depth, stack.frames), spec.frame_shape, dtype)
     partial: list = []
-    buffers: list[dict | None] = [None] * len(spec.udf_classes)
     for run_start, run_stop in _frame_runs(numbers):
         for start in range(run_start, run_stop, chunk):
             stop = min(run_stop, start + chunk)
             source = StackTileSource(spec.decode_frames_into, stack, start, tile_buffer)
             partition = dataset.partition_for_run(int(numbers[start]), source, stop - start)
-            for i, result in zip(members, _run_udfs(spec, env, tiling_scheme, members, partition)):
-                buffers[i] = result
-            partial.append((int(numbers[start]), stop - start, list(buffers)))
+            partial.append((int(numbers[start]), stop - start,
+                            _run_udfs(spec, env, tiling_scheme, members, partition)))
     return partial
 
 
