@@ -26,6 +26,8 @@ extensions = [
     Extension(
         "tango_dectris_live.processing._pixel_sums",
         ["cython/pixel_sums.pyx"],
+        depends=["cython/pixel_kernels.h"],
+        include_dirs=["cython"],
         extra_compile_args=compile_args,
     ),
 ]

@@ -1,0 +1,105 @@
+/* Exact integer pixel sums for cython/pixel_sums.pyx, written in C so that the compiler can
+ * build them once per instruction set: with GCC or Clang on x86-64 Linux every kernel is compiled
+ * for AVX-512BW, AVX2 and the baseline, and the loader picks the one the CPU runs (an ifunc).
+ * Elsewhere they are plain portable C.
+ *
+ * Callers guarantee the accumulators cannot overflow (pixel_sums.pyx documents how).
+ */
+#ifndef TDL_PIXEL_KERNELS_H
+#define TDL_PIXEL_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__INTEL_COMPILER)
+#define TDL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TDL_CLONES
+#endif
+
+/* pixels per block: the block's accumulators (16 KiB of uint32) stay in the L1 cache while the
+ * frames stream past */
+#define TDL_BLOCK 4096
+/* uint16 (or uint8) values that always fit a uint32 partial sum */
+#define TDL_NARROW_TERMS 65537
+
+#define TDL_MIN(a, b) ((a) < (b) ? (a) : (b))
+
+/* acc[p] += sum over f of frames[f * pixels + p], acc as wide as the sum needs (no partials):
+ * four frames at a time, so each accumulator is loaded and stored once per four frames. */
+#define TDL_ADD_DIRECT(NAME, PIXEL, ACC)                                                         \
+    TDL_CLONES static void NAME(const PIXEL *restrict frames, size_t n, size_t pixels,            \
+                                ACC *restrict acc) {                                              \
+        for (size_t block = 0; block < pixels; block += TDL_BLOCK) {                              \
+            size_t end = TDL_MIN(block + TDL_BLOCK, pixels);                                      \
+            size_t f = 0;                                                                         \
+            for (; f + 4 <= n; f += 4) {                                                          \
+                const PIXEL *restrict a = frames + f * pixels;                                    \
+                const PIXEL *restrict b = a + pixels;                                             \
+                const PIXEL *restrict c = b + pixels;                                             \
+                const PIXEL *restrict d = c + pixels;                                             \
+                for (size_t p = block; p < end; p++)                                              \
+                    acc[p] += ((ACC)a[p] + (ACC)b[p]) + ((ACC)c[p] + (ACC)d[p]);                  \
+            }                                                                                     \
+            for (; f < n; f++) {                                                                  \
+                const PIXEL *restrict a = frames + f * pixels;                                    \
+                for (size_t p = block; p < end; p++)                                              \
+                    acc[p] += a[p];                                                               \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+TDL_ADD_DIRECT(tdl_add_u8_u32, uint8_t, uint32_t)
+TDL_ADD_DIRECT(tdl_add_u16_u32, uint16_t, uint32_t)
+TDL_ADD_DIRECT(tdl_add_u32_u64, uint32_t, uint64_t)
+
+/* acc (uint64) += narrow pixels, summed first into uint32 partials of a block of pixels, flushed
+ * before they could overflow: the partials vectorise twice as wide as uint64 sums. */
+#define TDL_ADD_NARROW_WIDE(NAME, PIXEL)                                                          \
+    TDL_CLONES static void NAME(const PIXEL *restrict frames, size_t n, size_t pixels,            \
+                                uint64_t *restrict acc) {                                         \
+        uint32_t partial[TDL_BLOCK];                                                              \
+        for (size_t block = 0; block < pixels; block += TDL_BLOCK) {                              \
+            size_t end = TDL_MIN(block + TDL_BLOCK, pixels), width = end - block;                 \
+            for (size_t first = 0; first < n; first += TDL_NARROW_TERMS - 1) {                   \
+                size_t last = TDL_MIN(first + TDL_NARROW_TERMS - 1, n);                           \
+                for (size_t p = 0; p < width; p++)                                                \
+                    partial[p] = 0;                                                               \
+                for (size_t f = first; f < last; f++) {                                           \
+                    const PIXEL *restrict a = frames + f * pixels + block;                        \
+                    for (size_t p = 0; p < width; p++)                                            \
+                        partial[p] += a[p];                                                       \
+                }                                                                                 \
+                for (size_t p = 0; p < width; p++)                                                \
+                    acc[block + p] += partial[p];                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+TDL_ADD_NARROW_WIDE(tdl_add_u8_u64, uint8_t)
+TDL_ADD_NARROW_WIDE(tdl_add_u16_u64, uint16_t)
+
+/* totals[f] += the exact sum of frame f: narrow pixels in uint32 chunks that cannot overflow,
+ * 32-bit pixels straight into uint64. */
+#define TDL_TOTALS(NAME, PIXEL, PARTIAL, CHUNK)                                                   \
+    TDL_CLONES static void NAME(const PIXEL *restrict frames, size_t n, size_t pixels,            \
+                                double *restrict totals) {                                        \
+        for (size_t f = 0; f < n; f++) {                                                          \
+            const PIXEL *restrict a = frames + f * pixels;                                        \
+            uint64_t total = 0;                                                                   \
+            for (size_t block = 0; block < pixels; block += (CHUNK)) {                           \
+                size_t end = TDL_MIN(block + (CHUNK), pixels);                                    \
+                PARTIAL partial = 0;                                                              \
+                for (size_t p = block; p < end; p++)                                              \
+                    partial += a[p];                                                              \
+                total += partial;                                                                 \
+            }                                                                                     \
+            totals[f] += (double)total;                                                           \
+        }                                                                                         \
+    }
+
+TDL_TOTALS(tdl_totals_u8, uint8_t, uint32_t, TDL_NARROW_TERMS - 1)
+TDL_TOTALS(tdl_totals_u16, uint16_t, uint32_t, TDL_NARROW_TERMS - 1)
+TDL_TOTALS(tdl_totals_u32, uint32_t, uint64_t, (size_t)1 << 30)
+
+#endif
