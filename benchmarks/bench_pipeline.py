@@ -60,7 +60,7 @@ class PipelineBench(ClosingBench):
     def __init__(self, scenario: Scenario, analyses: str, *, workers: int = 2, receiver_mode: str = "listen",
                  stream_format: str = "legacy", header_detail: str = "basic", frame_rate: float | None = None,
                  num_slots: int | None = None, frame_stack_size: int | None = None, receive_hwm: int = 1000,
-                 frames_per_partition: int | None = None) -> None:
+                 frames_per_partition: int | None = None, coalesce: float | None = None) -> None:
         if receiver_mode not in ("listen", "arm"):
             raise ValueError(f"receiver_mode must be listen (passive) or arm (active), got {receiver_mode!r}")
         self.scenario = scenario
@@ -70,6 +70,7 @@ class PipelineBench(ClosingBench):
         self.settings = {"workers": workers, "receiver_mode": receiver_mode, "stream_format": stream_format,
                          "header_detail": header_detail, "num_slots": num_slots,
                          "frame_stack_size": frame_stack_size, "receive_hwm": receive_hwm, "frame_rate": frame_rate,
+                         "coalesce": coalesce,
                          "frames_per_partition": frames_per_partition}
         self.frames_per_partition = frames_per_partition  # None: a worker takes its whole stack at once
         self.sim = SimulatorProcess(scenario.model)
@@ -81,7 +82,8 @@ class PipelineBench(ClosingBench):
             self.receiver = StreamReceiver(
                 self.sim.stream_endpoint(stream_format), stream_version=1 if stream_format == "legacy" else 2,
                 frame_shape=scenario.frame_shape, dtype=scenario.dtype, num_slots=num_slots,
-                frame_stack_size=frame_stack_size, receive_hwm=receive_hwm, timeout=60.0).start()
+                frame_stack_size=frame_stack_size, receive_hwm=receive_hwm, timeout=60.0,
+                **({} if coalesce is None else {"coalesce": coalesce})).start()
             self.runner = LiveRunner(workers=workers)
         except BaseException:
             self.sim.close()
@@ -240,6 +242,8 @@ def main() -> None:
     parser.add_argument("--frame-rate", type=float, default=None, help="pace the simulator (Hz); default: max")
     parser.add_argument("--num-slots", type=int, default=None, help="default: automatic")
     parser.add_argument("--frame-stack-size", type=int, default=None)
+    parser.add_argument("--coalesce", type=float, default=None,
+                        help="receiver nap while a stream flows (s); default: the receiver's")
     parser.add_argument("--realtime", action="store_true",
                         help="bisect the highest paced frame rate processed in real time instead")
     parser.add_argument("--realtime-low", type=float, default=None, help="default: 1/16 of the high end")
@@ -250,7 +254,8 @@ def main() -> None:
         limit = realtime_limit(scenario_by_name(args.scenario), args.analyses, args.realtime_low,
                                args.realtime_high, workers=args.workers, receiver_mode=args.receiver_mode,
                                stream_format=args.stream_format, header_detail=args.header_detail,
-                               num_slots=args.num_slots, frame_stack_size=args.frame_stack_size)
+                               num_slots=args.num_slots, frame_stack_size=args.frame_stack_size,
+                               coalesce=args.coalesce)
         print(f"{limit['scenario']} {limit['analyses']}: real-time limit {limit['realtime_limit_hz']:,.0f} Hz")
         if args.json is not None:
             args.json.write_text(json.dumps(limit, default=json_default))
@@ -258,7 +263,7 @@ def main() -> None:
     figures = measure(scenario_by_name(args.scenario), args.analyses, args.runs, args.warmup,
                       workers=args.workers, receiver_mode=args.receiver_mode, stream_format=args.stream_format,
                       header_detail=args.header_detail, frame_rate=args.frame_rate, num_slots=args.num_slots,
-                      frame_stack_size=args.frame_stack_size)
+                      frame_stack_size=args.frame_stack_size, coalesce=args.coalesce)
     print_figures(figures)
     if args.json is not None:
         args.json.write_text(json.dumps([f.as_dict() for f in figures], default=json_default))

@@ -19,7 +19,7 @@ linked libzmq alike, on a fresh ``pip install -e .`` without any library path at
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
 from libc.string cimport memcmp, memcpy
 from libc.errno cimport EAGAIN, EINTR
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from posix.time cimport clock_gettime, nanosleep, timespec, CLOCK_MONOTONIC
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
 
@@ -53,6 +53,9 @@ cdef enum:
     MAX_PARTS = 16
     MAX_CHANNELS = 16
     CBOR_MAX_DEPTH = 32
+
+# A message within this many seconds means a stream is flowing (the receiver may nap, see run())
+cdef double COALESCE_WINDOW = 0.001
 
 from frame_index cimport ENC_BSLZ4, ENC_BSZSTD, ENC_LZ4_HDF5, ENC_LZ4_RAW, ENC_NONE, FrameRecord
 
@@ -439,6 +442,7 @@ cdef class StreamLoop:
     cdef public int message_kind
     cdef public int socket_errno
     cdef public double last_message_at
+    cdef double coalesce
     cdef public int64_t last_height, last_width
     cdef public int32_t last_dtype_tag, last_encoding
     cdef int64_t counts[N_COUNTERS]
@@ -455,7 +459,7 @@ cdef class StreamLoop:
 
     def __init__(self, dict functions, uintptr_t socket_address, bint stream_v2, memory,
                  Py_ssize_t num_slots, Py_ssize_t slot_bytes, Py_ssize_t frames_per_stack,
-                 double max_latency):
+                 double max_latency, double coalesce=0.0):
         cdef uint8_t[::1] view = memory
         cdef int i
         self.f_init = <msg_init_fn><uintptr_t>functions["zmq_msg_init"]
@@ -469,6 +473,9 @@ cdef class StreamLoop:
         self.f_errno = <errno_fn><uintptr_t>functions["zmq_errno"]
         self.socket = <void*>socket_address
         self.stream_v2 = stream_v2
+        if not 0.0 <= coalesce <= 0.01:
+            raise ValueError(f"coalesce must be 0 to 0.01 s, got {coalesce}")
+        self.coalesce = coalesce
         self.index_bytes = frames_per_stack * sizeof(FrameRecord)
         if slot_bytes <= self.index_bytes or num_slots * slot_bytes > view.shape[0]:
             raise ValueError(f"shared memory of {view.shape[0]} bytes cannot hold {num_slots} slots "
@@ -876,6 +883,7 @@ cdef class StreamLoop:
         cdef double wait
         cdef int event, received
         cdef zmq_pollitem_t item
+        cdef timespec nap
         if self.has_pending:
             event = self.event_of(self.place_pending())
             if event >= 0:
@@ -893,6 +901,16 @@ cdef class StreamLoop:
                 wait = deadline - now
                 if self.cur_frames > 0 and self.cur_opened_at + self.max_latency - now < wait:
                     wait = self.cur_opened_at + self.max_latency - now
+                if self.coalesce > 0 and now - self.last_message_at < COALESCE_WINDOW:
+                    # A stream is flowing and the queue ran dry: nap instead of being woken for
+                    # every batch ZeroMQ's I/O thread reads (8 KiB). Messages pile up meanwhile
+                    # and are taken in one go: far fewer wake-ups on both threads.
+                    if wait > self.coalesce:
+                        wait = self.coalesce
+                    nap.tv_sec = 0
+                    nap.tv_nsec = <long>(wait * 1e9)
+                    nanosleep(&nap, NULL)
+                    continue
                 item.socket = self.socket
                 item.fd = 0
                 item.events = ZMQ_POLLIN

@@ -10,10 +10,11 @@ from tests.stream_producer import StreamProducer, collect_series, random_frames
 SHAPE = (24, 40)
 
 
-def _round_trip(version: int, frames: np.ndarray, encoding: str, **series_kwargs) -> tuple:
+def _round_trip(version: int, frames: np.ndarray, encoding: str, *, coalesce: float = 200e-6,
+                **series_kwargs) -> tuple:
     with StreamProducer(version) as producer, StreamReceiver(
             producer.endpoint, stream_version=version, frame_shape=frames.shape[1:], dtype=frames.dtype,
-            frame_stack_size=8, num_slots=4) as receiver:
+            frame_stack_size=8, num_slots=4, coalesce=coalesce) as receiver:
         receiver.arm(3)
         producer.send_all(producer.series(3, frames, encoding, **series_kwargs))
         summary, received, events = collect_series(receiver, decode_frames_into, frames.dtype.name)
@@ -34,6 +35,24 @@ def test_every_frame_round_trips(version, encoding, dtype):
         np.testing.assert_array_equal(frame, frames[number])
     assert isinstance(events[0], SeriesStarted) and events[0].header.series_id == 3
     assert stats.frames_received == 20 and stats.error_count == 0
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("coalesce", [0.0, 0.002])
+def test_frames_round_trip_with_and_without_napping(version, coalesce):
+    # 0: woken for every batch ZeroMQ reads; 2 ms: long naps while the stream flows
+    frames = random_frames(300, SHAPE, "uint16", seed=7)
+    summary, received, _, stats = _round_trip(version, frames, "bslz4", coalesce=coalesce)
+    assert summary.end_reason == "complete" and summary.missing == 0
+    assert sorted(received) == list(range(300))
+    np.testing.assert_array_equal(np.stack([received[n] for n in range(300)]), frames)
+    assert stats.error_count == 0
+
+
+def test_coalesce_out_of_range_is_refused():
+    for bad in (-1e-6, 0.5):
+        with pytest.raises(ValueError, match="coalesce"):
+            StreamReceiver("tcp://127.0.0.1:1", coalesce=bad)
 
 
 @pytest.mark.parametrize("version", [1, 2])
