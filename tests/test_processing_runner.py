@@ -120,7 +120,7 @@ def test_native_dtype_analyses_decode_tile_by_tile_or_whole_stacks(runner, sourc
     """Analyses that all take the native pixels, stacks in increasing order: tiles (here one
     frame each) are decoded as the UDFs read them; shuffled stacks are decoded whole and
     sorted. Same results."""
-    monkeypatch.setattr(runner_module, "_TILE_BYTES", 1)
+    monkeypatch.setattr(runner_module, "tile_bytes", lambda udfs: 1)
     frames = make_frames(seed=5)
     missing = [3, 4, 5, 130]
     received = np.ones(N, bool)
@@ -283,3 +283,32 @@ def test_bottleneck_diagnosis_reads_the_receiver_telemetry():
     assert "workers saturated" in BottleneckMeter.diagnose(0.4, 16, 16)
     assert "add workers" in BottleneckMeter.diagnose(0.4, 16, 16)
     assert "backlog high" in BottleneckMeter.diagnose(0.0, 13, 16)
+
+
+class _PrefersTiles(analyses.UDF):
+    def __init__(self, total_size):
+        super().__init__(total_size=total_size)
+
+    def get_tiling_preferences(self):
+        return {"depth": self.TILE_DEPTH_DEFAULT, "total_size": self.params.total_size}
+
+    def get_result_buffers(self):
+        return {}
+
+    def process_tile(self, tile):
+        pass
+
+
+def test_tile_size_follows_the_udfs_preferences():
+    registry = AnalysisRegistry.discover()
+
+    def udfs(names, *extra):
+        built = [s.udf for s in registry.build(names, PARAMETERS, (32, 32))] if names else []
+        return built + list(extra)
+
+    assert runner_module.tile_bytes(udfs(["sum", "sumsig"])) == 4 << 20  # what the exact sums ask for
+    # LiberTEM's mask/CoM UDFs leave it open (TILE_SIZE_MAX): the 1 MiB default, smallest wins
+    assert runner_module.tile_bytes(udfs(["sum", "bf", "com"])) == 1 << 20
+    assert runner_module.tile_bytes(udfs(["sum"], _PrefersTiles(256 << 10))) == 256 << 10
+    assert runner_module.tile_bytes(udfs([], _PrefersTiles(1 << 40))) == 64 << 20  # capped
+    assert runner_module.tile_bytes(udfs([], _PrefersTiles(analyses.UDF.TILE_SIZE_BEST_FIT))) == 1 << 20

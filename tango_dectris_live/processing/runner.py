@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import multiprocessing
 import queue
 import threading
@@ -36,7 +37,8 @@ from .snapshot import ResultSnapshot, RunState, blank_unprocessed, empty_snapsho
 
 log = logging.getLogger(__name__)
 
-_TILE_BYTES = 1 << 20  # tiles of whole frames, about 1 MiB each
+_TILE_BYTES = 1 << 20  # tiles of whole frames, about 1 MiB each, unless the UDFs prefer other sizes
+_MAX_TILE_BYTES = 64 << 20
 _NO_RUN = -1
 _POLL = 0.05  # seconds: how promptly stop/abort are noticed while waiting
 
@@ -65,6 +67,22 @@ class _SeriesSpec:
     tile_depth: int
     decode_frames_into: StackDecoder
     frames_per_partition: int  # frames decoded and processed at once (bounds a worker's memory)
+
+
+def tile_bytes(udfs: list[UDF]) -> int:
+    """The tile size (bytes) for a set of UDFs, from their tiling preferences: the smallest
+    ``total_size`` one of them asks for (at most 64 MiB). UDFs that leave it to LiberTEM
+    (``TILE_SIZE_MAX``, the default, or ``TILE_SIZE_BEST_FIT``) get ~1 MiB, the size measured best
+    here for LiberTEM's mask and CoM UDFs (docs/performance.md); the exact sums ask for 4 MiB.
+    A tile always holds at least one whole frame."""
+    sizes = []
+    for udf in udfs:
+        size = udf.get_tiling_preferences().get("total_size", UDF.TILE_SIZE_MAX)
+        if isinstance(size, (int, float, np.number)) and math.isfinite(size) and size > 0:
+            sizes.append(int(min(size, _MAX_TILE_BYTES)))
+        else:
+            sizes.append(_TILE_BYTES)
+    return min(sizes, default=_TILE_BYTES)
 
 
 def _frame_runs(numbers: np.ndarray) -> list[tuple[int, int]]:
@@ -488,7 +506,7 @@ class SeriesRun:
         spec = _SeriesSpec(
             run_id=self._run_id, udf_classes=[type(u) for u in udfs], udf_kwargs=[u._kwargs for u in udfs],
             scan_shape=scan.shape, frame_shape=frame_shape, raw_dtype=raw_dtype.str,
-            dtype_groups=list(groups.items()), tile_depth=max(1, _TILE_BYTES // frame_bytes),
+            dtype_groups=list(groups.items()), tile_depth=max(1, tile_bytes(udfs) // frame_bytes),
             decode_frames_into=self._source.decode_frames_into,
             frames_per_partition=self._frames_per_partition or 1 << 30)
         self._pool.begin_series(spec)
