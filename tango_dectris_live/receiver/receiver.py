@@ -138,8 +138,9 @@ class StreamReceiver:
     header does not come within this long ends with a ``no_header`` :class:`ReceiverError`.
     ``coalesce``: while a stream flows and the socket runs dry, the receiver thread naps this many
     seconds (at most) instead of being woken for each batch ZeroMQ reads, then takes what piled up
-    in one go (0: wake for every batch). The default, 200 us, cut the receive CPU per frame at
-    96x96 by ~15 % (docs/performance.md); it adds at most that much to a frame's latency.
+    in one go (0: wake for every batch). The default, 200 us, cut the receiver thread's CPU per
+    frame at 96x96 by 6-19 % in interleaved runs (docs/performance.md); it adds at most that much
+    to a frame's latency.
     """
 
     def __init__(self, endpoint: str, *, stream_version: int = 1, frame_shape: tuple[int, int] = (512, 512),
