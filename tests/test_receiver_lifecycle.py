@@ -35,9 +35,9 @@ def test_compiled_constants_match_the_python_side():
 def test_layout_defaults_follow_the_geometry():
     arina = FrameStackLayout.for_frames((96, 96), "uint16")
     assert arina.bytes_per_frame == 96 * 96 * 2 // 4
-    assert arina.frame_stack_size == 2048
-    assert arina.slot_bytes % 4096 == 0 and arina.data_bytes >= 2048 * arina.bytes_per_frame
-    assert arina.num_slots == 14  # as many 9 MiB slots as fit 128 MiB
+    assert arina.frame_stack_size == 3640  # ~16 MiB of quarter frames (at most 4096)
+    assert arina.slot_bytes % 4096 == 0 and arina.data_bytes >= 3640 * arina.bytes_per_frame
+    assert arina.num_slots == 8  # as many 16 MiB slots as fit 128 MiB
     big = FrameStackLayout.for_frames((4362, 4148), "uint32")
     assert big.frame_stack_size == 1
     with pytest.raises(ValueError, match="num_slots"):

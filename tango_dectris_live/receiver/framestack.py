@@ -45,7 +45,7 @@ _TAG_DTYPES = {tag: dtype for dtype, tag in _DTYPE_TAGS.items()}
 
 _PAGE = 4096
 _MAX_STACK_BYTES = 16 << 20  # default stack: about 16 MiB of compressed frames
-_MAX_STACK_FRAMES = 2048
+_MAX_STACK_FRAMES = 4096
 _SLOTS_BYTES = 128 << 20  # default number of slots: as many as fit about 128 MiB (4 to 16)
 
 
@@ -84,13 +84,14 @@ class FrameStackLayout:
                    bytes_per_frame: int | None = None) -> FrameStackLayout:
         """Defaults from the detector geometry: a quarter of the uncompressed frame per frame
         (bslz4 typically compresses 4-10x), as many frames per stack as fit in ~16 MiB (at most
-        2048), and as many slots (4 to 16) as fit in ~128 MiB.
+        4096: 3640 at 96x96), and as many slots (4 to 16) as fit in ~128 MiB.
 
         Why stacks this big: a worker pays a fixed cost per stack (LiberTEM allocates each
         partition's result buffers from fresh pages, the partial results travel to the main
         process); at 512x512, 128-frame stacks took 30 % less worker CPU than 64-frame ones
         (benchmarks/bench_pipeline.py --scenario quadro512 --frame-stack-size 64/128), and at
-        96x96 2048-frame stacks ran 1.38x faster than 512-frame ones (benchmarks/sweep.py)."""
+        96x96 2048-frame stacks ran 1.38x faster than 512-frame ones (benchmarks/sweep.py); 3640-frame
+        ones took 3-10 % less worker CPU than 2048 in four interleaved rounds of 8 series."""
         uncompressed = int(shape[0]) * int(shape[1]) * np.dtype(dtype).itemsize
         if bytes_per_frame is None:
             bytes_per_frame = max(64, math.ceil(uncompressed / 4))
