@@ -1,6 +1,7 @@
 /* Exact integer pixel sums for cython/pixel_sums.pyx, written in C so that the compiler can
  * build them once per instruction set: with GCC or Clang on x86-64 Linux every kernel is compiled
- * for AVX-512BW, AVX2 and the baseline, and the loader picks the one the CPU runs (an ifunc).
+ * for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and the baseline, and the loader picks the one the CPU
+ * runs (an ifunc).
  * Elsewhere they are plain portable C.
  *
  * Callers guarantee the accumulators cannot overflow (pixel_sums.pyx documents how).

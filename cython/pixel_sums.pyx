@@ -4,9 +4,9 @@
 NumPy's mixed-type reductions (uint16 pixels into a uint64 sum) convert through small buffers and
 take 50-125 us per 512x512 frame; these loops add the pixels straight into wider integers, a block
 of pixels at a time so that the accumulators stay in the L1 cache while the frames stream past.
-The loops are C (``pixel_kernels.h``), built for x86-64-v4 (AVX-512), v3 (AVX2) and the baseline on x86-64
-Linux, the CPU's best chosen when the module loads. Both run without the GIL. Signed and float
-pixels are left to NumPy by the callers.
+The loops are C (``pixel_kernels.h``), built for x86-64-v4 (AVX-512), v3 (AVX2) and the baseline
+on x86-64 Linux, the CPU's best chosen when the module loads. Both run without the GIL. Signed and
+float pixels are left to NumPy by the callers.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 

@@ -473,9 +473,7 @@ cdef class StreamLoop:
         self.f_errno = <errno_fn><uintptr_t>functions["zmq_errno"]
         self.socket = <void*>socket_address
         self.stream_v2 = stream_v2
-        if not 0.0 <= coalesce <= 0.01:
-            raise ValueError(f"coalesce must be 0 to 0.01 s, got {coalesce}")
-        self.coalesce = coalesce
+        self.coalesce = coalesce  # seconds, checked by StreamReceiver
         self.index_bytes = frames_per_stack * sizeof(FrameRecord)
         if slot_bytes <= self.index_bytes or num_slots * slot_bytes > view.shape[0]:
             raise ValueError(f"shared memory of {view.shape[0]} bytes cannot hold {num_slots} slots "

@@ -61,6 +61,13 @@ _NARROW_COUNT_FRAMES = (2**32 - 1) // (2**16 - 1)  # uint16 values a uint32 sum 
 _SUM_TILE_BYTES = 4 << 20
 
 
+class _ExactSumTiles:
+    """Tiling preference of the compiled-sum UDFs."""
+
+    def get_tiling_preferences(self):
+        return {"depth": UDF.TILE_DEPTH_DEFAULT, "total_size": _SUM_TILE_BYTES}
+
+
 def _native_pixels(tile: np.ndarray) -> np.ndarray | None:
     """``tile`` as (frames, pixels) if the compiled sums take it (unsigned 8/16/32-bit, C order)."""
     if tile.dtype.kind != "u" or tile.dtype.itemsize > 4 or not tile.dtype.isnative:
@@ -70,16 +77,13 @@ def _native_pixels(tile: np.ndarray) -> np.ndarray | None:
     return tile.reshape(tile.shape[0], -1)
 
 
-class ExactSumUDF(UDF):
+class ExactSumUDF(_ExactSumTiles, UDF):
     """Sum of all frames, exact for integer pixels: frames come in their native type (no
     conversion, no float32 rounding) and are added into 64-bit integers (the private buffer
     ``counts``); the result ``intensity`` is float64, exact to 2**53 counts per pixel."""
 
     def get_preferred_input_dtype(self):
         return self.USE_NATIVE_DTYPE
-
-    def get_tiling_preferences(self):
-        return {"depth": self.TILE_DEPTH_DEFAULT, "total_size": _SUM_TILE_BYTES}
 
     def get_result_buffers(self):
         dtype = np.dtype(self.meta.input_dtype)
@@ -113,14 +117,11 @@ class ExactSumUDF(UDF):
         return {"intensity": self.results.counts.astype(np.float64)}
 
 
-class ExactSumSigUDF(UDF):
+class ExactSumSigUDF(_ExactSumTiles, UDF):
     """Total counts of each frame, exact for integer pixels (native type in, float64 out)."""
 
     def get_preferred_input_dtype(self):
         return self.USE_NATIVE_DTYPE
-
-    def get_tiling_preferences(self):
-        return {"depth": self.TILE_DEPTH_DEFAULT, "total_size": _SUM_TILE_BYTES}
 
     def get_result_buffers(self):
         return {"intensity": self.buffer(kind="nav", dtype=np.float64)}
