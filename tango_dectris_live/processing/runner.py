@@ -30,6 +30,8 @@ from libertem.common.executor import Environment
 from libertem.io.dataset.base import TilingScheme
 from libertem.udf.base import MergeAttrMapping, UDF, UDFMeta, UDFParams, UDFPartRunner
 
+from tango_dectris_live.allocator import tune_allocator
+
 from .analyses import AnalysisParameters, AnalysisRegistry, SelectedAnalysis
 from .live_dataset import (FrameRunPartition, FrameSource, LiveDataSet, ScanShape, SeriesFinished,
                            SeriesStarted, StackDecoder, StackReady, StackTileSource, resolve_scan_shape)
@@ -193,6 +195,7 @@ def _process_decoded(spec: _SeriesSpec, stack: Any, env: Environment, dataset: L
 
 def _worker_main(tasks: multiprocessing.Queue, results: multiprocessing.Queue, active_run) -> None:
     """A worker process: series specs and stacks in, partial results out, until ``None``."""
+    tune_allocator()  # LiberTEM's per-partition result buffers: reuse freed memory (allocator.py)
     env = Environment(threads_per_worker=1, threaded_executor=False)
     # one thread per worker for the numeric libraries, set once: LiberTEM enters the environment
     # again for every partition, and when it is already entered that costs nothing, while a

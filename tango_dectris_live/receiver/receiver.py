@@ -29,6 +29,7 @@ from typing import Union
 import numpy as np
 import zmq
 
+from tango_dectris_live.allocator import tune_allocator
 from tango_dectris_live.stream import (
     ImageFrame,
     SeriesEnd,
@@ -191,6 +192,7 @@ class StreamReceiver:
         """Create the frame stacks, connect and start the receiver thread."""
         if self._thread is not None:
             raise RuntimeError("this receiver was already started; create a new one")
+        tune_allocator()  # libzmq's per-message buffers: reuse freed memory (see allocator.py)
         self._stacks = SharedFrameStacks(self.layout)
         self._thread = threading.Thread(target=self._run, name=f"StreamReceiver({self.endpoint})", daemon=True)
         self._thread.start()
