@@ -12,7 +12,7 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 
 # Reinstall when the packaging or the compiled sources change.
-$(STAMP): $(PY) setup.cfg setup.py pyproject.toml $(wildcard cython/*.pyx cython/*.pxd)
+$(STAMP): $(PY) setup.cfg setup.py pyproject.toml $(wildcard cython/*.pyx cython/*.pxd cython/*.h)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 

@@ -10,6 +10,8 @@ float pixels are left to NumPy by the callers.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
+import numpy as np
+
 
 cdef extern from "pixel_kernels.h" nogil:
     void tdl_add_u8_u32(const uint8_t *frames, size_t n, size_t pixels, uint32_t *acc)
@@ -20,6 +22,18 @@ cdef extern from "pixel_kernels.h" nogil:
     void tdl_totals_u8(const uint8_t *frames, size_t n, size_t pixels, double *totals)
     void tdl_totals_u16(const uint16_t *frames, size_t n, size_t pixels, double *totals)
     void tdl_totals_u32(const uint32_t *frames, size_t n, size_t pixels, double *totals)
+    void tdl_weighted_u8_k1(const uint8_t *frames, size_t n, size_t pixels, size_t lo, size_t m,
+                            const float *w, double *out)
+    void tdl_weighted_u16_k1(const uint16_t *frames, size_t n, size_t pixels, size_t lo, size_t m,
+                             const float *w, double *out)
+    void tdl_weighted_u32_k1(const uint32_t *frames, size_t n, size_t pixels, size_t lo, size_t m,
+                             const float *w, double *out)
+    void tdl_weighted_u8_k3(const uint8_t *frames, size_t n, size_t pixels, size_t lo, size_t m,
+                            const float *w, double *out)
+    void tdl_weighted_u16_k3(const uint16_t *frames, size_t n, size_t pixels, size_t lo, size_t m,
+                             const float *w, double *out)
+    void tdl_weighted_u32_k3(const uint32_t *frames, size_t n, size_t pixels, size_t lo, size_t m,
+                             const float *w, double *out)
 
 
 ctypedef fused pixel_t:
@@ -73,3 +87,40 @@ def add_frame_totals(const pixel_t[:, ::1] frames, double[::1] totals) -> None:
             tdl_totals_u16(&frames[0, 0], n, pixels, &totals[0])
         else:
             tdl_totals_u32(&frames[0, 0], n, pixels, &totals[0])
+
+
+def add_weighted_sums(const pixel_t[:, ::1] frames, const float[:, ::1] weights, size_t lo,
+                      double[:, ::1] out) -> None:
+    """``out[f, k] += frames[f, lo:lo + m] @ weights[k]`` for the (K, m) ``weights`` of K masks
+    that are zero outside the pixel range ``[lo, lo + m)``; 8/16-bit pixels are multiplied in
+    float32 (exact conversion), 32-bit ones in float64, and each frame's sum is added in float64.
+    K is 1 or 3 (one mask; CoM's three), other counts go one mask at a time."""
+    cdef size_t n = frames.shape[0], pixels = frames.shape[1], masks = weights.shape[0]
+    cdef size_t m = weights.shape[1], k, f
+    if lo + m > pixels:
+        raise ValueError(f"weights for pixels [{lo}, {lo + m}) of frames of {pixels} pixels")
+    if <size_t>out.shape[0] != n or <size_t>out.shape[1] != masks:
+        raise ValueError(f"out has shape ({out.shape[0]}, {out.shape[1]}), needs ({n}, {masks})")
+    if n == 0 or m == 0 or masks == 0:
+        return
+    if masks == 3:
+        with nogil:
+            if pixel_t is uint8_t:
+                tdl_weighted_u8_k3(&frames[0, 0], n, pixels, lo, m, &weights[0, 0], &out[0, 0])
+            elif pixel_t is uint16_t:
+                tdl_weighted_u16_k3(&frames[0, 0], n, pixels, lo, m, &weights[0, 0], &out[0, 0])
+            else:
+                tdl_weighted_u32_k3(&frames[0, 0], n, pixels, lo, m, &weights[0, 0], &out[0, 0])
+        return
+    cdef double[:, ::1] column = np.zeros((n, 1))
+    for k in range(masks):
+        column[:, :] = 0.0
+        with nogil:
+            if pixel_t is uint8_t:
+                tdl_weighted_u8_k1(&frames[0, 0], n, pixels, lo, m, &weights[k, 0], &column[0, 0])
+            elif pixel_t is uint16_t:
+                tdl_weighted_u16_k1(&frames[0, 0], n, pixels, lo, m, &weights[k, 0], &column[0, 0])
+            else:
+                tdl_weighted_u32_k1(&frames[0, 0], n, pixels, lo, m, &weights[k, 0], &column[0, 0])
+        for f in range(n):
+            out[f, k] += column[f, 0]

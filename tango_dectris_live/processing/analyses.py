@@ -18,10 +18,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from libertem import masks
 from libertem.udf.base import UDF
-from libertem.udf.com import CoMUDF
-from libertem.udf.masks import ApplyMasksUDF
 
-from .udfs import ExactSumSigUDF, ExactSumUDF, LastFrameUDF
+from .udfs import CompiledCoMUDF, CompiledMasksUDF, ExactSumSigUDF, ExactSumUDF, LastFrameUDF
 
 ENTRY_POINT_GROUP = "tango_dectris_live.analyses"
 
@@ -119,13 +117,13 @@ def _ring(parameters: AnalysisParameters) -> np.ndarray:
 def _single_mask_udf(mask_function: Callable[[AnalysisParameters], np.ndarray],
                      parameters: AnalysisParameters) -> UDF:
     # functools.partial (not a lambda): the UDF's parameters travel to the worker processes
-    return ApplyMasksUDF(mask_factories=[functools.partial(mask_function, parameters)],
-                         use_sparse=False, mask_count=1, mask_dtype=np.float32)
+    return CompiledMasksUDF(mask_factories=[functools.partial(mask_function, parameters)],
+                            use_sparse=False, mask_count=1, mask_dtype=np.float32)
 
 
 def _com_udf(parameters: AnalysisParameters) -> UDF:
     cy, cx = parameters.beam_centre
-    return CoMUDF.with_params(cy=cy, cx=cx)
+    return CompiledCoMUDF.with_params(cy=cy, cx=cx)
 
 
 def _renamed(mapping: Mapping[str, str]) -> ResultExtractor:
