@@ -306,9 +306,12 @@ def test_tile_size_follows_the_udfs_preferences():
         built = [s.udf for s in registry.build(names, PARAMETERS, (32, 32))] if names else []
         return built + list(extra)
 
-    assert runner_module.tile_bytes(udfs(["sum", "sumsig"])) == 4 << 20  # what the exact sums ask for
-    # LiberTEM's mask/CoM UDFs leave it open (TILE_SIZE_MAX): the 1 MiB default, smallest wins
-    assert runner_module.tile_bytes(udfs(["sum", "bf", "com"])) == 1 << 20
+    # what the compiled sums and mask sums ask for
+    assert runner_module.tile_bytes(udfs(["sum", "sumsig"])) == 4 << 20
+    assert runner_module.tile_bytes(udfs(["sum", "bf", "adf", "com"])) == 4 << 20
+    # LiberTEM's own UDFs leave it open (TILE_SIZE_MAX): the 1 MiB default, smallest wins
+    from libertem.udf.sum import SumUDF
+    assert runner_module.tile_bytes(udfs(["sum", "bf"], SumUDF())) == 1 << 20
     assert runner_module.tile_bytes(udfs(["sum"], _PrefersTiles(256 << 10))) == 256 << 10
     assert runner_module.tile_bytes(udfs([], _PrefersTiles(1 << 40))) == 64 << 20  # capped
     assert runner_module.tile_bytes(udfs([], _PrefersTiles(analyses.UDF.TILE_SIZE_BEST_FIT))) == 1 << 20

@@ -61,14 +61,15 @@ def exact_accumulator(dtype: np.dtype, terms: int) -> np.dtype:
 
 _NARROW_COUNT_FRAMES = (2**32 - 1) // (2**16 - 1)  # uint16 values a uint32 sum always holds
 
-# Tiles of ~4 MiB for the compiled sums: per-tile costs (decode call, LiberTEM's views) spread
-# over more frames; measured 4.65 -> 4.13 us/frame (96x96) and 126 -> 108 us/frame (512x512)
-# against 1 MiB tiles for sum+sumsig in a worker (docs/performance.md).
+# Tiles of ~4 MiB for the compiled sums and mask sums: per-tile costs (decode call, LiberTEM's
+# views) spread over more frames; measured against 1 MiB tiles in a worker, sum+sumsig 4.65 ->
+# 4.13 us/frame (96x96) and 126 -> 108 (512x512); bf+adf+com 7.7-7.9 -> 6.8-7.1 (96x96) and
+# 186-193 -> 158-164 (512x512) (docs/performance.md).
 _SUM_TILE_BYTES = 4 << 20
 
 
 class _ExactSumTiles:
-    """Tiling preference of the compiled-sum UDFs."""
+    """Tiling preference of the compiled-sum and mask-sum UDFs."""
 
     def get_tiling_preferences(self):
         return {"depth": UDF.TILE_DEPTH_DEFAULT, "total_size": _SUM_TILE_BYTES}
