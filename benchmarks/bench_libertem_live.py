@@ -5,8 +5,9 @@ configuration, stream v1 with ``header_detail: basic``, its Rust receiver into s
 runs the UDFs with a PipelinedExecutor of ``--workers`` processes. It is used in passive mode:
 this script arms and triggers over REST exactly as for our pipeline, LiberTEM-live picks the series
 up with ``wait_for_acquisition``. The UDFs are LiberTEM's: SumUDF and SumSigUDF (float32, as a
-LiberTEM-live user runs them), and for bf/adf/com the ApplyMasksUDF/CoMUDF set up by our analyses
-registry; the results are checked against the same ground truth as ours.
+LiberTEM-live user runs them), and for bf/adf/com LiberTEM's own ApplyMasksUDF/CoMUDF with the
+masks and parameters our analyses registry sets up (not our compiled subclasses of them); the
+results are checked against the same ground truth as ours.
 
     .venv/bin/python benchmarks/bench_libertem_live.py --scenario quadro512-quick --analyses sum+sumsig
 """
@@ -47,8 +48,9 @@ def default_tuning(scenario: Scenario) -> dict[str, int]:
     }
 
 
-# What a LiberTEM-live user runs for these analyses: LiberTEM's own sum UDFs (float32); bf, adf
-# and com are LiberTEM UDFs in our registry too (ApplyMasksUDF, CoMUDF) and are taken from it.
+# What a LiberTEM-live user runs for these analyses: LiberTEM's own sum UDFs (float32); for bf,
+# adf and com LiberTEM's ApplyMasksUDF/CoMUDF, built with the arguments our registry gives our
+# compiled subclasses of them (same masks, same beam centre).
 LIBERTEM_SUM_UDFS = {"sum": ("SumUDF", "sum_image"), "sumsig": ("SumSigUDF", "sumsig_image")}
 
 
@@ -68,8 +70,16 @@ def libertem_udfs(analyses: tuple[str, ...], frame_shape: tuple[int, int]) -> li
             udfs.append((classes[class_name](), lambda buffers, public=public: {public: buffers["intensity"]}))
         else:
             (selected,) = registry.build([name], AnalysisParameters(), frame_shape)
-            udfs.append((selected.udf, selected.extract_results))
+            udfs.append((libertem_base(selected.udf), selected.extract_results))
     return udfs
+
+
+def libertem_base(udf: Any) -> Any:
+    """The UDF as LiberTEM's own class (the first one of LiberTEM in its MRO) with its arguments."""
+    for cls in type(udf).__mro__:
+        if cls.__module__.startswith("libertem."):
+            return cls(**udf._kwargs)
+    raise TypeError(f"{type(udf).__name__} is not derived from a LiberTEM UDF")
 
 
 class LiberTEMLiveBench(ClosingBench):
