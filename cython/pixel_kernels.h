@@ -16,52 +16,6 @@
 #define TDL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TDL_CLONES
-/* Mask-weighted sums for the bf/adf/com analyses: out[f * K + k] += sum over p < m of
- * frames[f * pixels + lo + p] * w[k * m + p], for K masks given over the pixel range [lo, lo + m)
- * outside which they are all zero. Pixels are converted to ACC (float for 8/16-bit pixels: exact;
- * double for 32-bit ones, as LiberTEM computes them) and summed in TDL_WLANES independent lanes
- * (the compiler turns them into vector registers), a block's lanes are added up in double. */
-#define TDL_WLANES 16
-#define TDL_WBLOCK 1024
-#define TDL_WEIGHTED(NAME, PIXEL, K, ACC)                                                        \
-    TDL_CLONES static void NAME(const PIXEL *restrict frames, size_t n, size_t pixels, size_t lo, \
-                                size_t m, const float *restrict w, double *restrict out) {        \
-        for (size_t f = 0; f < n; f++) {                                                          \
-            const PIXEL *restrict a = frames + f * pixels + lo;                                   \
-            double total[K];                                                                      \
-            for (int k = 0; k < (K); k++)                                                         \
-                total[k] = 0.0;                                                                   \
-            for (size_t block = 0; block < m; block += TDL_WBLOCK) {                             \
-                size_t end = TDL_MIN(block + TDL_WBLOCK, m), p = block;                           \
-                ACC acc[K][TDL_WLANES];                                                           \
-                for (int k = 0; k < (K); k++)                                                     \
-                    for (int l = 0; l < TDL_WLANES; l++)                                          \
-                        acc[k][l] = 0;                                                            \
-                for (; p + TDL_WLANES <= end; p += TDL_WLANES)                                    \
-                    for (int l = 0; l < TDL_WLANES; l++) {                                        \
-                        ACC v = (ACC)a[p + l];                                                    \
-                        for (int k = 0; k < (K); k++)                                             \
-                            acc[k][l] += v * (ACC)w[k * m + p + l];                               \
-                    }                                                                             \
-                for (; p < end; p++)                                                              \
-                    for (int k = 0; k < (K); k++)                                                 \
-                        acc[k][0] += (ACC)a[p] * (ACC)w[k * m + p];                               \
-                for (int k = 0; k < (K); k++)                                                     \
-                    for (int l = 0; l < TDL_WLANES; l++)                                          \
-                        total[k] += acc[k][l];                                                    \
-            }                                                                                     \
-            for (int k = 0; k < (K); k++)                                                         \
-                out[f * (K) + k] += total[k];                                                     \
-        }                                                                                         \
-    }
-
-TDL_WEIGHTED(tdl_weighted_u8_k1, uint8_t, 1, float)
-TDL_WEIGHTED(tdl_weighted_u16_k1, uint16_t, 1, float)
-TDL_WEIGHTED(tdl_weighted_u32_k1, uint32_t, 1, double)
-TDL_WEIGHTED(tdl_weighted_u8_k3, uint8_t, 3, float)
-TDL_WEIGHTED(tdl_weighted_u16_k3, uint16_t, 3, float)
-TDL_WEIGHTED(tdl_weighted_u32_k3, uint32_t, 3, double)
-
 #endif
 
 /* pixels per block: the block's accumulators (16 KiB of uint32) stay in the L1 cache while the

@@ -200,15 +200,34 @@ def _compact_masks(udf: UDF) -> tuple[np.ndarray, int] | None:
     return compact_weights(np.asarray(container.computed_masks))
 
 
-class CompiledMasksUDF(_ExactSumTiles, ApplyMasksUDF):
+class _CompiledMaskSums(_ExactSumTiles):
+    """The tile step of a LiberTEM mask UDF through the compiled weighted sums: unsigned frames
+    come as they are (no float copy) and the sums land in the buffer ``_sums_buffer``; anything
+    the compiled loop does not take goes to the LiberTEM class' own ``process_tile``."""
+
+    _sums_buffer = "intensity"
+
+    def get_preferred_input_dtype(self):
+        return self.USE_NATIVE_DTYPE
+
+    def _weights(self) -> tuple[np.ndarray, int] | None:
+        raise NotImplementedError
+
+    def process_tile(self, tile):
+        weights = self._weights()
+        sums = None if weights is None else _weighted_sums(self, tile, *weights)
+        if sums is None:
+            super().process_tile(tile)
+        else:
+            getattr(self.results, self._sums_buffer)[:] += sums
+
+
+class CompiledMasksUDF(_CompiledMaskSums, ApplyMasksUDF):
     """LiberTEM's ApplyMasksUDF (``intensity``: one value per frame and mask) for dense float32
     masks, with unsigned 8/16/32-bit frames taken as they come and multiplied in a compiled loop
     over the masks' pixel range only -- no float copy of the frames, no matrix product over the
     masks' zeros. Other frames and masks go through LiberTEM's own code. The result type is the
     one LiberTEM gives (float32, float64 for 32-bit pixels)."""
-
-    def get_preferred_input_dtype(self):
-        return self.USE_NATIVE_DTYPE
 
     def get_result_buffers(self):
         dtype = np.result_type(np.float32, self.meta.input_dtype, self.get_mask_dtype())
@@ -220,33 +239,16 @@ class CompiledMasksUDF(_ExactSumTiles, ApplyMasksUDF):
         key = ("masks", id(factories), tuple(self.meta.dataset_shape.sig))
         return _cached_weights(key, factories, lambda: _compact_masks(self))
 
-    def process_tile(self, tile):
-        weights = self._weights()
-        sums = None if weights is None else _weighted_sums(self, tile, *weights)
-        if sums is None:
-            super().process_tile(tile)
-        else:
-            self.results.intensity[:] += sums
 
-
-class CompiledCoMUDF(_ExactSumTiles, CoMUDF):
+class CompiledCoMUDF(_CompiledMaskSums, CoMUDF):
     """LiberTEM's CoMUDF with its three mask sums per frame (total, y- and x-weighted) taken by the
     compiled loop on unsigned 8/16/32-bit frames as they come; results and their types are
     LiberTEM's (``get_results`` is CoMUDF's)."""
 
-    def get_preferred_input_dtype(self):
-        return self.USE_NATIVE_DTYPE
+    _sums_buffer = "raw_mask_result"
 
     def _weights(self) -> tuple[np.ndarray, int] | None:
         params = self.get_params()
         key = ("com", tuple(self.meta.dataset_shape.sig), float(params.cy), float(params.cx), float(params.r),
                None if params.ri is None else float(params.ri))
         return _cached_weights(key, None, lambda: _compact_masks(self))
-
-    def process_tile(self, tile):
-        weights = self._weights()
-        sums = None if weights is None else _weighted_sums(self, tile, *weights)
-        if sums is None:
-            super().process_tile(tile)
-        else:
-            self.results.raw_mask_result[:] += sums
