@@ -12,8 +12,8 @@ workers took 11,152-12,631 each per 512x512 series of 4,096 frames (docs/perform
 
 :func:`tune_allocator` raises both thresholds once per process (``mallopt``), so freed memory is
 reused instead of being returned: the heap stays at its high-water mark, which the frame stack
-slots and the stack size bound. Called by the receiver, the worker processes and the device
-server. ``TANGO_DECTRIS_LIVE_MALLOC=default`` in the environment leaves glibc's defaults alone;
+slots and the stack size bound. Called by the receiver (so in the device server) and the worker
+processes. ``TANGO_DECTRIS_LIVE_MALLOC=default`` in the environment leaves glibc's defaults alone;
 on other C libraries it does nothing.
 """
 from __future__ import annotations
