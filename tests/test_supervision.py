@@ -107,3 +107,32 @@ def test_polling_thread_reports_changes_and_stops(dcu):
     finally:
         supervisor.stop()
     assert not any(t.name == "dcu-supervisor" for t in threading.enumerate())
+
+
+def test_a_slow_callback_cannot_apply_an_older_state_last(dcu):
+    """A poll that publishes idle and is still in its callback when a command's refresh publishes
+    ready: the device must end with ready (it used to end with the poll's older idle, seen as
+    State ON right after Arm)."""
+    applied = []
+    in_callback, release = threading.Event(), threading.Event()
+
+    def on_change(health):
+        if health.condition is DetectorCondition.IDLE and not applied:
+            in_callback.set()
+            release.wait(10)
+        applied.append(health.condition)
+
+    supervisor = DetectorSupervisor(dcu, on_change=on_change)
+    dcu.dcu_state = "idle"
+    poll = threading.Thread(target=supervisor.refresh)
+    poll.start()
+    assert in_callback.wait(10)
+    dcu.dcu_state = "ready"
+    command = threading.Thread(target=supervisor.refresh)
+    command.start()
+    command.join(0.5)  # gives an unordered publish the time to call back first; not needed to pass
+    release.set()
+    poll.join(10)
+    command.join(10)
+    assert applied[-1] is DetectorCondition.BUSY  # the newest is applied last
+    assert supervisor.health.condition is DetectorCondition.BUSY

@@ -63,6 +63,7 @@ class DetectorSupervisor:
         self._on_change = on_change
         self._on_reconnect = on_reconnect
         self._lock = threading.Lock()
+        self._published = 0  # health updates so far (see _publish)
         self._health = DetectorHealth(DetectorCondition.UNREACHABLE, None,
                                       f"not yet connected to the DCU at {client.host}:{client.port}")
         self._reachable = False
@@ -167,7 +168,12 @@ class DetectorSupervisor:
         return str(error) if error else "(the DCU gives no error text)"
 
     def _publish(self, health: DetectorHealth, read: int | None = None) -> DetectorHealth:
-        """Publish ``health``; from a state read, only if no read that started later was published."""
+        """Publish ``health``; from a state read, only if no read that started later was published.
+
+        Callbacks run without a lock held (the device's takes Tango's monitor, which a command
+        thread calling :meth:`refresh` already holds), so two publishes may call back out of
+        order: one that finds a newer health published when its callback returns calls back
+        again with the newest, so the device always ends with it."""
         with self._lock:
             if read is not None:
                 if read < self._newest_read_published:
@@ -175,9 +181,17 @@ class DetectorSupervisor:
                 self._newest_read_published = read
             changed = health != self._health
             self._health = health
-        if changed and self._on_change is not None:
-            self._on_change(health)
-        return health
+            self._published += 1
+            seen = self._published
+        if not changed or self._on_change is None:
+            return health
+        self._on_change(health)
+        while True:
+            with self._lock:
+                if self._published == seen:
+                    return health
+                seen, newest = self._published, self._health
+            self._on_change(newest)  # ours may have been applied after a newer one
 
     # -- blocking commands -------------------------------------------------------------------
 
