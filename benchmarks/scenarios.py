@@ -349,12 +349,22 @@ def check_results(results: Mapping[str, np.ndarray], truth: Mapping[str, np.ndar
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """User + system CPU seconds of a process (all its threads) or of one of its threads."""
+def _stat_fields(pid: int, tid: int | None) -> list[str]:
+    """/proc/<pid>[/task/<tid>]/stat from its field 3 on (the command name may hold spaces)."""
     path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     with open(path) as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
+        return stat.read().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process (all its threads) or of one of its threads."""
+    fields = _stat_fields(pid, tid)
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14, 15)
+
+
+def minor_faults(pid: int, tid: int | None = None) -> int:
+    """Minor page faults so far of a process (all its threads) or of one of its threads."""
+    return int(_stat_fields(pid, tid)[7])  # minflt (field 10)
 
 
 def peak_rss_mb(pid: int) -> float:
