@@ -17,14 +17,29 @@ symbols through pyzmq's own extension module works for the bundled, the system a
 linked libzmq alike, on a fresh ``pip install -e .`` without any library path at build time.
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
-from libc.string cimport memcmp, memcpy
-from libc.errno cimport EAGAIN, EINTR
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memmove
+from libc.errno cimport EAGAIN, EINTR, ECONNRESET, EPROTO, ENOMEM, errno
 from posix.time cimport clock_gettime, nanosleep, timespec, CLOCK_MONOTONIC
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
 
 cdef extern from "string.h" nogil:
     void* memmem(const void* haystack, size_t haystacklen, const void* needle, size_t needlelen)
+
+cdef extern from "sys/socket.h" nogil:
+    ssize_t recv(int fd, void* buf, size_t n, int flags)
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    enum: MSG_DONTWAIT
+    enum: MSG_NOSIGNAL
+
+cdef extern from "poll.h" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd* fds, unsigned long nfds, int timeout)
+    enum: POLLIN
 
 
 # libzmq's message and poll item layouts (zmq.h 4.x): a message is 64 opaque, pointer-aligned bytes.
@@ -107,11 +122,23 @@ cdef enum:
     C_OVERSIZE = 10
     C_SHAPE_MISMATCH = 11
     C_TOO_MANY_PARTS = 12
-    N_COUNTERS = 13
+    C_ZMTP_COMMANDS = 13
+    N_COUNTERS = 14
 
 COUNTER_NAMES = ("frames", "bytes", "messages", "duplicate", "out_of_range", "wrong_series",
                  "stale", "no_header", "truncated", "size_mismatch", "oversize",
-                 "shape_mismatch", "too_many_parts")
+                 "shape_mismatch", "too_many_parts", "zmtp_commands")
+
+# The ZMTP reader (see StreamLoop.attach): read buffer and frame limits.
+cdef enum:
+    ZMTP_FLAG_MORE = 1
+    ZMTP_FLAG_LONG = 2
+    ZMTP_FLAG_COMMAND = 4
+    ZMTP_READ_BUFFER = 4 << 20   # bytes: what one recv() may take (grows for bigger messages)
+    ZMTP_MIN_READ = 64 << 10     # compact the buffer when less than this is free at its end
+
+# a frame (ZeroMQ part) larger than this is a protocol error: the connection is dropped
+cdef uint64_t ZMTP_MAX_FRAME = (<uint64_t>1) << 32
 
 # place_pending() results
 cdef enum:
@@ -154,6 +181,11 @@ cdef inline int64_t json_int_after(const uint8_t* buf, size_t n, const char* key
         return -1
     end[0] = i
     return value
+
+
+cdef inline uint64_t be64(const uint8_t* p) noexcept nogil:
+    return ((<uint64_t>p[0] << 56) | (<uint64_t>p[1] << 48) | (<uint64_t>p[2] << 40) | (<uint64_t>p[3] << 32) |
+            (<uint64_t>p[4] << 24) | (<uint64_t>p[5] << 16) | (<uint64_t>p[6] << 8) | <uint64_t>p[7])
 
 
 cdef inline int same_format(const uint8_t* a, size_t na, const uint8_t* b, size_t nb,
@@ -438,6 +470,17 @@ cdef class StreamLoop:
 
     cdef zmq_msg_t parts[MAX_PARTS]
     cdef int nparts
+    # the parts of the message being processed, whichever transport brought them
+    cdef const uint8_t* pdata[MAX_PARTS]
+    cdef size_t psize[MAX_PARTS]
+
+    # the ZMTP reader (attach()): a connected TCP socket read directly instead of libzmq's socket;
+    # rbuf[rstart:rend] are bytes read but not consumed, rneed how many from rstart the message
+    # being parsed needs
+    cdef int fd
+    cdef uint8_t* rbuf
+    cdef size_t rcap, rstart, rend, rneed
+    cdef bint pending_in_buffer
     cdef object message_parts
     cdef public int message_kind
     cdef public int socket_errno
@@ -456,6 +499,13 @@ cdef class StreamLoop:
         self.base = NULL
         self.bitmap = NULL
         self.nparts = 0
+        self.fd = -1
+        self.rbuf = NULL
+        self.rcap = self.rstart = self.rend = self.rneed = 0
+        self.pending_in_buffer = False
+
+    def __dealloc__(self):
+        free(self.rbuf)
 
     def __init__(self, dict functions, uintptr_t socket_address, bint stream_v2, memory,
                  Py_ssize_t num_slots, Py_ssize_t slot_bytes, Py_ssize_t frames_per_stack,
@@ -506,6 +556,37 @@ cdef class StreamLoop:
         self.cur_slot = -1
 
     # ---- control from receiver.py (receiver thread, GIL held) -----------------------------------
+
+    def attach(self, int fd):
+        """Read ZMTP frames from ``fd`` from now on, instead of the libzmq socket: a connected,
+        non-blocking TCP socket whose ZMTP handshake is done (``zmtp.py``), owned by the caller."""
+        if self.rbuf == NULL:
+            self.rbuf = <uint8_t*>malloc(ZMTP_READ_BUFFER)
+            if self.rbuf == NULL:
+                raise MemoryError("no memory for the ZMTP read buffer")
+            self.rcap = ZMTP_READ_BUFFER
+        self.drop_pending()
+        self.nparts = 0
+        self.rstart = self.rend = self.rneed = 0
+        self.fd = fd
+
+    def detach(self):
+        """Stop reading the attached socket (the caller closes it); returns how many bytes of an
+        unfinished message were dropped with it."""
+        cdef size_t dropped = self.rend - self.rstart
+        self.drop_pending()
+        self.nparts = 0
+        self.rstart = self.rend = self.rneed = 0
+        self.fd = -1
+        return dropped
+
+    @property
+    def attached(self):
+        return self.fd >= 0
+
+    def set_socket(self, uintptr_t socket_address):
+        """Read this libzmq socket (``zmq.Socket.underlying``) when no ZMTP socket is attached."""
+        self.socket = <void*>socket_address
 
     def set_slot(self, int slot):
         """Start filling ``slot`` (free, owned by the receiver from now on)."""
@@ -612,6 +693,8 @@ cdef class StreamLoop:
             self.f_close(&self.pending_msg)
             self.f_init(&self.pending_msg)
         self.has_pending = False
+        self.pending_in_msg = False
+        self.pending_in_buffer = False
         self.pending_object = None
 
     def take_message(self):
@@ -726,6 +809,7 @@ cdef class StreamLoop:
         elif self.pending_object is not None:
             with gil:
                 self.pending_object = None
+        self.pending_in_buffer = False
         self.has_pending = False
 
     cdef inline int event_of(self, int placed) noexcept nogil:
@@ -742,6 +826,9 @@ cdef class StreamLoop:
 
     cdef void close_parts(self) noexcept nogil:
         cdef int i
+        if self.fd >= 0:  # the parts are bytes of the read buffer, already consumed
+            self.nparts = 0
+            return
         for i in range(self.nparts):
             self.f_close(&self.parts[i])
             self.f_init(&self.parts[i])
@@ -751,16 +838,33 @@ cdef class StreamLoop:
         cdef int i
         with gil:
             self.message_parts = [
-                PyBytes_FromStringAndSize(<char*>self.f_data(&self.parts[i]),
-                                          <Py_ssize_t>self.f_size(&self.parts[i]))
+PyBytes_FromStringAndSize(<const char*>self.pdata[i], <Py_ssize_t>self.psize[i])
                 for i in range(self.nparts)]
             self.message_kind = kind
         self.close_parts()
         return EV_MESSAGE
 
     cdef int receive_message(self) noexcept nogil:
-        """1: a whole multipart message is in ``parts``; 0: nothing waiting; -1: socket error."""
-        cdef int rc
+        """1: a whole multipart message is in ``pdata``/``psize``; 0: nothing waiting; 2: a
+        message was dropped (counted); -1: socket error (``socket_errno``)."""
+        if self.fd >= 0:
+            return self.receive_zmtp()
+        return self.receive_zmq()
+
+    cdef inline void hold_part(self, int i) noexcept nogil:
+        """Keep the bytes of part ``i`` until the pending frame is placed; release the others."""
+        if self.fd >= 0:  # they stay in the read buffer, which is not touched before the placing
+            self.pending_in_buffer = True
+            self.nparts = 0
+            return
+        self.f_move(&self.pending_msg, &self.parts[i])
+        self.close_parts()
+        self.pending_in_msg = True
+        # a very short message lives inside the zmq_msg_t itself: it moved with it
+        self.pdata[i] = <const uint8_t*>self.f_data(&self.pending_msg)
+
+    cdef int receive_zmq(self) noexcept nogil:
+        cdef int rc, i
         cdef zmq_msg_t extra
         self.nparts = 0
         rc = self.f_recv(&self.parts[0], self.socket, ZMQ_DONTWAIT)
@@ -787,12 +891,142 @@ cdef class StreamLoop:
                 self.close_parts()
                 return -1
             self.nparts += 1
+        for i in range(self.nparts):
+            self.pdata[i] = <const uint8_t*>self.f_data(&self.parts[i])
+            self.psize[i] = self.f_size(&self.parts[i])
         return 1
+
+    # ---- ZMTP 3 over a TCP socket (the "zmtp" transport) ----------------------------------------
+
+    cdef inline int zmtp_error(self, int code) noexcept nogil:
+        self.socket_errno = code
+        return -1
+
+    cdef int receive_zmtp(self) noexcept nogil:
+        """receive_zmq()'s contract, from the ZMTP byte stream: a message's parts point into the
+        read buffer, which holds them until the next call."""
+        cdef int got, parsed
+        self.nparts = 0
+        while True:
+            parsed = self.parse_zmtp()
+            if parsed != 0:
+                return parsed
+            got = self.fill_zmtp()
+            if got <= 0:
+                return got
+
+    cdef int parse_zmtp(self) noexcept nogil:
+        """The next whole message in the read buffer: 1 (parts set, consumed), 2 (too many parts,
+        dropped and counted), 0 (incomplete: ``rneed`` says how many bytes it needs), -1 (a
+        protocol violation: the connection must go). Commands between messages are handled."""
+        cdef size_t pos = self.rstart, header, avail
+        cdef uint64_t size
+        cdef uint8_t flags
+        cdef int n = 0
+        cdef const uint8_t* body
+        while True:
+            avail = self.rend - pos
+            if avail < 2:
+                self.rneed = pos - self.rstart + 9
+                return 0
+            flags = self.rbuf[pos]
+            if flags & 0xF8:  # reserved bits: not a ZMTP 3 frame, the stream is out of step
+                return self.zmtp_error(EPROTO)
+            if flags & ZMTP_FLAG_LONG:
+                if avail < 9:
+                    self.rneed = pos - self.rstart + 9
+                    return 0
+                size = be64(self.rbuf + pos + 1)
+                header = 9
+            else:
+                size = self.rbuf[pos + 1]
+                header = 2
+            if size > ZMTP_MAX_FRAME:
+                return self.zmtp_error(EPROTO)
+            if avail - header < size:
+                self.rneed = pos - self.rstart + header + <size_t>size
+                return 0
+            body = self.rbuf + pos + header
+            pos += header + <size_t>size
+            if flags & ZMTP_FLAG_COMMAND:
+                if n > 0:  # a command inside a multipart message
+                    return self.zmtp_error(EPROTO)
+                self.zmtp_command(body, size)
+                self.rstart = pos
+                continue
+            if n < MAX_PARTS:
+                self.pdata[n] = body
+                self.psize[n] = size
+            n += 1
+            if not (flags & ZMTP_FLAG_MORE):
+                self.rstart = pos
+                self.rneed = 0
+                if n > MAX_PARTS:
+                    self.counts[C_TOO_MANY_PARTS] += 1
+                    return 2
+                self.nparts = n
+                return 1
+
+    cdef void zmtp_command(self, const uint8_t* body, size_t size) noexcept nogil:
+        """A command between messages (counted): a PING (ZMTP 3.1 heartbeat) gets its PONG with
+        the PING's context; anything else needs no answer from a PULL socket."""
+        cdef uint8_t reply[7 + 16]
+        cdef size_t context = 0
+        self.counts[C_ZMTP_COMMANDS] += 1
+        if size < 7 or body[0] != 4 or memcmp(body + 1, b"PING", 4) != 0:
+            return
+        context = size - 7  # name length, "PING", 2-byte TTL, then the context
+        if context > 16:
+            context = 16
+        reply[0] = ZMTP_FLAG_COMMAND
+        reply[1] = <uint8_t>(5 + context)
+        reply[2] = 4
+        memcpy(reply + 3, b"PONG", 4)
+        memcpy(reply + 7, body + 7, context)
+        send(self.fd, reply, 7 + context, MSG_DONTWAIT | MSG_NOSIGNAL)
+
+    cdef int fill_zmtp(self) noexcept nogil:
+        """Read what the socket holds into the buffer: 1 bytes came, 0 none now, -1 the
+        connection closed or failed (``socket_errno``). Only called with no part or pending
+        frame pointing into the buffer, so it may move and grow it."""
+        cdef size_t kept, capacity
+        cdef ssize_t got
+        cdef uint8_t* moved
+        if self.rstart == self.rend:
+            self.rstart = self.rend = 0
+            if self.rcap > ZMTP_READ_BUFFER:  # a big message has gone: give its memory back
+                moved = <uint8_t*>realloc(self.rbuf, ZMTP_READ_BUFFER)
+                if moved != NULL:
+                    self.rbuf = moved
+                    self.rcap = ZMTP_READ_BUFFER
+        if self.rstart > 0 and (self.rcap - self.rend < ZMTP_MIN_READ or self.rstart + self.rneed > self.rcap):
+            kept = self.rend - self.rstart
+            memmove(self.rbuf, self.rbuf + self.rstart, kept)
+            self.rstart = 0
+            self.rend = kept
+        if self.rneed > self.rcap:  # a message bigger than the buffer
+            capacity = self.rcap
+            while capacity < self.rneed:
+                capacity *= 2
+            moved = <uint8_t*>realloc(self.rbuf, capacity)
+            if moved == NULL:
+                return self.zmtp_error(ENOMEM)
+            self.rbuf = moved
+            self.rcap = capacity
+        got = recv(self.fd, self.rbuf + self.rend, self.rcap - self.rend, MSG_DONTWAIT)
+        if got > 0:
+            self.rend += got
+            return 1
+        if got == 0:
+            return self.zmtp_error(ECONNRESET)  # the peer closed the connection
+        if errno == EAGAIN or errno == EINTR:
+            return 0
+        return self.zmtp_error(errno)
 
     cdef int process_v1(self) noexcept nogil:
         """An image message in ``parts``: place its blob; returns a pump event or -1 (go on)."""
-        cdef const uint8_t* p0 = <const uint8_t*>self.f_data(&self.parts[0])
-        cdef size_t n0 = self.f_size(&self.parts[0]), end = 0
+        cdef const uint8_t* p0 = self.pdata[0]
+        cdef size_t n0 = self.psize[0], end = 0
         cdef const uint8_t* p1
         cdef size_t n1
         cdef int64_t frame, series, declared
@@ -812,20 +1046,18 @@ cdef class StreamLoop:
             self.counts[problem] += 1
             self.close_parts()
             return -1
-        p1 = <const uint8_t*>self.f_data(&self.parts[1])
-        n1 = self.f_size(&self.parts[1])
+        p1 = self.pdata[1]
+        n1 = self.psize[1]
         if self.v1_format_data == NULL or not same_format(self.v1_format_data,
                                                           self.v1_format_size, p1, n1, &declared):
             return self.hand_to_python(MSG_NEW_FORMAT)
-        if declared >= 0 and <size_t>declared != self.f_size(&self.parts[2]):
+        if declared >= 0 and <size_t>declared != self.psize[2]:
             self.counts[C_SIZE_MISMATCH] += 1
             self.close_parts()
             return -1
-        self.f_move(&self.pending_msg, &self.parts[2])
-        self.close_parts()
-        self.pending_in_msg = True
-        self.pending_data[0] = <const uint8_t*>self.f_data(&self.pending_msg)
-        self.pending_size[0] = self.f_size(&self.pending_msg)
+        self.hold_part(2)
+        self.pending_data[0] = self.pdata[2]
+        self.pending_size[0] = self.psize[2]
         self.pending_channels = 1
         self.pending_frame = frame
         self.pending_encoding = self.v1_encoding
@@ -840,8 +1072,8 @@ cdef class StreamLoop:
         cdef const uint8_t* p
         if self.nparts != 1:
             return self.hand_to_python(MSG_FALLBACK)
-        p = <const uint8_t*>self.f_data(&self.parts[0])
-        walked = v2_walk(p, self.f_size(&self.parts[0]), &img)
+        p = self.pdata[0]
+        walked = v2_walk(p, self.psize[0], &img)
         if walked == 1:
             return self.hand_to_python(MSG_OTHER)
         if walked < 0:
@@ -860,10 +1092,9 @@ cdef class StreamLoop:
         self.last_width = img.width
         self.last_dtype_tag = img.dtype_tag
         self.last_encoding = img.encoding
-        # the pointers stay valid: moving a message keeps its data buffer where it is
-        self.f_move(&self.pending_msg, &self.parts[0])
-        self.close_parts()
-        self.pending_in_msg = True
+        # the pointers stay valid: moving a message (longer than the few bytes a zmq_msg_t holds
+        # itself, as every image message is) keeps its data buffer where it is
+        self.hold_part(0)
         for c in range(img.channels):
             self.pending_data[c] = img.data[c]
             self.pending_size[c] = img.size[c]
@@ -881,6 +1112,7 @@ cdef class StreamLoop:
         cdef double wait
         cdef int event, received
         cdef zmq_pollitem_t item
+        cdef pollfd pfd
         cdef timespec nap
         if self.has_pending:
             event = self.event_of(self.place_pending())
@@ -908,6 +1140,14 @@ cdef class StreamLoop:
                     nap.tv_sec = 0
                     nap.tv_nsec = <long>(wait * 1e9)
                     nanosleep(&nap, NULL)
+                    continue
+                if self.fd >= 0:
+                    pfd.fd = self.fd
+                    pfd.events = POLLIN
+                    pfd.revents = 0
+                    if poll(&pfd, 1, <int>(wait * 1000.0) + 1) < 0 and errno != EINTR:
+                        self.socket_errno = errno
+                        return EV_SOCKET_ERROR
                     continue
                 item.socket = self.socket
                 item.fd = 0

@@ -19,6 +19,7 @@ import enum
 import logging
 import os
 import queue
+import socket as _socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -39,7 +40,7 @@ from tango_dectris_live.stream import (
     parse_v2_message,
 )
 
-from . import _receiver
+from . import _receiver, zmtp
 from .native import function_addresses
 from .framestack import FrameStackHandle, FrameStackLayout, SharedFrameStacks, SlotState, dtype_of_tag, dtype_tag
 from .stats import RateWindow, ReceiverStats
@@ -52,6 +53,11 @@ _LIBZMQ_FUNCTIONS = ("zmq_msg_init", "zmq_msg_recv", "zmq_msg_close", "zmq_msg_m
 _C_ERRORS = ("out_of_range", "wrong_series", "stale", "no_header", "truncated", "size_mismatch",
              "oversize", "shape_mismatch", "too_many_parts")
 _C_INDEX = {name: i for i, name in enumerate(_receiver.COUNTER_NAMES)}
+
+TRANSPORTS = ("auto", "zmtp", "libzmq")
+_CONNECT_TIMEOUT_S = 0.5  # TCP connect + ZMTP handshake; the receiver thread waits this long at most
+_RECONNECT_MIN_S = 0.1  # first retry after a failed connection attempt (libzmq's default interval)
+_RECONNECT_MAX_S = 2.0  # retries back off to this
 
 
 def libzmq_functions() -> dict[str, int]:
@@ -142,20 +148,41 @@ class StreamReceiver:
     in one go (0: wake for every batch). The default, 200 us, cut the receiver thread's CPU per
     frame at 96x96 by 6-19 % in interleaved runs (docs/performance.md); it adds at most that much
     to a frame's latency.
+    ``transport``: how the stream is read. ``zmtp`` reads the TCP connection in the receiver
+    thread itself (ZeroMQ's wire protocol, see ``zmtp.py``): several times less CPU per ZeroMQ part
+    than ``libzmq`` (its I/O thread and per-part queue), which is what small frames cost most.
+    ``auto`` (default) is ``zmtp`` for ``tcp://`` endpoints and ``libzmq`` for others, and falls back to
+    ``libzmq`` when the peer needs it (a security mechanism, ZMTP before 3.0). Both reconnect on their
+    own when the connection drops (``disconnects`` in :meth:`stats`). ``receive_hwm`` only applies
+    to ``libzmq``; with ``zmtp`` the kernel's socket buffer is the queue.
     """
 
     def __init__(self, endpoint: str, *, stream_version: int = 1, frame_shape: tuple[int, int] = (512, 512),
                  dtype: np.dtype | str = "uint16", num_slots: int | None = None, frame_stack_size: int | None = None,
                  bytes_per_frame: int | None = None, max_latency: float = 0.1, timeout: float = 10.0,
                  receive_hwm: int = 1000, poll_interval: float = 0.05, rate_window: float = 2.0,
-                 coalesce: float = 200e-6) -> None:
+                 coalesce: float = 200e-6, transport: str = "auto") -> None:
         if stream_version not in (1, 2):
             raise ValueError(f"stream_version must be 1 (legacy JSON) or 2 (CBOR), got {stream_version!r}")
         if max_latency <= 0 or timeout <= 0 or poll_interval <= 0:
             raise ValueError("max_latency, timeout and poll_interval must be positive seconds")
         if not 0.0 <= coalesce <= 0.01:
             raise ValueError(f"coalesce must be 0 to 0.01 seconds, got {coalesce!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        self._tcp = zmtp.TcpEndpoint.parse(endpoint)
+        if transport == "zmtp" and self._tcp is None:
+            raise ValueError(f"the zmtp transport needs a tcp://host:port endpoint, got {endpoint!r}")
         self.endpoint = endpoint
+        self.requested_transport = transport
+        self.transport = "zmtp" if transport != "libzmq" and self._tcp is not None else "libzmq"
+        self._connection: _socket.socket | None = None
+        self._next_connect = 0.0
+        self._connect_failures = 0
+        self._last_connect_error = ""
+        self._disconnects = 0
+        self._zmq_context: zmq.Context | None = None
+        self._zmq_socket: zmq.Socket | None = None
         self.stream_version = stream_version
         self.layout = FrameStackLayout.for_frames(frame_shape, dtype, num_slots=num_slots,
                                                   frame_stack_size=frame_stack_size,
@@ -344,6 +371,11 @@ class StreamReceiver:
             backpressure_seconds=0.0 if stacks is None else stacks.backpressure_seconds,
             series_active=None if series is None else series.header.series_id,
             series_finished=self._series_finished,
+            transport=self.transport,
+            connected=self.transport == "libzmq" or self._connection is not None,
+            disconnects=self._disconnects,
+            connect_error=self._last_connect_error,
+            zmtp_commands=counters[_C_INDEX["zmtp_commands"]],
         )
 
     def _counters(self) -> list[int]:
@@ -353,20 +385,18 @@ class StreamReceiver:
     # ---- the receiver thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        context = zmq.Context()
-        socket = context.socket(zmq.PULL)
         try:
-            socket.setsockopt(zmq.RCVHWM, self.receive_hwm)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(self.endpoint)
             self._loop = _receiver.StreamLoop(
-                libzmq_functions(), socket.underlying, self.stream_version == 2, self._stacks.buffer,
+                libzmq_functions(), 0, self.stream_version == 2, self._stacks.buffer,
                 self.layout.num_slots, self.layout.slot_bytes, self.layout.frame_stack_size, self.max_latency,
                 self.coalesce)
+            if self.transport == "libzmq":
+                self._open_libzmq()
+            else:
+                self._try_connect()  # a peer that is there is connected when start() returns
         except (zmq.ZMQError, RuntimeError, ValueError) as error:
             self._start_error = error
-            socket.close(0)
-            context.term()
+            self._close_transport()
             self._started.set()
             return
         self._started.set()
@@ -380,14 +410,90 @@ class StreamReceiver:
                 self._finish("stopped")
             self._final_counters = self._loop.counters()
             loop, self._loop = self._loop, None
+            if loop.attached:
+                loop.detach()
             loop.close()
-            socket.close(0)
-            context.term()
+            self._close_transport()
             self._drain_commands()
+
+    # ---- transports (receiver thread) -----------------------------------------------------------
+
+    def _open_libzmq(self) -> None:
+        self._zmq_context = zmq.Context()
+        self._zmq_socket = self._zmq_context.socket(zmq.PULL)
+        self._zmq_socket.setsockopt(zmq.RCVHWM, self.receive_hwm)
+        self._zmq_socket.setsockopt(zmq.LINGER, 0)
+        self._zmq_socket.connect(self.endpoint)
+        self._loop.set_socket(self._zmq_socket.underlying)
+        self.transport = "libzmq"
+
+    def _close_transport(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        if self._zmq_socket is not None:
+            self._zmq_socket.close(0)
+            self._zmq_socket = None
+        if self._zmq_context is not None:
+            self._zmq_context.term()
+            self._zmq_context = None
+
+    def _try_connect(self) -> None:
+        """One connection attempt (zmtp transport), when the back-off allows; failures are
+        logged (the first of a kind as a warning) and retried."""
+        if time.monotonic() < self._next_connect:
+            return
+        try:
+            connection = zmtp.connect(self._tcp, timeout=_CONNECT_TIMEOUT_S)
+        except zmtp.ZmtpUnsupported as error:
+            if self.requested_transport == "auto":
+                log.warning("stream %s: %s; reading it through libzmq instead", self.endpoint, error)
+                self._open_libzmq()
+                return
+            self._connect_failed(error)
+            return
+        except OSError as error:  # nobody listening yet, unreachable, or a broken handshake
+            self._connect_failed(error)
+            return
+        self._connection = connection
+        self._loop.attach(connection.fileno())
+        if self._connect_failures:
+            log.info("stream %s: connected after %d failed attempt(s)", self.endpoint, self._connect_failures)
+        self._connect_failures = 0
+        self._last_connect_error = ""
+
+    def _connect_failed(self, error: OSError) -> None:
+        message = str(error) or type(error).__name__
+        if message != self._last_connect_error:
+            log.warning("stream %s: cannot connect (%s); retrying", self.endpoint, message)
+        self._last_connect_error = message
+        self._connect_failures += 1
+        delay = min(_RECONNECT_MAX_S, _RECONNECT_MIN_S * 2 ** min(self._connect_failures - 1, 8))
+        self._next_connect = time.monotonic() + delay
+
+    def _drop_connection(self, reason: str) -> None:
+        """The zmtp connection failed or closed: forget it and reconnect at once; a series in
+        progress goes on (its frames sent meanwhile are missing, as with libzmq)."""
+        dropped = self._loop.detach()
+        self._connection.close()
+        self._connection = None
+        self._disconnects += 1
+        log.warning("stream %s: connection lost (%s, %d bytes of an unfinished message dropped); reconnecting",
+                    self.endpoint, reason, dropped)
+        self._next_connect = 0.0
 
     def _receive(self) -> None:
         loop = self._loop
         while not self._stopping.is_set():
+            if self.transport == "zmtp" and self._connection is None:
+                self._try_connect()
+                if self._connection is None and self.transport == "zmtp":
+                    # not connected: answer commands until the next attempt, and let a series time out
+                    wait = min(self.poll_interval, max(0.0, self._next_connect - time.monotonic()))
+                    self._apply_commands(wait=max(wait, 1e-3))
+                    self._sample_rates()
+                    self._check_timeout()
+                    continue
             if self._mode is ReceiverMode.IDLE:
                 # Not reading is what keeps a header sent at the DCU's arm for the arm() to come.
                 self._apply_commands(wait=self.poll_interval)
@@ -409,6 +515,9 @@ class StreamReceiver:
             elif event == _receiver.EVENT_GROW:
                 self._grow_bitmap()
             elif event == _receiver.EVENT_SOCKET_ERROR:
+                if loop.attached:
+                    self._drop_connection(os.strerror(loop.socket_errno))
+                    continue
                 self._events.put(ReceiverError("socket", f"ZeroMQ socket failed: {os.strerror(loop.socket_errno)}"))
                 return
             self._check_timeout()

@@ -25,6 +25,13 @@ class ReceiverStats:
     backpressure_seconds: float = 0.0
     series_active: int | None = None
     series_finished: int = 0
+    transport: str = "libzmq"  # how the stream is read: "zmtp" or "libzmq" (StreamReceiver's transport)
+    # zmtp: whether a connection is up now (libzmq reconnects on its own: always True), how often it
+    # dropped, why the last connection attempt failed ("" after a success), commands seen (PINGs)
+    connected: bool = True
+    disconnects: int = 0
+    connect_error: str = ""
+    zmtp_commands: int = 0
 
     @property
     def error_count(self) -> int:
