@@ -167,13 +167,17 @@ def random_frames(count: int, shape: tuple[int, int], dtype: str = "uint16", see
 class StreamProducer:
     """A PUSH socket bound to a free loopback port; sends multipart messages."""
 
-    def __init__(self, version: int = 1, send_hwm: int = 1000) -> None:
+    def __init__(self, version: int = 1, send_hwm: int = 1000, port: int | None = None) -> None:
         self.version = version
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, send_hwm)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.port = self.socket.bind_to_random_port("tcp://127.0.0.1")
+        if port is None:
+            self.port = self.socket.bind_to_random_port("tcp://127.0.0.1")
+        else:  # a given port: a detector coming back where it was
+            self.socket.bind(f"tcp://127.0.0.1:{port}")
+            self.port = port
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.builders = MESSAGE_BUILDERS[version]
 

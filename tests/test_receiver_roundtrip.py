@@ -11,10 +11,10 @@ SHAPE = (24, 40)
 
 
 def _round_trip(version: int, frames: np.ndarray, encoding: str, *, coalesce: float = 200e-6,
-                **series_kwargs) -> tuple:
+                transport: str = "auto", **series_kwargs) -> tuple:
     with StreamProducer(version) as producer, StreamReceiver(
             producer.endpoint, stream_version=version, frame_shape=frames.shape[1:], dtype=frames.dtype,
-            frame_stack_size=8, num_slots=4, coalesce=coalesce) as receiver:
+            frame_stack_size=8, num_slots=4, coalesce=coalesce, transport=transport) as receiver:
         receiver.arm(3)
         producer.send_all(producer.series(3, frames, encoding, **series_kwargs))
         summary, received, events = collect_series(receiver, decode_frames_into, frames.dtype.name)
@@ -22,12 +22,14 @@ def _round_trip(version: int, frames: np.ndarray, encoding: str, *, coalesce: fl
     return summary, received, events, stats
 
 
+@pytest.mark.parametrize("transport", ["zmtp", "libzmq"])
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("encoding", ["bslz4", "lz4", "none"])
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32"])
-def test_every_frame_round_trips(version, encoding, dtype):
+def test_every_frame_round_trips(version, encoding, dtype, transport):
     frames = random_frames(20, SHAPE, dtype, seed=version)
-    summary, received, events, stats = _round_trip(version, frames, encoding)
+    summary, received, events, stats = _round_trip(version, frames, encoding, transport=transport)
+    assert stats.transport == transport
     assert summary.end_reason == "complete"
     assert summary.missing == 0 and summary.frames_received == 20
     assert sorted(received) == list(range(20))
@@ -37,12 +39,13 @@ def test_every_frame_round_trips(version, encoding, dtype):
     assert stats.frames_received == 20 and stats.error_count == 0
 
 
+@pytest.mark.parametrize("transport", ["zmtp", "libzmq"])
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("coalesce", [0.0, 0.002])
-def test_frames_round_trip_with_and_without_napping(version, coalesce):
-    # 0: woken for every batch ZeroMQ reads; 2 ms: long naps while the stream flows
+def test_frames_round_trip_with_and_without_napping(version, coalesce, transport):
+    # 0: woken whenever something arrives; 2 ms: long naps while the stream flows
     frames = random_frames(300, SHAPE, "uint16", seed=7)
-    summary, received, _, stats = _round_trip(version, frames, "bslz4", coalesce=coalesce)
+    summary, received, _, stats = _round_trip(version, frames, "bslz4", coalesce=coalesce, transport=transport)
     assert summary.end_reason == "complete" and summary.missing == 0
     assert sorted(received) == list(range(300))
     np.testing.assert_array_equal(np.stack([received[n] for n in range(300)]), frames)

@@ -56,8 +56,7 @@ _C_INDEX = {name: i for i, name in enumerate(_receiver.COUNTER_NAMES)}
 
 TRANSPORTS = ("auto", "zmtp", "libzmq")
 _CONNECT_TIMEOUT_S = 0.5  # TCP connect + ZMTP handshake; the receiver thread waits this long at most
-_RECONNECT_MIN_S = 0.1  # first retry after a failed connection attempt (libzmq's default interval)
-_RECONNECT_MAX_S = 2.0  # retries back off to this
+_RECONNECT_S = 0.1  # retry interval after a failed connection attempt (libzmq's default)
 
 
 def libzmq_functions() -> dict[str, int]:
@@ -468,8 +467,7 @@ class StreamReceiver:
             log.warning("stream %s: cannot connect (%s); retrying", self.endpoint, message)
         self._last_connect_error = message
         self._connect_failures += 1
-        delay = min(_RECONNECT_MAX_S, _RECONNECT_MIN_S * 2 ** min(self._connect_failures - 1, 8))
-        self._next_connect = time.monotonic() + delay
+        self._next_connect = time.monotonic() + _RECONNECT_S
 
     def _drop_connection(self, reason: str) -> None:
         """The zmtp connection failed or closed: forget it and reconnect at once; a series in

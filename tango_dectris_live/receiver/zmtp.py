@@ -81,11 +81,18 @@ def _recv_exactly(sock: socket.socket, count: int, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
+def check_signature(signature: bytes) -> None:
+    """Raise unless ``signature`` (10 bytes) starts a ZeroMQ greeting."""
+    if len(signature) < 10 or signature[0] != 0xFF or not signature[9] & 0x01:
+        raise ZmtpError(f"the peer did not send a ZeroMQ greeting (first bytes {signature[:10]!r})")
+
+
 def check_greeting(greeting: bytes) -> tuple[int, int]:
     """The peer's (major, minor) ZMTP version from its 64-byte greeting; raises if unusable."""
-    if len(greeting) < 11 or greeting[0] != 0xFF or not greeting[9] & 0x01:
-        raise ZmtpError(f"the peer did not send a ZeroMQ greeting (first bytes {greeting[:11].hex()})")
-    major, minor = greeting[10], greeting[11] if len(greeting) > 11 else 0
+    check_signature(greeting)
+    if len(greeting) < 32:
+        raise ZmtpError(f"a truncated ZeroMQ greeting ({len(greeting)} bytes)")
+    major, minor = greeting[10], greeting[11]
     if major < 3:
         raise ZmtpUnsupported(f"the peer speaks ZMTP {major}.x; this transport needs 3.0 or later")
     mechanism = greeting[12:32].rstrip(b"\0")
@@ -133,7 +140,9 @@ def handshake(sock: socket.socket, timeout: float) -> tuple[int, int]:
     Reads exactly the handshake's bytes, so the stream's first frame is the next byte."""
     deadline = time.monotonic() + timeout
     sock.sendall(_GREETING)
-    version = check_greeting(_recv_exactly(sock, GREETING_BYTES, deadline))
+    signature = _recv_exactly(sock, 10, deadline)  # judged first: a stranger may send fewer than 64 bytes
+    check_signature(signature)
+    version = check_greeting(signature + _recv_exactly(sock, GREETING_BYTES - 10, deadline))
     sock.sendall(ready_command())
     flags = _recv_exactly(sock, 1, deadline)[0]
     if not flags & _COMMAND:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import requests
 import tango
 from tango import DevState
 
@@ -36,8 +37,12 @@ def test_entry_point_serves_the_device_from_the_database(tango_db, simulator):
     assert proxy.nimages == 4
     labels = list(proxy.get_attribute_config("trigger_mode").enum_labels)
     proxy.trigger_mode = labels.index("exts")
+    # the simulated trigger input would otherwise fire at once and the series could be over (State
+    # ON again) before the state is read
+    requests.put(f"http://127.0.0.1:{simulator.port}/sim/api/config", json={"ext_trigger_delay_s": 600},
+                 timeout=10).raise_for_status()
     series = proxy.Arm()
-    assert proxy.state() == DevState.RUNNING
+    assert proxy.state() == DevState.RUNNING, proxy.status()
     assert proxy.Disarm() == series
     wait_for(lambda: proxy.state() == DevState.ON, what="ON after Disarm")
 
