@@ -8,6 +8,12 @@ calls ``pump()`` again. Image messages that look as expected never touch the int
 header fields are read in C and their compressed bytes are copied once, from the ZeroMQ message
 into the current slot.
 
+Two transports bring the messages. ``zmtp`` (``attach()``): the loop reads a TCP socket itself,
+megabytes per ``recv()``, and parses ZeroMQ's wire protocol (ZMTP 3 frames: a flags byte, a 1- or
+8-byte size, the body) in place; a message's parts point into the read buffer, which is only
+moved or grown when nothing points into it (after the message was placed or copied). ``libzmq``:
+one ``zmq_msg_recv`` per part from pyzmq's socket, whose I/O thread did the reading.
+
 libzmq is called through function pointers whose addresses are taken at run time (ctypes) from
 the very library pyzmq has loaded. Why not link against libzmq at build time: the socket comes
 from pyzmq, so the functions that use it must be the same libzmq instance (a second copy has its

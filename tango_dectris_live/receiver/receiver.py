@@ -7,8 +7,11 @@ series headers and ends, and the rare image whose layout the C code does not kno
 events from :meth:`StreamReceiver.next_event` and give each stack back with
 :meth:`StreamReceiver.release`.
 
+Transports: ``zmtp`` (the default for ``tcp://``) reads the TCP connection in this thread
+(``zmtp.py``), ``libzmq`` through pyzmq's socket and libzmq's I/O thread.
+
 Modes (docs/receiver.md has the whole picture): IDLE reads nothing, so ZeroMQ keeps what the DCU
-sends (up to the receive and send high-water marks, then the DCU's send waits or drops) and a
+sends (up to the socket buffers and the send high-water mark, then the DCU's send waits or drops) and a
 series header sent at the DCU's arm is still there when :meth:`StreamReceiver.arm` comes; ARMED
 drains other series' messages (counted ``stale``/``wrong_series``) until the armed series' header,
 takes that one series and goes back to IDLE; LISTENING takes every series, one after the other.
@@ -438,8 +441,8 @@ class StreamReceiver:
             self._zmq_context = None
 
     def _try_connect(self) -> None:
-        """One connection attempt (zmtp transport), when the back-off allows; failures are
-        logged (the first of a kind as a warning) and retried."""
+        """One connection attempt (zmtp transport) once the retry interval has passed; a failure
+        is logged as a warning when its reason changes, and retried."""
         if time.monotonic() < self._next_connect:
             return
         try:
