@@ -422,8 +422,9 @@ cdef int v2_walk(const uint8_t* p, size_t n, V2Image* img) noexcept nogil:
 cdef class StreamLoop:
     """ZeroMQ PULL socket -> frame stacks in one shared-memory segment; see the module docstring.
 
-    ``functions``: addresses of the libzmq entry points (``libzmq_functions()`` in receiver.py),
-    ``socket_address``: ``zmq.Socket.underlying``; ``memory``: the shared-memory buffer of all
+    ``functions``: addresses of the libzmq entry points (``libzmq_functions()`` in receiver.py);
+    the messages come from ``attach()``'s TCP socket or ``set_socket()``'s libzmq socket;
+    ``memory``: the shared-memory buffer of all
     slots; ``slot_bytes`` the stride of one slot, whose first ``frames_per_stack`` records are the
     index and the rest (``data_bytes``) the frames' compressed bytes.
     """
@@ -513,7 +514,7 @@ cdef class StreamLoop:
     def __dealloc__(self):
         free(self.rbuf)
 
-    def __init__(self, dict functions, uintptr_t socket_address, bint stream_v2, memory,
+    def __init__(self, dict functions, bint stream_v2, memory,
                  Py_ssize_t num_slots, Py_ssize_t slot_bytes, Py_ssize_t frames_per_stack,
                  double max_latency, double coalesce=0.0):
         cdef uint8_t[::1] view = memory
@@ -527,7 +528,7 @@ cdef class StreamLoop:
         self.f_more = <msg_more_fn><uintptr_t>functions["zmq_msg_more"]
         self.f_poll = <poll_fn><uintptr_t>functions["zmq_poll"]
         self.f_errno = <errno_fn><uintptr_t>functions["zmq_errno"]
-        self.socket = <void*>socket_address
+        self.socket = NULL
         self.stream_v2 = stream_v2
         self.coalesce = coalesce  # seconds, checked by StreamReceiver
         self.index_bytes = frames_per_stack * sizeof(FrameRecord)

@@ -389,7 +389,7 @@ class StreamReceiver:
     def _run(self) -> None:
         try:
             self._loop = _receiver.StreamLoop(
-                libzmq_functions(), 0, self.stream_version == 2, self._stacks.buffer,
+                libzmq_functions(), self.stream_version == 2, self._stacks.buffer,
                 self.layout.num_slots, self.layout.slot_bytes, self.layout.frame_stack_size, self.max_latency,
                 self.coalesce)
             if self.transport == "libzmq":
