@@ -27,7 +27,7 @@ from benchmarks.scenarios import (  # noqa: E402
     RunFigures, Scenario, SimulatorControl, SimulatorProcess, TriggerThread, analyses_by_name, check_results,
     cpu_seconds, figures_from_timing, ground_truth, peak_rss_mb, reset_peak_rss, scenario_by_name, thread_id,
     worker_pids)
-from tango_dectris_live.processing.live_dataset import ReceiverFrameSource, StackReady  # noqa: E402
+from tango_dectris_live.processing.live_dataset import ReceiverFrameSource, SeriesFinished, StackReady  # noqa: E402
 from tango_dectris_live.processing.runner import LiveRunner  # noqa: E402
 from tango_dectris_live.processing.snapshot import RunState  # noqa: E402
 from tango_dectris_live.receiver import StreamReceiver  # noqa: E402
@@ -43,11 +43,14 @@ class TimedFrameSource:
         self._inner = inner
         self.decode_frames_into = inner.decode_frames_into
         self.first_stack_at: float | None = None
+        self.series_ended_at: float | None = None  # time.monotonic(): the receiver had the last frame
 
     def next_event(self, timeout: float):
         event = self._inner.next_event(timeout)
         if isinstance(event, StackReady) and self.first_stack_at is None:
             self.first_stack_at = time.perf_counter()
+        elif isinstance(event, SeriesFinished) and event.ended_at:
+            self.series_ended_at = event.ended_at
         return event
 
     def release(self, stack) -> None:
@@ -129,8 +132,9 @@ class PipelineBench(ClosingBench):
         series = self._next_series
         if self.receiver_mode == "arm":
             self.receiver.arm(series)
-        self.source.first_stack_at = None
-        bytes_before = self.receiver.stats().bytes_received
+        self.source.first_stack_at = self.source.series_ended_at = None
+        before = self.receiver.stats()
+        bytes_before = before.bytes_received
         run = self.runner.process(self.source, self.analyses, nav_shape=self.scenario.nav_shape,
                                   frames_per_partition=self.frames_per_partition)
         armed = self.control.arm()
@@ -142,9 +146,17 @@ class PipelineBench(ClosingBench):
         for pid in processes:
             reset_peak_rss(pid)
         cpu_before = self._cpu(workers)
-        trigger = TriggerThread(self.control).start()
+        at_send: dict[str, Any] = {}
+
+        def probe() -> None:  # where the backlog sits when the simulator has handed over its last frame
+            stats, (_, processed) = self.receiver.stats(), run.counters()
+            at_send.update(monotonic=time.monotonic(), received=stats.frames_received - before.frames_received,
+                           processed=processed, slots_in_use=stats.slots_in_use)
+
+        trigger = TriggerThread(self.control, on_sent=probe).start()
         snapshot = self._wait(run, trigger)
         finished_at = time.perf_counter()
+        finished_mono = time.monotonic()
         trigger.join()
         cpu_after = self._cpu(workers)
         stats = self.receiver.stats()
@@ -162,6 +174,15 @@ class PipelineBench(ClosingBench):
             "frames_per_s_from_first_stack": self.scenario.frames / elapsed_from_first,
             "backpressure_s": stats.backpressure_seconds, "receiver_errors": dict(stats.errors),
             "stacks_merged": snapshot.stacks_merged}
+        if at_send and self.source.series_ended_at:
+            # The latency split: the backlog still on its way (the simulator's ZeroMQ queue, the
+            # sockets' buffers) reaches the receiver first, then the frames in the slots are processed.
+            extra["backlog_at_send"] = {
+                "in_transit_frames": self.scenario.frames - at_send["received"],
+                "received_unprocessed_frames": at_send["received"] - at_send["processed"],
+                "slots_in_use": at_send["slots_in_use"],
+                "to_last_frame_received_ms": (self.source.series_ended_at - at_send["monotonic"]) * 1e3,
+                "last_frame_received_to_result_ms": (finished_mono - self.source.series_ended_at) * 1e3}
         return figures_from_timing(
             self.scenario, DEPTH, self.analyses_name, trigger, finished_at,
             {k: cpu_after[k] - cpu_before[k] for k in cpu_after},
@@ -231,6 +252,12 @@ def print_figures(figures: list[RunFigures]) -> None:
         print(f"{f.scenario:22s} {f.depth:14s} {f.analyses:11s} {f.frames_per_s:10,.0f} frames/s "
               f"{f.mb_per_s:8,.0f} MB/s  latency {f.latency_ms:7.1f} ms  cpu[{cpu}]  peak {f.peak_mb:7.0f} MB  "
               f"{'correct' if f.correct else 'FAILED: ' + '; '.join(f.problems)}")
+        split = f.extra.get("backlog_at_send")
+        if split:
+            print(f"{'':22s} latency split: {split['in_transit_frames']:,} frames still on their way when the "
+                  f"simulator finished, {split['received_unprocessed_frames']:,} received not yet processed; "
+                  f"last frame received after {split['to_last_frame_received_ms']:.0f} ms, result "
+                  f"{split['last_frame_received_to_result_ms']:.0f} ms later")
 
 
 def main() -> None:

@@ -227,8 +227,9 @@ class TriggerThread:
     """Sends the (blocking) software trigger from a thread; ``sent_at`` is the monotonic time at
     which the simulator had handed its last frame to ZeroMQ."""
 
-    def __init__(self, control: SimulatorControl) -> None:
+    def __init__(self, control: SimulatorControl, on_sent: Callable[[], None] | None = None) -> None:
         self._control = control
+        self._on_sent = on_sent  # called on the trigger thread right after sent_at (a probe)
         self.started_at = 0.0
         self.sent_at = 0.0
         self.error: BaseException | None = None
@@ -239,6 +240,8 @@ class TriggerThread:
             self.started_at = time.perf_counter()
             self._control.command("trigger")
             self.sent_at = time.perf_counter()
+            if self._on_sent is not None:
+                self._on_sent()
         except BaseException as error:  # reported by join()
             self.error = error
 

@@ -9,7 +9,7 @@ is checked against the ground truth, so a row is only "correct" when all of its 
 Parameters and values (``auto``: the value the device computes from the detector geometry):
 
 * ``workers``: 1, 2 (default), 3
-* ``num_slots``: 2, 4, 8, 16, 32 and auto (default: 4 to 16, as many as fit ~128 MiB)
+* ``num_slots``: 2, 4, 8, 16, 32 and auto (default: 4 to 16, as many as fit ~64 MiB)
 * ``frame_stack_size``: 1/4, 1/2, 1 (default), 2, 4 times auto (``num_slots`` held at its default count)
 * ``frames_per_partition``: 1/8, 1/4, 1/2 of the stack, whole stack (default)
 * ``stream_format``: legacy (default), cbor
@@ -99,7 +99,7 @@ def sweep_points(scenario: Scenario, parameters: tuple[str, ...]) -> list[SweepP
         elif parameter == "frame_stack_size":
             for factor in FRAME_STACK_FACTORS:
                 size = max(1, round(auto_stack * factor))
-                # the automatic slot count follows the stack size (slots fill ~128 MiB): keep the
+                # the automatic slot count follows the stack size (slots fill ~64 MiB): keep the
                 # default's count so that only the stack size changes
                 points.append(SweepPoint(parameter, None, f"auto ({size})") if factor == 1 else
                               SweepPoint(parameter, size, f"{factor}x auto ({size})",

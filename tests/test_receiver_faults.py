@@ -27,9 +27,12 @@ def link(request):
 def _next_series_works(producer, receiver, series=50):
     frames = random_frames(6, SHAPE, seed=series)
     receiver.arm(series)
+    sending = time.monotonic()
     producer.send_all(producer.series(series, frames))
     summary, received, _events = collect_series(receiver, decode_frames_into)
     assert summary.series == series and summary.end_reason == "complete" and summary.missing == 0
+    # when the receiver had the series' end: after the producer began, before we read the summary
+    assert sending <= summary.ended_at <= time.monotonic()
     assert all(np.array_equal(received[i], frames[i]) for i in range(6))
 
 

@@ -37,7 +37,7 @@ def test_layout_defaults_follow_the_geometry():
     assert arina.bytes_per_frame == 96 * 96 * 2 // 4
     assert arina.frame_stack_size == 3640  # ~16 MiB of quarter frames (at most 4096)
     assert arina.slot_bytes % 4096 == 0 and arina.data_bytes >= 3640 * arina.bytes_per_frame
-    assert arina.num_slots == 8  # as many 16 MiB slots as fit 128 MiB
+    assert arina.num_slots == 4  # as many 16 MiB slots as fit 64 MiB
     big = FrameStackLayout.for_frames((4362, 4148), "uint32")
     assert big.frame_stack_size == 1
     with pytest.raises(ValueError, match="num_slots"):

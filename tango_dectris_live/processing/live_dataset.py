@@ -64,6 +64,7 @@ class SeriesFinished:
     series: int
     missing_frames: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     reason: str = "complete"
+    ended_at: float = 0.0  # time.monotonic() when the source saw the series end (0: not known)
 
 
 SourceEvent = Union[SeriesStarted, StackReady, SeriesFinished]
@@ -110,7 +111,7 @@ class ReceiverFrameSource:
             return StackReady(event.handle)
         if isinstance(event, events.SeriesFinished):
             return SeriesFinished(event.series, np.asarray(event.summary.missing_frames, np.int64),
-                                  event.summary.end_reason)
+                                  event.summary.end_reason, event.summary.ended_at)
         if isinstance(event, events.ReceiverError):
             # the receiver counts these itself and keeps going; keep the latest for the status
             self.receiver_errors = [*self.receiver_errors[-99:], (event.kind, event.message)]

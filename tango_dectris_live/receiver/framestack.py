@@ -46,7 +46,7 @@ _TAG_DTYPES = {tag: dtype for dtype, tag in _DTYPE_TAGS.items()}
 _PAGE = 4096
 _MAX_STACK_BYTES = 16 << 20  # default stack: about 16 MiB of compressed frames
 _MAX_STACK_FRAMES = 4096
-_SLOTS_BYTES = 128 << 20  # default number of slots: as many as fit about 128 MiB (4 to 16)
+_SLOTS_BYTES = 64 << 20  # default number of slots: as many as fit about 64 MiB (4 to 16)
 
 
 def dtype_tag(dtype: np.dtype | str) -> int:
@@ -84,14 +84,21 @@ class FrameStackLayout:
                    bytes_per_frame: int | None = None) -> FrameStackLayout:
         """Defaults from the detector geometry: a quarter of the uncompressed frame per frame
         (bslz4 typically compresses 4-10x), as many frames per stack as fit in ~16 MiB (at most
-        4096: 3640 at 96x96), and as many slots (4 to 16) as fit in ~128 MiB.
+        4096: 3640 at 96x96), and as many slots (4 to 16) as fit in ~64 MiB.
 
         Why stacks this big: a worker pays a fixed cost per stack (LiberTEM allocates each
         partition's result buffers from fresh pages, the partial results travel to the main
         process); at 512x512, 128-frame stacks took 30 % less worker CPU than 64-frame ones
         (benchmarks/bench_pipeline.py --scenario quadro512 --frame-stack-size 64/128), and at
         96x96 2048-frame stacks ran 1.38x faster than 512-frame ones (benchmarks/sweep.py); 3640-frame
-        ones took 3-10 % less worker CPU than 2048 in four interleaved rounds of 8 series."""
+        ones took 3-10 % less worker CPU than 2048 in four interleaved rounds of 8 series.
+
+        Why 4 slots (not 8, as up to session 6) for these stacks: with two workers, a slot being
+        filled and one ready to hand over keep the pipeline full; more slots only hold a longer
+        backlog when the sender outruns processing. Three interleaved rounds of
+        ``benchmarks/bench_pipeline.py --analyses sum+sumsig --runs 3 --num-slots 4/8``: QUADRO
+        512x512 median latency 82-124 ms vs 116-192 ms at the same frames/s (10,243-11,079 vs
+        8,233-11,662); ARINA 96x96 208k vs 205k frames/s (medians of 9), latency ~35 vs ~62 ms."""
         uncompressed = int(shape[0]) * int(shape[1]) * np.dtype(dtype).itemsize
         if bytes_per_frame is None:
             bytes_per_frame = max(64, math.ceil(uncompressed / 4))

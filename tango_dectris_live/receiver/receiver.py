@@ -88,6 +88,9 @@ class SeriesSummary:
     end_reason: str  # complete, end_message, timeout, cancelled, superseded, stopped
     errors: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     duration: float = 0.0
+    # time.monotonic() when the receiver ended the series: its last frame or end message arrived
+    # (or the timeout, cancel, ... named by end_reason)
+    ended_at: float = 0.0
 
     @property
     def missing(self) -> int:
@@ -715,6 +718,7 @@ class StreamReceiver:
             return
         self._hand_over()
         self._loop.drop_pending()
+        ended_at = time.monotonic()
         expected = series.header.number_of_images or 0
         received = series.received
         if expected > 0:
@@ -732,7 +736,7 @@ class StreamReceiver:
         summary = SeriesSummary(
             series=series.header.series_id, expected_frames=expected or None,
             frames_received=int(self._loop.received_frames), missing_frames=missing, end_reason=reason,
-            errors=MappingProxyType(errors), duration=time.monotonic() - series.started_at)
+            errors=MappingProxyType(errors), duration=ended_at - series.started_at, ended_at=ended_at)
         self._loop.end_series()
         self._series = None
         self._last_completed_series = summary.series if reason == "complete" else None
