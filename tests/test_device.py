@@ -203,6 +203,14 @@ def test_missing_dcu_host_is_a_clear_fault():
         assert "DcuHost" in proxy.status()
 
 
+def test_unknown_stream_transport_is_a_clear_fault(simulator):
+    properties = {"DcuHost": "127.0.0.1", "DcuPort": simulator.port, "StreamTransport": "udp"}
+    with DeviceTestContext(DectrisLive, properties=properties, process=True, timeout=30) as proxy:
+        assert proxy.state() == DevState.FAULT
+        assert "StreamTransport" in proxy.status() and "'udp'" in proxy.status()
+        assert "auto, zmtp, libzmq" in proxy.status()
+
+
 def test_a_refused_command_is_reported_and_the_acquisition_goes_on(device):
     initialized(device)
     device.trigger_mode = list(device.get_attribute_config("trigger_mode").enum_labels).index("exts")

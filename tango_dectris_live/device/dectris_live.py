@@ -22,6 +22,7 @@ from ..processing.acquisition import (AcquisitionBusyError, AcquisitionMode, Acq
                                       AcquisitionRequest, AcquisitionUpdate, LiveAcquisition, PipelineSettings)
 from ..processing.analyses import AnalysisParameters, AnalysisRegistry, InvalidAnalysisParameters, UnknownAnalysisError
 from ..processing.snapshot import ResultSnapshot
+from ..receiver import TRANSPORTS
 from ..simplon.client import DetectorClient
 from ..simplon.errors import DetectorNotInitializedError, SimplonError, UnknownParameterError
 from ..simplon.supervision import DetectorCondition, DetectorHealth, DetectorSupervisor
@@ -68,6 +69,9 @@ _PROGRESS_ATTRIBUTES = {
     "acquisition_status": (tango.DevString, "", "message", "what the live processing is doing, in words"),
     "pipeline_hint": (tango.DevString, "", "hint",
                       "where the pipeline's bottleneck is, read from its telemetry (empty: none)"),
+    "stream_transport": (tango.DevString, "", "transport",
+                         "how the stream is read: zmtp (the receiver's own ZeroMQ reader) or libzmq; "
+                         "empty before the first acquisition"),
 }
 _TUNING = ("workers", "num_slots", "bytes_per_frame", "frame_stack_size", "frames_per_partition")
 # Result images are pushed as float64: exact for the integer sums, and one type for every client.
@@ -101,13 +105,19 @@ class DectrisLive(Device):
                                  doc="Host the detector's data stream comes from; empty: the DCU host")
     Workers = device_property(dtype=int, default_value=0,
                               doc="Worker processes that decode and analyse frames (0: automatic)")
-    NumSlots = device_property(dtype=int, default_value=0, doc="Frame-stack slots in shared memory (0: 16)")
+    NumSlots = device_property(dtype=int, default_value=0,
+                               doc="Frame-stack slots in shared memory (0: as many as fit ~64 MiB, 4 to 16)")
     BytesPerFrame = device_property(dtype=int, default_value=0,
                                     doc="Room per compressed frame in a slot (0: a quarter of the raw frame)")
     FrameStackSize = device_property(dtype=int, default_value=0,
-                                     doc="Frames per stack (0: as many as fit in ~8 MiB, at most 512)")
+                                     doc="Frames per stack (0: as many as fit in ~16 MiB, at most 4096)")
     FramesPerPartition = device_property(dtype=int, default_value=0,
                                          doc="Frames a worker decodes and analyses at once (0: a whole stack)")
+    StreamTransport = device_property(
+        dtype=str, default_value="auto",
+        doc="How the data stream is read: auto (the receiver's own ZeroMQ reader for tcp://, libzmq where "
+            "the detector asks for CURVE/PLAIN security or an old protocol), zmtp (always our reader), "
+            "libzmq (always pyzmq/libzmq)")
     NavShape = device_property(dtype=(int,), default_value=[],
                                doc="Remembered nav_shape (written by the device when a client sets it)")
     Analyses = device_property(dtype=(str,), default_value=["sum", "sumsig"],
@@ -135,6 +145,10 @@ class DectrisLive(Device):
         if not host:
             self._set_health(DevState.FAULT, "the DcuHost property is not set: set it to the DCU's "
                                              "address (or start the server with --dcu HOST:PORT)")
+            return
+        if self.StreamTransport not in TRANSPORTS:
+            self._set_health(DevState.FAULT, f"the StreamTransport property is {self.StreamTransport!r}: "
+                                             f"set it to one of {', '.join(TRANSPORTS)}")
             return
         self._client = DetectorClient(host, port, api_version=self.ApiVersion or None,
                                       on_changed=self._on_dcu_changed)
@@ -407,7 +421,7 @@ class DectrisLive(Device):
         self._acquisition = LiveAcquisition(
             self._client, stream_host, {1: self.StreamPort, 2: self.Stream2Port}, registry=self._registry,
             settings=PipelineSettings(**self._tuning), event_rate=self._event_rate,
-            on_update=self._on_acquisition_update)
+            on_update=self._on_acquisition_update, transport=self.StreamTransport)
         # Worker processes take seconds to start: now, not in the first Start.
         threading.Thread(target=self._prepare_workers, name="start-workers", daemon=True).start()
 

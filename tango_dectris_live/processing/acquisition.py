@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tango_dectris_live.receiver import FrameStackLayout, StreamReceiver
+from tango_dectris_live.receiver import TRANSPORTS, FrameStackLayout, StreamReceiver
 from tango_dectris_live.simplon.client import DetectorClient
 from tango_dectris_live.simplon.errors import SimplonError, UnknownParameterError
 
@@ -119,6 +119,7 @@ class AcquisitionProgress:
     backlog: int = 0
     message: str = "idle"
     hint: str = ""  # where the bottleneck is, from the telemetry ("" when nothing stands out)
+    transport: str = ""  # how the receiver reads the stream: zmtp or libzmq ("" before the first acquisition)
 
     @property
     def progress(self) -> float:
@@ -199,7 +200,10 @@ class LiveAcquisition:
                  registry: AnalysisRegistry | None = None, settings: PipelineSettings = PipelineSettings(),
                  event_rate: float = 10.0, on_update: UpdateCallback | None = None,
                  receiver_timeout: float = 10.0, external_trigger_timeout: float = 600.0,
-                 worker_start_method: str = "spawn") -> None:
+                 worker_start_method: str = "spawn", transport: str = "auto") -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        self.transport = transport  # StreamReceiver's transport (auto: zmtp for tcp://, libzmq fallback)
         self.detector = detector
         self.stream_host = stream_host
         self.stream_ports = dict(stream_ports)
@@ -335,7 +339,8 @@ class LiveAcquisition:
         common = dict(mode=self._mode, message=self._message,
                       receive_rate=stats.frames_per_second if stats is not None else 0.0,
                       backlog=stats.slots_in_use if stats is not None else 0,
-                      hint=self._bottleneck.update(stats) if stats is not None else "")
+                      hint=self._bottleneck.update(stats) if stats is not None else "",
+                      transport=stats.transport if stats is not None else "")
         if run is not None and run.series is not None and not (final is not None and final.series == run.series):
             expected, processed = run.counters()
             received = max(0, stats.frames_received - self._received_at_start) if stats is not None else 0
@@ -622,7 +627,7 @@ class LiveAcquisition:
                     f"tcp://{self.stream_host}:{port}", stream_version=geometry.version,
                     frame_shape=geometry.frame_shape, dtype=geometry.dtype, num_slots=settings.num_slots,
                     frame_stack_size=settings.frame_stack_size, bytes_per_frame=settings.bytes_per_frame,
-                    timeout=self.receiver_timeout).start()
+                    timeout=self.receiver_timeout, transport=self.transport).start()
                 self._receiver_key = key
                 self._source = ReceiverFrameSource(self._receiver)
             return self._source

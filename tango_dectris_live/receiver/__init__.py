@@ -2,6 +2,7 @@
 from .decode import decode_frames_into
 from .framestack import FRAME_RECORD_DTYPE, FrameStackHandle, FrameStackLayout, SlotState, attach_segment, detach_all
 from .receiver import (
+    TRANSPORTS,
     ReceiverError,
     ReceiverEvent,
     ReceiverMode,
@@ -27,6 +28,7 @@ __all__ = [
     "SlotState",
     "StackReady",
     "StreamReceiver",
+    "TRANSPORTS",
     "attach_segment",
     "decode_frames_into",
     "detach_all",

@@ -472,6 +472,7 @@ def test_subscriber_sees_progress_grow_and_the_complete_final_result(device, ari
     assert any(0 < n < 100 for n in processed), f"no intermediate progress: {processed}"
     assert all(event.quality == AttrQuality.ATTR_CHANGING for event in results[:-1])
     assert final is results[-1] and final.quality == AttrQuality.ATTR_VALID
+    assert device.stream_transport == "zmtp"  # the StreamTransport property's default, auto
     reference = reference_results(simulator_ground_truth(arina, nav_shape), DETECTORS)
     assert_equals_reference("sumsig_image", final.value, reference["sumsig_image"])
 

@@ -56,16 +56,21 @@ class Updates:
             return [u for u in self.items if u.final]
 
 
+def _prepare(simulator) -> None:
+    """An initialized simulator streaming NAV frames per series at full speed."""
+    _put(simulator, "detector", "command", "initialize")
+    _put(simulator, "detector", "config", "trigger_mode", "ints")
+    _put(simulator, "stream", "config", "mode", "enabled")
+    _sim_config(simulator, pacing="max", nav_shape=list(NAV))
+
+
 @pytest.fixture(scope="module")
 def live():
     """One simulator and one LiveAcquisition (its worker processes start once) for the module."""
     from sim.server import SimulatorServer
 
     with SimulatorServer(host="127.0.0.1", model="ARINA") as simulator:
-        _put(simulator, "detector", "command", "initialize")
-        _put(simulator, "detector", "config", "trigger_mode", "ints")
-        _put(simulator, "stream", "config", "mode", "enabled")
-        _sim_config(simulator, pacing="max", nav_shape=list(NAV))
+        _prepare(simulator)
         client = DetectorClient("127.0.0.1", simulator.port)
         updates = Updates()
         acquisition = LiveAcquisition(client, "127.0.0.1", {1: simulator.stream_port, 2: simulator.stream2_port},
@@ -99,6 +104,7 @@ def test_active_acquisition_results_equal_the_ground_truth(live, stream_format):
     progress = final[0].progress
     assert (progress.frames_processed, progress.frames_expected, progress.frames_missing) == (count, count, 0)
     assert progress.frames_received == count
+    assert progress.transport == "zmtp"  # auto: the receiver's own reader for tcp://
     assert acquisition.mode == AcquisitionMode.IDLE
     assert simulator.detector.state == "idle"  # disarmed after the series
 
@@ -209,7 +215,38 @@ def test_unknown_analysis_and_bad_settings_are_refused_before_anything_runs(live
         acquisition.event_rate = 0
     with pytest.raises(ValueError, match="workers"):
         PipelineSettings(workers=-1)
+    with pytest.raises(ValueError, match="transport must be one of auto, zmtp, libzmq, got 'udp'"):
+        LiveAcquisition(acquisition.detector, "127.0.0.1", {1: 1, 2: 2}, transport="udp")
     assert not acquisition.busy
+
+
+def test_active_acquisition_through_libzmq_when_the_transport_asks_for_it():
+    """transport="libzmq" (the device's StreamTransport property): the same results via pyzmq.
+    Its own simulator: a second receiver on the module's stream would take half the messages
+    (PUSH sockets deal them out round-robin)."""
+    from sim.server import SimulatorServer
+
+    with SimulatorServer(host="127.0.0.1", model="ARINA") as simulator:
+        _prepare(simulator)
+        client = DetectorClient("127.0.0.1", simulator.port)
+        updates = Updates()
+        acquisition = LiveAcquisition(client, "127.0.0.1", {1: simulator.stream_port, 2: simulator.stream2_port},
+                                      settings=PipelineSettings(workers=1, frame_stack_size=8), on_update=updates,
+                                      receiver_timeout=5.0, transport="libzmq")
+        try:
+            acquisition.start(AcquisitionRequest(("sum", "sumsig"), nav_shape=NAV))
+            assert acquisition.wait(60), acquisition.progress()
+            assert acquisition.last_error is None
+            (final,) = updates.finals()
+            truth = _truth(simulator, NAV)
+            count = int(np.prod(NAV))
+            np.testing.assert_array_equal(final.snapshot.buffers["sum_image"], truth.sum_frames(range(count)))
+            np.testing.assert_array_equal(final.snapshot.buffers["sumsig_image"],
+                                          truth.sum_per_frame(range(count)).reshape(NAV))
+            assert final.progress.transport == "libzmq" and final.progress.frames_missing == 0
+        finally:
+            acquisition.close()
+            client.close()
 
 
 def test_active_acquisition_without_a_stream_ends_with_a_clear_error(live):
