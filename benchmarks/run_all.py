@@ -6,11 +6,14 @@ DectrisLive device server driven through a DeviceProxy that receives the result 
 depth) runs in its own Python process (one warm-up series, then ``--runs`` measured ones) so that
 processes, memory peaks and shared memory of one system never affect the other. The table shows
 medians; ``ratio`` is our frames/s (pipeline or device) over LiberTEM-live's for the same scenario
-and analyses. A run whose results differ from the ground truth makes its row FAILED.
+and analyses. A run whose results differ from the ground truth makes its row FAILED. ``--rounds N``
+runs the depths of a row in turn N times (pipeline, device, LiberTEM-live, pipeline, ...) and takes
+the medians over all rounds: on a shared machine a slow spell then falls on every depth, not on one.
 
     .venv/bin/python benchmarks/run_all.py --quick                   # 1/8 of the frames
     .venv/bin/python benchmarks/run_all.py                           # issue 6's scenarios
     .venv/bin/python benchmarks/run_all.py --quick --scenarios arina96 quadro512 --analyses sum+sumsig
+    .venv/bin/python benchmarks/run_all.py --scenarios arina96 quadro512 --analyses sum+sumsig --rounds 3
     .venv/bin/python benchmarks/run_all.py --quick --scenarios arina96 --depths device
     .venv/bin/python benchmarks/run_all.py --realtime arina96 --realtime-max 120000
 
@@ -96,6 +99,36 @@ def summarise(depth: str, scenario: str, analyses: str, runs: list[dict[str, Any
     }
 
 
+def measure_rounds(scenario: str, analyses: str, depths: list[str], rounds: int, runs: int,
+                   workers: int) -> list[dict[str, Any]]:
+    """One row per depth: ``rounds`` rounds that each run every depth once (``runs`` measured
+    series per script), so that the depths take turns and a slow spell of a shared machine falls
+    on all of them; each row's medians are over every round's runs. A round that fails makes its
+    row FAILED, with what went wrong."""
+    collected: dict[str, list[dict[str, Any]]] = {depth: [] for depth in depths}
+    failures: dict[str, list[str]] = {depth: [] for depth in depths}
+    for round_index in range(rounds):
+        for depth in depths:
+            label = f" (round {round_index + 1} of {rounds})" if rounds > 1 else ""
+            print(f"... {scenario} {analyses} {depth}{label}", flush=True)
+            measured, log = run_script(depth, ["--scenario", scenario, "--analyses", analyses,
+                                               "--runs", str(runs), "--workers", str(workers)])
+            if measured:
+                collected[depth] += measured
+            else:
+                failures[depth].append(log.strip().splitlines()[-1] if log.strip() else "no output")
+    rows = []
+    for depth in depths:
+        row = summarise(depth, scenario, analyses, collected[depth] or None,
+                        failures[depth][-1] if failures[depth] else "")
+        if collected[depth] and failures[depth]:
+            row["correct"] = False
+            row["problems"] += [f"{len(failures[depth])} of {rounds} rounds failed: {failures[depth][-1]}"]
+        row["rounds"] = rounds
+        rows.append(row)
+    return rows
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """ratio = ours / LiberTEM-live frames/s, on our rows, for the same scenario and analyses."""
     theirs = {(r["scenario"], r["analyses"]): r for r in rows if r["depth"] == "libertem-live" and r["runs"]}
@@ -129,7 +162,9 @@ def main() -> None:
                         choices=[s.name for s in SCENARIOS])
     parser.add_argument("--analyses", nargs="+", default=list(ANALYSIS_SETS), choices=list(ANALYSIS_SETS))
     parser.add_argument("--depths", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
-    parser.add_argument("--runs", type=int, default=3, help="measured runs per row (median reported)")
+    parser.add_argument("--runs", type=int, default=3, help="measured runs per script (median reported)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the depths of a row this many times in turn (medians over all rounds' runs)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the unrecorded warm-up run before the first row")
@@ -142,6 +177,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     depths = list(args.depths)
     notes = []
@@ -166,11 +203,7 @@ def main() -> None:
     for name in args.scenarios:
         scenario = scenario_by_name(name + suffix)
         for analyses in args.analyses:
-            for depth in depths:
-                print(f"... {scenario.name} {analyses} {depth}", flush=True)
-                runs, log = run_script(depth, ["--scenario", scenario.name, "--analyses", analyses,
-                                               "--runs", str(args.runs), "--workers", str(args.workers)])
-                rows.append(summarise(depth, scenario.name, analyses, runs, log))
+            rows += measure_rounds(scenario.name, analyses, depths, args.rounds, args.runs, args.workers)
     add_ratios(rows)
     print()
     print_table(rows)

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import bitshuffle
+# The simulator encodes a series' frames when it is armed, and bitshuffle's OpenMP team then spins
+# on the CPU for milliseconds after each call (libgomp's default wait policy): measured with
+# `perf record -a` over benchmarks/bench_pipeline.py --scenario arina96, ~8 ms of a core at every
+# arm, in the first milliseconds of the series the benchmark times. A DCU costs the receiving host
+# nothing, so let the team sleep as soon as it is idle (read once, when libgomp loads with
+# bitshuffle; a value the user sets wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import bitshuffle  # noqa: E402  (after the OpenMP setting above)
 import cbor2
 import lz4.block
 import numpy as np
