@@ -7,8 +7,9 @@ depth) runs in its own Python process (one warm-up series, then ``--runs`` measu
 processes, memory peaks and shared memory of one system never affect the other. The table shows
 medians; ``ratio`` is our frames/s (pipeline or device) over LiberTEM-live's for the same scenario
 and analyses. A run whose results differ from the ground truth makes its row FAILED. ``--rounds N``
-runs the depths of a row in turn N times (pipeline, device, LiberTEM-live, pipeline, ...) and takes
-the medians over all rounds: on a shared machine a slow spell then falls on every depth, not on one.
+runs the depths of a row in turn N times, each round starting one depth further on (pipeline,
+device, LiberTEM-live; device, LiberTEM-live, pipeline; ...), and takes the medians over all
+rounds: on a shared machine a slow spell then falls on every depth, not on one.
 
     .venv/bin/python benchmarks/run_all.py --quick                   # 1/8 of the frames
     .venv/bin/python benchmarks/run_all.py                           # issue 6's scenarios
@@ -103,12 +104,15 @@ def measure_rounds(scenario: str, analyses: str, depths: list[str], rounds: int,
                    workers: int) -> list[dict[str, Any]]:
     """One row per depth: ``rounds`` rounds that each run every depth once (``runs`` measured
     series per script), so that the depths take turns and a slow spell of a shared machine falls
-    on all of them; each row's medians are over every round's runs. A round that fails makes its
-    row FAILED, with what went wrong."""
+    on all of them; each round starts one depth further on (pipeline, device, LiberTEM-live, then
+    device, LiberTEM-live, pipeline, ...), because the first script after a pause runs slowest.
+    Each row's medians are over every round's runs. A round that fails makes its row FAILED, with
+    what went wrong."""
     collected: dict[str, list[dict[str, Any]]] = {depth: [] for depth in depths}
     failures: dict[str, list[str]] = {depth: [] for depth in depths}
     for round_index in range(rounds):
-        for depth in depths:
+        turn = round_index % len(depths)
+        for depth in depths[turn:] + depths[:turn]:
             label = f" (round {round_index + 1} of {rounds})" if rounds > 1 else ""
             print(f"... {scenario} {analyses} {depth}{label}", flush=True)
             measured, log = run_script(depth, ["--scenario", scenario, "--analyses", analyses,

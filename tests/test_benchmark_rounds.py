@@ -36,8 +36,9 @@ def test_rounds_take_turns_and_pool_the_runs(scripted):
     answers["pipeline"] = [[_run(10), _run(11)], [_run(30), _run(31)], [_run(20), _run(21)]]
     answers["libertem-live"] = [[_run(5), _run(5)], [_run(9), _run(9)], [_run(6), _run(7)]]
     rows = run_all.measure_rounds("arina96", "sum+sumsig", ["pipeline", "libertem-live"], 3, 2, 2)
-    assert calls == ["pipeline", "libertem-live"] * 3
-    pipeline, theirs = rows
+    # each round starts one depth further on: the first script after a pause runs slowest
+    assert calls == ["pipeline", "libertem-live", "libertem-live", "pipeline", "pipeline", "libertem-live"]
+    pipeline, theirs = rows  # rows keep the depths' order
     assert pipeline["runs"] == 6 and pipeline["rounds"] == 3
     assert pipeline["frames_per_s_each"] == [10, 11, 30, 31, 20, 21]
     assert pipeline["frames_per_s"] == 20.5  # the median of all six
