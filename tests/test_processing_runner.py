@@ -137,6 +137,64 @@ def test_native_dtype_analyses_decode_tile_by_tile_or_whole_stacks(runner, sourc
         np.testing.assert_array_equal(snapshot.buffers[name], expected[name], err_msg=name)
 
 
+@pytest.mark.parametrize("order", ["increasing", "shuffled"])
+def test_a_stack_that_finds_workers_idle_is_shared_between_them(runner, source, order):
+    """Processing that keeps up (each stack arrives after the previous one is done): every
+    stack is split into one part per idle worker, each part merged on its own, each slot
+    released once, after its last part; the results are those of whole stacks."""
+    frames = make_frames(seed=11)
+    missing = [1, 64, 200]
+    received = np.ones(N, bool)
+    received[missing] = False
+    arrived = [n for n in (range(N) if order == "increasing" else arrival_order(seed=12)) if received[n]]
+    run = runner.process(source, ALL, PARAMETERS, nav_shape=SCAN)
+    source.begin_series(12, frames)
+    stacks = 0
+    for start in range(0, len(arrived), 64):
+        source.send_stack(arrived[start:start + 64])
+        stacks += 1
+        done = min(len(arrived), start + 64)
+        wait_for(lambda: run.counters()[1] == done and not source.outstanding, timeout=30,
+                 what=f"stack {stacks} processed and released")
+    source.finish_series(missing)
+    snapshot = run.wait(timeout=60)
+    assert (snapshot.state, snapshot.frames_processed, snapshot.frames_missing) == (RunState.FINISHED, N - 3, 3)
+    assert snapshot.stacks_merged == stacks * runner.pool.size  # every worker took a part of each
+    assert len(source.released) == stacks
+    assert_matches_offline(snapshot, frames, received)
+
+
+def test_parts_of_a_stack_add_up_to_the_whole(tmp_path):
+    """_process_stack over positions [begin, end) in pieces gives the whole stack's partial
+    results, for stacks in increasing order (decoded tile by tile) and shuffled (decoded whole)."""
+    frames = make_frames(seed=13)
+    source = ArrayFrameSource(tmp_path)
+    source.begin_series(1, frames)
+    for numbers in (list(range(40, 100)), arrival_order(seed=14)[:60]):
+        stack = source.send_stack(numbers)
+        spec = runner_module._SeriesSpec(
+            run_id=1, udf_classes=[], udf_kwargs=[], scan_shape=SCAN, frame_shape=FRAME, raw_dtype="<u2",
+            dtype_groups=[], tile_depth=7, decode_frames_into=source.decode_frames_into, frames_per_partition=1 << 30)
+        registry = AnalysisRegistry.discover()
+        udfs = [s.udf for s in registry.build(["sum", "sumsig"], PARAMETERS, FRAME)]
+        spec.udf_classes, spec.udf_kwargs = [type(u) for u in udfs], [u._kwargs for u in udfs]
+        spec.dtype_groups = [(runner_module._input_dtype(udfs[0], np.dtype("<u2")).str, [0, 1])]
+        env = runner_module.Environment(threads_per_worker=1, threaded_executor=False)
+        pieces = []
+        for begin, end in ((0, 25), (25, 26), (26, 60)):
+            runs, out_of_scan = runner_module._process_stack(spec, stack, env, begin, end)
+            assert out_of_scan == 0
+            pieces += runs
+        placed = sorted(first + k for first, count, _ in pieces for k in range(count))
+        assert placed == sorted(numbers)
+        total = sum(buffers[0]["counts"].astype(np.float64) for _, _, buffers in pieces)  # the exact sum
+        np.testing.assert_array_equal(total, frames[numbers].astype(np.float64).sum(axis=0))
+        per_frame = {first + k: value for first, count, buffers in pieces
+                     for k, value in enumerate(buffers[1]["intensity"])}  # sumsig, per frame
+        assert per_frame == {n: float(frames[n].astype(np.float64).sum()) for n in numbers}
+        source.release(stack)
+
+
 def test_frames_outside_the_scan_are_counted_not_placed(runner, source):
     frames = make_frames(seed=4)
     run = runner.process(source, ["sumsig"], PARAMETERS, nav_shape=SCAN)

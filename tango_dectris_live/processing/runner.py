@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 _TILE_BYTES = 1 << 20  # tiles of whole frames, about 1 MiB each, unless the UDFs prefer other sizes
 _MAX_TILE_BYTES = 64 << 20
 _NO_RUN = -1
+_MIN_PART_FRAMES = 16  # a stack is split for idle workers into parts of at least this many frames
 _POLL = 0.05  # seconds: how promptly stop/abort are noticed while waiting
 
 
@@ -120,9 +121,10 @@ def _run_udfs(spec: _SeriesSpec, env: Environment, tiling_scheme: TilingScheme, 
     return [{name: buf.raw_data for name, buf in result.items() if buf.has_data()} for result in results]
 
 
-def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment) -> tuple[list, int]:
-    """Run the UDFs on each run of consecutive frame numbers of ``stack``, at most
-    ``spec.frames_per_partition`` frames per partition.
+def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment, begin: int = 0,
+                   end: int | None = None) -> tuple[list, int]:
+    """Run the UDFs on each run of consecutive frame numbers of ``stack`` (its positions
+    ``[begin, end)``, default all), at most ``spec.frames_per_partition`` frames per partition.
 
     The usual stack holds frames in increasing order: then each partition decodes its frames a
     tile at a time, right before the UDFs read them (the tile is still in the CPU cache).
@@ -132,27 +134,29 @@ def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment) -> tuple[lis
     dataset = LiveDataSet(spec.scan_shape, spec.frame_shape, spec.raw_dtype)
     tiling_scheme = TilingScheme.make_for_shape(
         tileshape=Shape((spec.tile_depth, *spec.frame_shape), sig_dims=2), dataset_shape=dataset.shape)
-    numbers = np.asarray(stack.frame_numbers(), dtype=np.int64)
+    end = stack.frames if end is None else end
+    numbers = np.asarray(stack.frame_numbers(), dtype=np.int64)[begin:end]
     scan_size = int(np.prod(spec.scan_shape))
     in_scan = (numbers >= 0) & (numbers < scan_size)
     out_of_scan = int(np.count_nonzero(~in_scan))
     increasing = out_of_scan == 0 and bool(np.all(np.diff(numbers) > 0))
     if increasing and len(spec.dtype_groups) == 1:
-        return _process_in_tiles(spec, stack, env, dataset, tiling_scheme, numbers), 0
-    return _process_decoded(spec, stack, env, dataset, tiling_scheme), out_of_scan
+        return _process_in_tiles(spec, stack, env, dataset, tiling_scheme, numbers, begin), 0
+    return _process_decoded(spec, stack, env, dataset, tiling_scheme, begin, end), out_of_scan
 
 
 def _process_in_tiles(spec: _SeriesSpec, stack: Any, env: Environment, dataset: LiveDataSet,
-                      tiling_scheme: TilingScheme, numbers: np.ndarray) -> list:
-    """Frames in increasing order, one input dtype: stack positions of a run are contiguous."""
+                      tiling_scheme: TilingScheme, numbers: np.ndarray, begin: int) -> list:
+    """Frames in increasing order, one input dtype: stack positions of a run are contiguous
+    (``numbers`` are those of the stack's positions from ``begin`` on)."""
     dtype, members = spec.dtype_groups[0]  # one group: every UDF, in order
     chunk = max(1, spec.frames_per_partition)
-    tile_buffer = _buffer("tile", min(spec.tile_depth, stack.frames), spec.frame_shape, dtype)
+    tile_buffer = _buffer("tile", max(1, min(spec.tile_depth, numbers.size)), spec.frame_shape, dtype)
     partial: list = []
     for run_start, run_stop in _frame_runs(numbers):
         for start in range(run_start, run_stop, chunk):
             stop = min(run_stop, start + chunk)
-            source = StackTileSource(spec.decode_frames_into, stack, start, tile_buffer)
+            source = StackTileSource(spec.decode_frames_into, stack, begin + start, tile_buffer)
             partition = dataset.partition_for_run(int(numbers[start]), source, stop - start)
             partial.append((int(numbers[start]), stop - start,
                             _run_udfs(spec, env, tiling_scheme, members, partition)))
@@ -160,20 +164,21 @@ def _process_in_tiles(spec: _SeriesSpec, stack: Any, env: Environment, dataset: 
 
 
 def _process_decoded(spec: _SeriesSpec, stack: Any, env: Environment, dataset: LiveDataSet,
-                     tiling_scheme: TilingScheme) -> list:
-    """Decode ``spec.frames_per_partition`` frames at a time, drop those outside the scan,
-    sort the rest, convert them once per input dtype, run each dtype's UDFs."""
+                     tiling_scheme: TilingScheme, first: int, end: int) -> list:
+    """Decode ``spec.frames_per_partition`` of the stack's positions ``[first, end)`` at a time,
+    drop those outside the scan, sort the rest, convert them once per input dtype, run each
+    dtype's UDFs."""
     partial: list = []
     chunk = max(1, spec.frames_per_partition)
     # one group: decode straight into its dtype; several: decode the raw pixels once, convert per group
     decode_dtype = spec.dtype_groups[0][0] if len(spec.dtype_groups) == 1 else spec.raw_dtype
-    frames = _buffer("decoded", min(chunk, stack.frames), spec.frame_shape, decode_dtype)
+    frames = _buffer("decoded", max(1, min(chunk, end - first)), spec.frame_shape, decode_dtype)
     udf_count = len(spec.udf_classes)
     scan_size = int(np.prod(spec.scan_shape))
-    for begin in range(0, stack.frames, chunk):
-        end = min(stack.frames, begin + chunk)
-        decoded = frames[:end - begin]
-        numbers = np.asarray(spec.decode_frames_into(stack, begin, end, decoded), dtype=np.int64)
+    for begin in range(first, end, chunk):
+        chunk_end = min(end, begin + chunk)
+        decoded = frames[:chunk_end - begin]
+        numbers = np.asarray(spec.decode_frames_into(stack, begin, chunk_end, decoded), dtype=np.int64)
         in_scan = (numbers >= 0) & (numbers < scan_size)
         # stacks hold frames in arrival order; LiberTEM wants them in scan order
         numbers, first_index = np.unique(numbers[in_scan], return_index=True)
@@ -214,12 +219,12 @@ def _serve_tasks(tasks: multiprocessing.Queue, results: multiprocessing.Queue, a
         if message[0] == "series":
             spec = cloudpickle.loads(message[1])
             continue
-        _, run_id, seq, stack = message
+        _, run_id, seq, stack, begin, end = message
         if spec is None or spec.run_id != run_id or active_run.value != run_id:
             results.put(("skipped", run_id, seq, None))
             continue
         try:
-            results.put(("done", run_id, seq, _process_stack(spec, stack, env)))
+            results.put(("done", run_id, seq, _process_stack(spec, stack, env, begin, end)))
         except Exception as error:  # reported to the main process, which fails the run with it
             results.put(("failed", run_id, seq, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
 
@@ -257,12 +262,17 @@ class WorkerPool:
         """Workers skip every queued stack from now on (they still answer for each)."""
         self.active_run.value = _NO_RUN
 
-    def dispatch(self, run_id: int, seq: int, stack: Any) -> int:
-        """Queue ``stack`` on the least busy worker; returns that worker's index."""
+    def dispatch(self, run_id: int, seq: int, stack: Any, begin: int = 0, end: int | None = None) -> int:
+        """Queue ``stack`` (its positions ``[begin, end)``, default all) on the least busy
+        worker; returns that worker's index."""
         worker = min(range(self.size), key=self._in_flight.__getitem__)
         self._in_flight[worker] += 1
-        self._tasks[worker].put(("stack", run_id, seq, stack))
+        self._tasks[worker].put(("stack", run_id, seq, stack, begin, end))
         return worker
+
+    def idle(self) -> int:
+        """How many workers have nothing queued."""
+        return self._in_flight.count(0)
 
     def completed(self, worker: int) -> None:
         self._in_flight[worker] -= 1
@@ -332,7 +342,8 @@ class SeriesRun:
         self._dropped = np.zeros(0, np.int64)
         self._stacks_merged = 0
         self._stale_stacks = 0
-        self._in_flight: dict[int, tuple[Any, int]] = {}  # seq -> (stack, worker)
+        self._in_flight: dict[int, tuple[Any, int, int]] = {}  # seq -> (stack, worker, its first part's seq)
+        self._parts_left: dict[int, int] = {}  # first part's seq -> parts of that stack not answered yet
         self._flight_lock = threading.Lock()  # _in_flight and the pool's per-worker counts
         self._dispatch_closed = False  # no more stacks will be dispatched (under _flight_lock)
         self._collector_error: WorkerFailed | None = None
@@ -520,10 +531,20 @@ class SeriesRun:
             self._done = np.zeros(int(np.prod(scan.shape)), bool)
 
     def _dispatch(self, stack: Any) -> None:
-        seq = next(self._seq)
+        """Queue a stack; split into parts for the workers that are idle, so that a stack that
+        arrives while processing keeps up (the detector's own rate, and a series' last, partly
+        filled stack) is done by every worker at once instead of by one while the others wait.
+        A busy pool gets whole stacks: fewer, larger pieces cost less per frame."""
         with self._flight_lock:
-            worker = self._pool.dispatch(self._run_id, seq, stack)
-            self._in_flight[seq] = (stack, worker)
+            parts = max(1, min(self._pool.idle(), stack.frames // _MIN_PART_FRAMES))
+            first_seq = -1
+            for part in range(parts):
+                seq = next(self._seq)
+                first_seq = seq if part == 0 else first_seq
+                begin, end = stack.frames * part // parts, stack.frames * (part + 1) // parts
+                worker = self._pool.dispatch(self._run_id, seq, stack, begin, end)
+                self._in_flight[seq] = (stack, worker, first_seq)
+            self._parts_left[first_seq] = parts
 
     def _collect_results(self) -> None:
         """The collector thread: partial results in, slots released, merged in order, until
@@ -544,18 +565,25 @@ class SeriesRun:
             self._abort.set()
             with self._flight_lock:
                 self._in_flight.clear()  # their stacks died with the worker
+                self._parts_left.clear()
 
     def _take_result(self, kind: str, run_id: int, seq: int, payload: Any) -> None:
         if kind == "wake":
             return
         with self._flight_lock:
             taken = self._in_flight.pop(seq, None) if run_id == self._run_id else None
+            stack_done = False
             if taken is not None:
                 self._pool.completed(taken[1])
+                self._parts_left[taken[2]] -= 1
+                stack_done = self._parts_left[taken[2]] == 0
+                if stack_done:
+                    del self._parts_left[taken[2]]
         if taken is None:
             log.warning("result of an unknown run/stack (%s, %s) ignored", run_id, seq)
             return
-        self._source.release(taken[0])
+        if stack_done:  # its slot goes back once every part of it is processed
+            self._source.release(taken[0])
         self._pending[seq] = (kind, payload)
         self._merge_pending()
 

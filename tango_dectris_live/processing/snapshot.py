@@ -43,7 +43,7 @@ class ResultSnapshot:
     frames_missing: int = 0
     frames_dropped: int = 0
     frames_out_of_scan: int = 0
-    stacks_merged: int = 0
+    stacks_merged: int = 0  # partial results merged: a stack shared by idle workers counts once per part
     error: str | None = None
 
     @property
