@@ -342,8 +342,7 @@ class SeriesRun:
         self._dropped = np.zeros(0, np.int64)
         self._stacks_merged = 0
         self._stale_stacks = 0
-        self._in_flight: dict[int, tuple[Any, int, int]] = {}  # seq -> (stack, worker, its first part's seq)
-        self._parts_left: dict[int, int] = {}  # first part's seq -> parts of that stack not answered yet
+        self._in_flight: dict[int, tuple[Any, int]] = {}  # seq -> (stack or the part of it, worker)
         self._flight_lock = threading.Lock()  # _in_flight and the pool's per-worker counts
         self._dispatch_closed = False  # no more stacks will be dispatched (under _flight_lock)
         self._collector_error: WorkerFailed | None = None
@@ -537,14 +536,11 @@ class SeriesRun:
         A busy pool gets whole stacks: fewer, larger pieces cost less per frame."""
         with self._flight_lock:
             parts = max(1, min(self._pool.idle(), stack.frames // _MIN_PART_FRAMES))
-            first_seq = -1
             for part in range(parts):
                 seq = next(self._seq)
-                first_seq = seq if part == 0 else first_seq
                 begin, end = stack.frames * part // parts, stack.frames * (part + 1) // parts
                 worker = self._pool.dispatch(self._run_id, seq, stack, begin, end)
-                self._in_flight[seq] = (stack, worker, first_seq)
-            self._parts_left[first_seq] = parts
+                self._in_flight[seq] = (stack, worker)
 
     def _collect_results(self) -> None:
         """The collector thread: partial results in, slots released, merged in order, until
@@ -565,24 +561,20 @@ class SeriesRun:
             self._abort.set()
             with self._flight_lock:
                 self._in_flight.clear()  # their stacks died with the worker
-                self._parts_left.clear()
 
     def _take_result(self, kind: str, run_id: int, seq: int, payload: Any) -> None:
         if kind == "wake":
             return
         with self._flight_lock:
             taken = self._in_flight.pop(seq, None) if run_id == self._run_id else None
-            stack_done = False
             if taken is not None:
                 self._pool.completed(taken[1])
-                self._parts_left[taken[2]] -= 1
-                stack_done = self._parts_left[taken[2]] == 0
-                if stack_done:
-                    del self._parts_left[taken[2]]
+                # its slot goes back once no other part of it is in flight (a few entries at most)
+                stack_done = all(other is not taken[0] for other, _ in self._in_flight.values())
         if taken is None:
             log.warning("result of an unknown run/stack (%s, %s) ignored", run_id, seq)
             return
-        if stack_done:  # its slot goes back once every part of it is processed
+        if stack_done:
             self._source.release(taken[0])
         self._pending[seq] = (kind, payload)
         self._merge_pending()
