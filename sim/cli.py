@@ -9,6 +9,7 @@ import threading
 from types import FrameType
 
 from sim.models import MODELS
+from sim.rest import API_PROFILES
 from sim.server import SimulatorServer
 
 
@@ -23,9 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stream v2 (cbor) port, 0 = any free port (default 31001)")
     parser.add_argument("--model", default="QUADRO", choices=sorted(MODELS), help="detector preset (default QUADRO)")
     parser.add_argument("--verbose", action="store_true", help="log every HTTP request to stderr")
-    parser.add_argument("--profile", default="full", choices=("full", "minimal"),
+    parser.add_argument("--profile", default="full", choices=API_PROFILES,
                         help="minimal: a DCU with only part of SIMPLON (no key listings, no filewriter/"
-                             "monitor/system, basic stream settings only)")
+                             "monitor/system, basic stream settings only); partial: like LiberTEM-live's "
+                             "simulator (no detector/status/state, HTTP 500 'not implemented' for most "
+                             "keys and commands, stream v1 header parts as separate messages)")
     return parser
 
 

@@ -22,6 +22,29 @@ import numpy as np
 #: (deterministically) on demand, so a 16M detector does not need gigabytes.
 CACHE_LIMIT_BYTES = 512 * 1024 * 1024
 NUM_MASKED_PIXELS = 7
+#: The ground truth keeps the pool frame of every scan position (8 bytes each): at most this many
+#: positions (8192 x 8192, 512 MiB). A longer series wraps around a scan of this size or less.
+MAX_SCAN_POSITIONS = 1 << 26
+#: Scan positions whose pool index is computed at once (bounds the temporaries to a few MiB).
+_INDEX_CHUNK = 1 << 20
+
+
+class ScanTooLarge(ValueError):
+    """A scan whose ground truth (one pool index per position) would not fit the simulator."""
+
+
+def check_scan_size(nav_shape: tuple[int, int] | list[int], origin: str = "") -> None:
+    """Raise :class:`ScanTooLarge` when ``nav_shape`` has more than MAX_SCAN_POSITIONS positions;
+    ``origin`` says where the shape came from (for the message)."""
+    nav_h, nav_w = (int(n) for n in nav_shape)
+    positions = nav_h * nav_w
+    if positions > MAX_SCAN_POSITIONS:
+        where = f"nav_shape [{nav_h}, {nav_w}]" + (f" ({origin})" if origin else "")
+        raise ScanTooLarge(
+            f"{where} has {positions} scan positions; the simulator's ground truth holds at most "
+            f"{MAX_SCAN_POSITIONS} (8 bytes each, {MAX_SCAN_POSITIONS * 8 >> 20} MiB; e.g. [8192, 8192]): "
+            f'set the simulator\'s nav_shape to a smaller scan (PUT /sim/api/config {{"nav_shape": [h, w]}}); '
+            f"frames beyond it wrap around")
 
 
 class ScanDataGenerator:
@@ -41,6 +64,7 @@ class ScanDataGenerator:
             raise ValueError(f"nav_shape must be two positive integers, not {list(nav_shape)}")
         if pool_size < 1:
             raise ValueError(f"pool_size must be at least 1, not {pool_size}")
+        check_scan_size((nav_h, nav_w))
         if not dose > 0:
             raise ValueError(f"dose (mean counts per bright-field pixel) must be > 0, not {dose}")
         self.width, self.height = int(width), int(height)
@@ -69,15 +93,30 @@ class ScanDataGenerator:
 
     def object_field(self) -> np.ndarray:
         """``s(y, x)`` in [0, 1): a ramp along x plus a round feature in the scan centre."""
+        return self._object_field_at(0, self.scan_size).reshape(self.nav_shape)
+
+    def _object_field_at(self, start: int, stop: int) -> np.ndarray:
+        """``s`` of the scan positions ``start .. stop-1`` (row-major), flat."""
         nav_h, nav_w = self.nav_shape
-        v = (np.arange(nav_h) + 0.5)[:, None] / nav_h
-        u = (np.arange(nav_w) + 0.5)[None, :] / nav_w
+        y, x = np.divmod(np.arange(start, stop, dtype=np.int64), nav_w)
+        v = (y + 0.5) / nav_h
+        u = (x + 0.5) / nav_w
         feature = np.exp(-((u - 0.5) ** 2 + (v - 0.5) ** 2) / (2 * 0.15 ** 2))
         field = 0.45 * u + 0.5 * feature
         return np.clip(field, 0.0, np.nextafter(1.0, 0.0))
 
     def _object_pool_index(self) -> np.ndarray:
-        return (self.object_field() * self.pool_size).astype(np.int64).reshape(-1)
+        # in chunks: a large scan needs its 8 bytes per position, not five float temporaries
+        index = np.empty(self.scan_size, dtype=np.int64)
+        for start in range(0, self.scan_size, _INDEX_CHUNK):
+            stop = min(start + _INDEX_CHUNK, self.scan_size)
+            index[start:stop] = (self._object_field_at(start, stop) * self.pool_size).astype(np.int64)
+        return index
+
+    def pool_indices_shown(self, frames: int) -> np.ndarray:
+        """The pool frames shown by frames ``0 .. frames-1`` (sorted, each once)."""
+        shown = self._pool_index[:max(0, min(int(frames), self.scan_size))]
+        return np.nonzero(np.bincount(shown, minlength=self.pool_size))[0]
 
     def pool_index(self, frame_number: int | np.ndarray) -> int | np.ndarray:
         """The pool frame shown at frame number(s) ``frame_number`` (documented in the module)."""

@@ -71,6 +71,16 @@ class CommandRejected(RuntimeError):
     """A command or write the detector cannot carry out in its current state (HTTP 400)."""
 
 
+class WriteRefusedByServer(RuntimeError):
+    """A write refused the way LiberTEM-live's simulator refuses it: HTTP 500 with a JSON
+    ``{"error": ...}`` body (the sim setting ``writes: same_value_only``)."""
+
+
+#: Sim setting ``writes``: ``any`` (a DCU: every valid value is taken) or ``same_value_only``
+#: (LiberTEM-live's replaying simulator: only the value a key already has; others get HTTP 500).
+WRITE_POLICIES = ("any", "same_value_only")
+
+
 class UnknownCommand(LookupError):
     """No such command on that module (HTTP 404)."""
 
@@ -292,6 +302,7 @@ class SimulatedDetector:
         self._series: _ArmedSeries | None = None
         self._ext_trigger_delay_s = 0.0
         self._ext_trigger_period_s: float | None = None  # None: nimages * frame_time
+        self._write_policy = "any"
         self._started = time.monotonic()
 
     # read side ------------------------------------------------------------------------------
@@ -355,6 +366,8 @@ class SimulatedDetector:
             store = self._module_store(self._config, module, key)
             if not self._initialized:
                 raise CommandRejected("detector is not initialized")
+            if self._write_policy == "same_value_only":
+                self._refuse_other_value(store, key, value)
             if module == "detector":
                 state = self._status["detector"].value("state")
                 if state != "idle":
@@ -364,6 +377,18 @@ class SimulatedDetector:
             store.set(key, store[key].check_write(value))
             self._follow_module_config(module)
             return [key]
+
+    @staticmethod
+    def _refuse_other_value(store: ParameterStore, key: str, raw: Any) -> None:
+        current = store.value(key)
+        try:
+            same = store[key].check_write(raw) == current
+        except InvalidParameterValue:
+            return  # refused as a DCU refuses it (HTTP 400)
+        if not same:
+            raise WriteRefusedByServer(
+                f"Value {format_value(raw)} for parameter {key} does not match the current value "
+                f"{format_value(current)}.")
 
     def _follow_module_config(self, module: str) -> None:
         """Module status that mirrors its config (stream/filewriter state, monitor buffer)."""
@@ -472,6 +497,11 @@ class SimulatedDetector:
             self._finish(series)
             if isinstance(exc, ValueError):  # a setting the scientist can change (e.g. replay format)
                 raise CommandRejected(f"arm: {exc}") from exc
+            if isinstance(exc, MemoryError):
+                raise CommandRejected(
+                    f"arm: the simulator has not enough memory to prepare this series ({exc}); lower "
+                    "the simulator's pool_size or nav_shape, or choose a smaller detector model or "
+                    "ROI") from exc
             raise
         with self._lock:
             status.set("state", "ready")
@@ -636,7 +666,8 @@ class SimulatedDetector:
         settings = dict(self.sink.get_sim_config())
         with self._lock:
             settings.update(ext_trigger_delay_s=self._ext_trigger_delay_s,
-                            ext_trigger_period_s=self._ext_trigger_period_s)
+                            ext_trigger_period_s=self._ext_trigger_period_s,
+                            writes=self._write_policy)
         return settings
 
     def update_sim_config(self, changes: dict[str, Any]) -> dict[str, Any]:
@@ -644,8 +675,14 @@ class SimulatedDetector:
         Raises ValueError with a readable message; nothing is applied then."""
         if not isinstance(changes, dict):
             raise ValueError(f"simulator settings must be a JSON object, not {format_value(changes)}")
-        own = {key: changes[key] for key in ("ext_trigger_delay_s", "ext_trigger_period_s") if key in changes}
+        own = {key: changes[key] for key in ("ext_trigger_delay_s", "ext_trigger_period_s", "writes")
+               if key in changes}
         for key, value in own.items():
+            if key == "writes":
+                if value not in WRITE_POLICIES:
+                    raise ValueError(f"writes must be one of {', '.join(WRITE_POLICIES)}, got "
+                                     f"{format_value(value)}")
+                continue
             allow_null = key == "ext_trigger_period_s"
             if value is None and allow_null:
                 continue
@@ -661,5 +698,7 @@ class SimulatedDetector:
             if "ext_trigger_period_s" in own:
                 period = own["ext_trigger_period_s"]
                 self._ext_trigger_period_s = None if period is None else float(period)
+            if "writes" in own:
+                self._write_policy = own["writes"]
         applied.update(own)
         return applied

@@ -13,6 +13,8 @@ A fault spec is a dict with a ``kind`` and the frame(s) it applies to (0-based f
 * ``{"kind": "wrong_series", "frames": [N]}``    frame N carries series id + 1
 * ``{"kind": "stale_end"}``                       an end message of the previous series (series id
       − 1) goes out before this series' header / start message
+* ``{"kind": "no_header"}``                       the series' header / start message is not sent
+      (the images and the end are)
 * ``{"kind": "stall", "frame": N, "ms": T}``      the sender pauses T ms before frame N
 * ``{"kind": "stop", "frame": N}``                nothing is sent after frame N, not even the end
 * ``{"kind": "rebind", "frame": N}``              the PUSH socket is closed and bound again to the
@@ -28,7 +30,7 @@ from typing import Any
 
 FRAME_KINDS = ("drop", "duplicate", "reorder", "corrupt", "truncate", "wrong_series", "stall",
                "stop", "rebind")
-KINDS = FRAME_KINDS + ("stale_end",)
+KINDS = FRAME_KINDS + ("stale_end", "no_header")
 TRUNCATE_MODES = ("blob", "parts")
 
 
@@ -123,6 +125,7 @@ class FaultPlan:
             for number in spec.frames:
                 self.by_frame.setdefault(number, {})[spec.kind] = spec
         self.stale_end = any(spec.kind == "stale_end" for spec in self.specs)
+        self.no_header = any(spec.kind == "no_header" for spec in self.specs)
         stops = [n for spec in self.specs if spec.kind == "stop" for n in spec.frames]
         self.stop_after: int | None = min(stops) if stops else None
 

@@ -3,6 +3,8 @@
 ``/<module>/api/<version>/<task>/<parameter>`` (SIMPLON.md §1.1) is mapped onto a
 :class:`~sim.detector.SimulatedDetector`; simulator-only settings live under ``/sim/api/config``.
 Refusals are plain text: 404 for what does not exist, 400 for what cannot be done or written.
+The ``partial`` profile answers like LiberTEM-live's simulator instead (HTTP 500 with a JSON
+``{"error": ...}`` body for what it does not implement).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from sim.detector import (MODULES, SUPPORTED_API_VERSIONS, CommandRejected, SimulatedDetector,
-                          UnknownCommand)
+                          UnknownCommand, WriteRefusedByServer)
 from sim.parameters import InvalidParameterValue, ParameterNotFound
 
 log = logging.getLogger(__name__)
@@ -30,11 +32,13 @@ TEXT_TYPE = "text/plain; charset=utf-8"
 
 
 class RequestRefused(Exception):
-    """A request the URL grammar or the body format rules out, with its HTTP status."""
+    """A request the URL grammar or the body format rules out, with its HTTP status; with
+    ``json_error`` the body is ``{"error": message}`` (Flask-style) instead of plain text."""
 
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+    def __init__(self, status: HTTPStatus, message: str, json_error: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.json_error = json_error
 
 
 def _reject_constant(name: str) -> Any:
@@ -55,9 +59,22 @@ def parse_json_body(raw: bytes) -> Any:
 
 # What a DCU with only part of SIMPLON answers (older firmware, other simulators): no key
 # listings, no filewriter/monitor/system modules, only the basic stream settings (stream v1).
-API_PROFILES = ("full", "minimal")
+API_PROFILES = ("full", "minimal", "partial")
 MINIMAL_MODULES = ("detector", "stream")
 MINIMAL_STREAM_KEYS = {"config": ("mode", "header_detail"), "status": ("state", "dropped")}
+
+# The "partial" profile: LiberTEM-live's simulator (libertem_live.detectors.dectris.sim, Flask).
+# Routes exist for detector config and commands and stream config, API 1.8.0 only; anything else
+# (detector/status/state included) has no route: 404. On a route, a key or command it does not
+# implement answers HTTP 500 {"error": "Parameter <key> not implemented."} (a stream config write:
+# the same text, plain).
+PARTIAL_API_VERSION = "1.8.0"
+PARTIAL_DETECTOR_CONFIG = ("bit_depth_image", "compression", "count_time", "frame_time", "nimages",
+                           "ntrigger", "trigger_mode", "x_pixels_in_detector", "y_pixels_in_detector")
+PARTIAL_STREAM_CONFIG = ("header_detail", "mode")
+PARTIAL_COMMANDS = ("abort", "arm", "cancel", "disarm", "initialize", "trigger")
+FLASK_NOT_FOUND = ("The requested URL was not found on the server. If you entered the URL manually "
+                   "please check your spelling and try again.")
 
 
 class SimplonHTTPServer(ThreadingHTTPServer):
@@ -147,13 +164,15 @@ class SimplonRequestHandler(BaseHTTPRequestHandler):
             status, answer = HTTPStatus.NOT_FOUND, str(exc)
         except (InvalidParameterValue, CommandRejected) as exc:
             status, answer = HTTPStatus.BAD_REQUEST, str(exc)
+        except WriteRefusedByServer as exc:
+            status, answer = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(exc)}
         except RequestRefused as exc:
-            status, answer = exc.status, str(exc)
+            status, answer = exc.status, {"error": str(exc)} if exc.json_error else str(exc)
         except Exception as exc:  # the last resort of the handler edge: log it, answer one line
             log.exception("unexpected error on %s %s", method, self.path)
             reason = " ".join(str(exc).split())  # one line, whatever the exception text holds
             status, answer = HTTPStatus.INTERNAL_SERVER_ERROR, f"internal simulator error: {type(exc).__name__}: {reason}"
-        if status is HTTPStatus.OK:
+        if status is HTTPStatus.OK or isinstance(answer, dict):
             self._send(status, json.dumps(answer).encode("utf-8"), JSON_TYPE)
         else:
             self._send(status, str(answer).encode("utf-8"), TEXT_TYPE)
@@ -189,6 +208,8 @@ class SimplonRequestHandler(BaseHTTPRequestHandler):
         if len(parts) < 4 or parts[1] != "api":
             raise RequestRefused(HTTPStatus.NOT_FOUND, f'unknown path: "{path}"')
         module, _, version, task, *rest = parts
+        if self.server.profile == "partial":
+            self._refuse_outside_partial_profile(method, module, version, task, "/".join(rest))
         if module not in MODULES:
             raise RequestRefused(HTTPStatus.NOT_FOUND, f'unknown module "{module}" in path "{path}"')
         if version not in SUPPORTED_API_VERSIONS:
@@ -225,6 +246,22 @@ class SimplonRequestHandler(BaseHTTPRequestHandler):
             raise RequestRefused(HTTPStatus.NOT_FOUND, f'unknown path: "{path}" (this DCU lists no keys)')
         if module == "stream" and task in MINIMAL_STREAM_KEYS and key not in MINIMAL_STREAM_KEYS[task]:
             raise RequestRefused(HTTPStatus.NOT_FOUND, f'unknown parameter "{key}" in path "{path}"')
+
+    @staticmethod
+    def _refuse_outside_partial_profile(method: str, module: str, version: str, task: str, key: str) -> None:
+        routed = version == PARTIAL_API_VERSION and (
+            (module == "detector" and task == "config" and method in ("GET", "PUT"))
+            or (module == "detector" and task == "command" and method == "PUT")
+            or (module == "stream" and task == "config" and method in ("GET", "PUT")))
+        if not routed or not key or "/" in key:  # Flask's <parameter> is one path segment
+            raise RequestRefused(HTTPStatus.NOT_FOUND, f"404 Not Found: {FLASK_NOT_FOUND}")
+        implemented = {("detector", "config"): PARTIAL_DETECTOR_CONFIG,
+                       ("detector", "command"): PARTIAL_COMMANDS,
+                       ("stream", "config"): PARTIAL_STREAM_CONFIG}[(module, task)]
+        if key not in implemented:
+            plain_text = module == "stream" and method == "PUT"
+            raise RequestRefused(HTTPStatus.INTERNAL_SERVER_ERROR, f"Parameter {key} not implemented.",
+                                 json_error=not plain_text)
 
     @staticmethod
     def _require(method: str, allowed: str, path: str) -> None:

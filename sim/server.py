@@ -32,7 +32,14 @@ class SimulatorServer:
         self.sink: StreamSink = sink if sink is not None else _make_sink(host, stream_port, stream2_port)
         self.detector = SimulatedDetector(self.model, self.sink)
         self.verbose = verbose
-        self.profile = profile  # "minimal": a DCU with only part of SIMPLON (see sim.rest)
+        # "minimal", "partial": DCUs with only part of SIMPLON (see sim.rest)
+        self.profile = profile
+        if profile == "partial":
+            # LiberTEM-live's simulator has no state machine to initialize, and replays its
+            # recordings with the global header's parts as separate messages
+            self.detector.initialize()
+            if "v1_framing" in self.sink.get_sim_config():
+                self.detector.update_sim_config({"v1_framing": "split_header"})
         self._http: SimplonHTTPServer | None = None
         self._serving: threading.Thread | None = None
         self._stop_lock = threading.Lock()

@@ -27,7 +27,7 @@ import numpy as np
 import zmq
 
 from sim import encode
-from sim.data import ScanDataGenerator, default_nav_shape
+from sim.data import ScanDataGenerator, check_scan_size, default_nav_shape
 from sim.faults import FaultPlan, FaultSpec, corrupt_blob, parse_faults, truncate_blob
 from sim.series import SeriesInfo
 from sim.zmqdump import ReplayRecording
@@ -38,9 +38,15 @@ except ImportError:  # not built: the Python loop sends everything
     _fastsend = None
 
 PACINGS = ("frame_time", "max")
+#: How stream v1 messages go on the wire. ``multipart``: each message one multipart ZeroMQ message
+#: (a real DCU). ``split_header``: the global header's parts each a single-part message (what a
+#: zmqdump replay, e.g. LiberTEM-live's simulator, sends), images multipart, the end alone.
+#: ``split_all``: every part of every message a single-part message.
+V1_FRAMINGS = ("multipart", "split_header", "split_all")
 DEFAULT_SIM_CONFIG: dict[str, Any] = {
     "pacing": "frame_time", "nav_shape": None, "seed": 0, "dose": 20.0, "pool_size": 64,
     "faults": [], "replay_file": None, "fast_path": True, "send_timeout_ms": 2000,
+    "v1_framing": "multipart",
 }
 # Paced sends go in batches, and waits for a consumer in slices, of this length so that ``stop``
 # is honoured within it.
@@ -66,6 +72,7 @@ def _validated_sim_config(current: dict[str, Any], changes: dict[str, Any]) -> d
                     raise ValueError(f"nav_shape must be [height, width] (positive integers) or null, "
                                      f"got {value!r}")
                 value = [int(value[0]), int(value[1])]
+                check_scan_size(value)
         elif key == "seed":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"seed must be an integer >= 0, got {value!r}")
@@ -88,6 +95,9 @@ def _validated_sim_config(current: dict[str, Any], changes: dict[str, Any]) -> d
         elif key == "fast_path":
             if not isinstance(value, bool):
                 raise ValueError(f"fast_path must be true or false, got {value!r}")
+        elif key == "v1_framing":
+            if value not in V1_FRAMINGS:
+                raise ValueError(f"v1_framing must be one of {', '.join(V1_FRAMINGS)}, got {value!r}")
         elif key == "send_timeout_ms":
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 600_000:
                 raise ValueError(f"send_timeout_ms (how long a series may wait in all for a consumer) "
@@ -111,6 +121,7 @@ class SeriesStream:
     plan: FaultPlan
     replay: ReplayRecording | None
     t0_ns: int
+    v1_framing: str = "multipart"  # the sim setting when the series was armed (see V1_FRAMINGS)
     series_date: str = ""
     encoded: dict[int, list[encode.EncodedFrame]] = field(default_factory=dict)
     dimage_d: dict[int, bytes] = field(default_factory=dict)
@@ -226,7 +237,12 @@ class DetectorStreamSink:
 
     def _generator_for(self, series: SeriesInfo) -> ScanDataGenerator:
         cfg = self._sim_config
-        nav = tuple(cfg["nav_shape"]) if cfg["nav_shape"] else default_nav_shape(series.total_frames)
+        if cfg["nav_shape"]:
+            nav = tuple(cfg["nav_shape"])
+        else:
+            nav = default_nav_shape(series.total_frames)
+            check_scan_size(nav, f"the default for nimages x ntrigger = {series.total_frames} frames, "
+                                 "as the simulator's nav_shape is null")
         mask_to_zero = bool(series.detector_config.get("mask_to_zero", False))
         key = (series.width, series.height, series.bit_depth, nav, cfg["seed"], cfg["dose"],
                cfg["pool_size"], mask_to_zero)
@@ -260,10 +276,12 @@ class DetectorStreamSink:
                 channels.append("threshold_2")
             state = SeriesStream(
                 series=series, stream_format=stream_format,
-                generator=None if replay_file else self._generator_for(series),
+                # the ground truth is built only for a stream that is sent
+                generator=None if replay_file or not series.stream_enabled else self._generator_for(series),
                 channels=channels, plan=self._take_faults(),
                 replay=ReplayRecording.load(replay_file) if replay_file else None,
-                t0_ns=time.monotonic_ns(), wait_left_s=self._sim_config["send_timeout_ms"] / 1000.0)
+                t0_ns=time.monotonic_ns(), v1_framing=self._sim_config["v1_framing"],
+                wait_left_s=self._sim_config["send_timeout_ms"] / 1000.0)
             if state.replay is not None and state.replay.stream_format != stream_format:
                 raise ValueError(
                     f"replay_file holds a {state.replay.stream_format} stream but stream/config/format "
@@ -279,7 +297,8 @@ class DetectorStreamSink:
                     self._encoded(state, pool_index)
             if state.plan.stale_end:
                 self._send(state, self._end_message(state, series.series_id - 1))
-            self._send(state, self._header_message(state))
+            if not state.plan.no_header:
+                self._send(state, self._header_message(state), header=True)
 
     def end_series(self, series: SeriesInfo) -> None:
         with self._lock:
@@ -287,6 +306,7 @@ class DetectorStreamSink:
             if state is None or state.series.series_id != series.series_id:
                 state = SeriesStream(series, series.stream_config.get("format", "legacy"), None,
                                      ["threshold_1"], FaultPlan(), None, time.monotonic_ns(),
+                                     v1_framing=self._sim_config["v1_framing"],
                                      wait_left_s=self._sim_config["send_timeout_ms"] / 1000.0)
             self._current = None
             if not series.stream_enabled:
@@ -385,8 +405,7 @@ class DetectorStreamSink:
         """The pool frames the series' images show (sorted, each once)."""
         gen = state.generator
         assert gen is not None
-        frames = min(state.series.total_frames, gen.scan_size)
-        return np.unique(gen.pool_index(np.arange(frames, dtype=np.int64)))
+        return gen.pool_indices_shown(state.series.total_frames)
 
     def _encoded(self, state: SeriesStream, pool_index: int) -> list[encode.EncodedFrame]:
         """The encoded channels of one pool frame (cached for the series)."""
@@ -486,10 +505,30 @@ class DetectorStreamSink:
     def _socket(self, state: SeriesStream) -> zmq.Socket:
         return self._sockets[state.stream_format]
 
-    def _send(self, state: SeriesStream, parts: list[bytes], *, image: bool = False,
+    def _send(self, state: SeriesStream, parts: list[bytes], *, image: bool = False, header: bool = False,
               stop: threading.Event | None = None) -> bool:
         """Send one message, waiting for a consumer only as long as the series' wait budget
-        lasts; False when it was dropped (an image is then counted in ``dropped``)."""
+        lasts; False when it was dropped (an image is then counted in ``dropped``). A v1 message
+        goes out in the series' framing: whole, or (``header`` with split_header, any with
+        split_all) one single-part ZeroMQ message per part."""
+        framing = state.v1_framing if state.stream_format == "legacy" else "multipart"
+        if len(parts) > 1 and (framing == "split_all" or (framing == "split_header" and header)):
+            for part in parts:
+                if not self._send_message(state, [part], stop):
+                    if image:
+                        self.dropped += 1
+                        self._series_dropped += 1
+                    return False
+            return True
+        if self._send_message(state, parts, stop):
+            return True
+        if image:
+            self.dropped += 1
+            self._series_dropped += 1
+        return False
+
+    def _send_message(self, state: SeriesStream, parts: list[bytes], stop: threading.Event | None) -> bool:
+        """One (multipart) ZeroMQ message within the series' wait budget; False when dropped."""
         sock = self._socket(state)
         flags = zmq.SNDMORE if len(parts) > 1 else 0
         while True:
@@ -498,9 +537,6 @@ class DetectorStreamSink:
                 break
             except zmq.Again:
                 if state.wait_left_s <= 0 or (stop is not None and stop.is_set()):
-                    if image:
-                        self.dropped += 1
-                        self._series_dropped += 1
                     return False
                 # slices, so a stop request is seen while waiting
                 slice_s = min(state.wait_left_s, FAST_BATCH_SECONDS)
@@ -574,8 +610,11 @@ class DetectorStreamSink:
     # -- compiled fast path ------------------------------------------------------------------
 
     def _fast_path_usable(self, state: SeriesStream) -> bool:
+        # The compiled loop sends each image as one multipart message: split_all images go
+        # through the Python loop (split_header splits only the header, which Python sends).
+        split_images = state.stream_format == "legacy" and state.v1_framing == "split_all"
         return (_fastsend is not None and self._sim_config["fast_path"] and not state.plan
-                and state.replay is None and state.held is None)
+                and state.replay is None and state.held is None and not split_images)
 
     def _fast_pool(self, state: SeriesStream) -> Any:
         if state.fast_pool is not None:

@@ -84,6 +84,14 @@ def test_wrong_series_and_stale_end():
     assert [json.loads(m[0])["series"] for m in image_messages(messages)] == [7, 7, 7, 8, 7, 7]
 
 
+def test_no_header_sends_images_and_end_without_the_header():
+    messages, following, _ = run_with_faults([{"kind": "no_header"}])
+    htypes = [json.loads(m[0])["htype"] for m in messages]
+    assert "dheader-1.0" not in htypes
+    assert htypes == ["dimage-1.0"] * 6 + ["dseries_end-1.0"]
+    assert json.loads(following[0][0])["htype"] == "dheader-1.0"  # the next series has its header
+
+
 def test_stop_sends_nothing_after_the_frame_and_no_end():
     series = make_series(nimages=6)
     with stream_under_test(faults=[{"kind": "stop", "frame": 2}]) as stream:

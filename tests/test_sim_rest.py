@@ -449,7 +449,7 @@ def test_external_trigger_delay_and_no_software_trigger(recorded):
     response = requests.put(dcu.base + "/sim/api/config", json={"ext_trigger_delay_s": 600}, timeout=TIMEOUT)
     assert response.status_code == 200 and response.json() == {"ext_trigger_delay_s": 600}
     assert requests.get(dcu.base + "/sim/api/config", timeout=TIMEOUT).json() == {
-        "ext_trigger_delay_s": 600.0, "ext_trigger_period_s": None}
+        "ext_trigger_delay_s": 600.0, "ext_trigger_period_s": None, "writes": "any"}
     series_id = dcu.command("arm")["sequence id"]
     response = requests.put(dcu.url("detector", "command", "trigger"), timeout=TIMEOUT)
     assert response.status_code == 400 and "not allowed in trigger mode exts" in response.text

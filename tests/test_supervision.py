@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from tango_dectris_live.simplon.errors import DcuConnectionError, InvalidValueError
-from tango_dectris_live.simplon.supervision import DetectorCondition, DetectorSupervisor
+from tango_dectris_live.simplon.errors import DcuConnectionError, InvalidValueError, UnknownParameterError
+from tango_dectris_live.simplon.supervision import NO_STATE_NOTE, DetectorCondition, DetectorSupervisor
 
 
 class ScriptedDcu:
@@ -135,4 +135,142 @@ def test_a_slow_callback_cannot_apply_an_older_state_last(dcu):
     poll.join(10)
     command.join(10)
     assert applied[-1] is DetectorCondition.BUSY  # the newest is applied last
+    assert supervisor.health.condition is DetectorCondition.BUSY
+
+
+# -- a DCU without detector/status/state ------------------------------------------------------
+
+
+class ScriptedDcuWithoutState(ScriptedDcu):
+    """A DCU whose state() is 'not provided' while ``dcu_state`` is None, with the client's
+    activity listeners (the events are sent with ``announce``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dcu_state = None
+        self.listeners = []
+
+    def state(self) -> str:
+        if self.reachable and self.dcu_state is None:
+            raise UnknownParameterError(
+                "GET detector/status/state: the DCU does not provide this parameter (DCU said HTTP 404)",
+                status_code=404, dcu_message="", url="u", method="GET")
+        return super().state()
+
+    def add_activity_listener(self, listener) -> None:
+        self.listeners.append(listener)
+
+    def announce(self, *events: str) -> None:
+        for event in events:
+            for listener in self.listeners:
+                listener(event)
+
+
+@pytest.fixture
+def stateless_dcu():
+    return ScriptedDcuWithoutState()
+
+
+def test_without_state_the_health_follows_the_activity(stateless_dcu):
+    published = []
+    supervisor = DetectorSupervisor(stateless_dcu, on_change=published.append)
+    stateless_dcu.announce("arm")  # before the first poll nothing is known: nothing published
+    assert published == []
+    health = supervisor.refresh()
+    assert supervisor.dcu_reports_state is False
+    assert (health.condition, health.dcu_state, health.state_inferred) == (DetectorCondition.BUSY, "ready", True)
+    assert health.message == f"detector ready ({NO_STATE_NOTE})"
+    expected = [("disarm", DetectorCondition.IDLE, "idle"),
+                ("initialize", DetectorCondition.IDLE, "idle"),
+                ("arm", DetectorCondition.BUSY, "ready"),
+                ("series_started", DetectorCondition.BUSY, "acquire"),
+                ("series_ended", DetectorCondition.IDLE, "idle"),
+                ("trigger_done", DetectorCondition.IDLE, "idle"),  # the series ended before the answer
+                ("arm", DetectorCondition.BUSY, "ready"),
+                ("trigger_started", DetectorCondition.BUSY, "acquire"),
+                ("trigger_failed", DetectorCondition.BUSY, "ready"),  # back to before the trigger
+                ("trigger_started", DetectorCondition.BUSY, "acquire"),
+                ("trigger_done", DetectorCondition.BUSY, "ready"),
+                ("cancel", DetectorCondition.IDLE, "idle"),
+                ("arm", DetectorCondition.BUSY, "ready"),
+                ("abort", DetectorCondition.IDLE, "idle")]
+    for event, condition, state in expected:
+        stateless_dcu.announce(event)
+        health = supervisor.health  # published by the event itself: no refresh
+        assert (health.condition, health.dcu_state) == (condition, state), event
+    assert published[-1] == supervisor.health
+
+
+def test_without_state_unreachable_then_back(stateless_dcu):
+    supervisor = DetectorSupervisor(stateless_dcu)
+    assert supervisor.refresh().condition is DetectorCondition.IDLE
+    stateless_dcu.reachable = False
+    assert supervisor.refresh().condition is DetectorCondition.UNREACHABLE
+    stateless_dcu.announce("arm")
+    assert supervisor.health.condition is DetectorCondition.UNREACHABLE  # events wait for the DCU
+    stateless_dcu.reachable = True
+    health = supervisor.refresh()
+    assert (health.condition, health.dcu_state) == (DetectorCondition.BUSY, "ready")
+
+
+def test_a_dcu_that_provides_its_state_again_is_read_again(stateless_dcu):
+    supervisor = DetectorSupervisor(stateless_dcu)
+    supervisor.refresh()
+    stateless_dcu.announce("arm")
+    assert supervisor.health.state_inferred
+    stateless_dcu.dcu_state = "idle"  # e.g. a firmware update
+    health = supervisor.refresh()
+    assert supervisor.dcu_reports_state is True
+    assert (health.condition, health.state_inferred, health.message) == (DetectorCondition.IDLE, False, "detector idle")
+    stateless_dcu.announce("arm")  # the DCU's own state rules now
+    assert supervisor.health.condition is DetectorCondition.IDLE
+
+
+def test_without_state_a_running_command_and_its_failure_are_reported(stateless_dcu):
+    supervisor = DetectorSupervisor(stateless_dcu)
+    supervisor.refresh()
+    stateless_dcu.announce("arm")
+    release = threading.Event()
+
+    def failing_trigger():
+        stateless_dcu.announce("trigger_started")
+        release.wait(10)
+        stateless_dcu.announce("trigger_failed")
+        raise InvalidValueError("trigger refused: not armed", status_code=400,
+                                dcu_message="not armed", url="u", method="PUT")
+
+    supervisor.run_in_background("trigger", failing_trigger)
+    health = supervisor.health
+    assert health.condition is DetectorCondition.BUSY
+    assert health.message.startswith("trigger in progress (inferred state")
+    release.set()
+    assert supervisor.wait_for_command(10)
+    health = supervisor.refresh()
+    assert health.condition is DetectorCondition.BUSY and "trigger failed" in health.message
+    assert NO_STATE_NOTE in health.message
+
+
+def test_an_activity_event_is_not_overwritten_by_a_slower_poll(stateless_dcu):
+    """A poll publishing idle is still in its callback when Arm's event publishes ready: the
+    device must end with ready."""
+    applied = []
+    in_callback, release = threading.Event(), threading.Event()
+
+    def on_change(health):
+        if health.condition is DetectorCondition.IDLE and not applied:
+            in_callback.set()
+            release.wait(10)
+        applied.append(health.condition)
+
+    supervisor = DetectorSupervisor(stateless_dcu, on_change=on_change)
+    poll = threading.Thread(target=supervisor.refresh)
+    poll.start()
+    assert in_callback.wait(10)
+    command = threading.Thread(target=stateless_dcu.announce, args=("arm",))
+    command.start()
+    command.join(0.5)  # gives an unordered publish the time to call back first; not needed to pass
+    release.set()
+    poll.join(10)
+    command.join(10)
+    assert applied[-1] is DetectorCondition.BUSY
     assert supervisor.health.condition is DetectorCondition.BUSY

@@ -1,5 +1,12 @@
 """DCU (SIMPLON REST) client: typed parameters with metadata, commands, specific errors. Tango-free."""
-from .client import SUPPORTED_API_VERSIONS, ChangedCallback, DetectorClient, Timeouts
+from .client import (
+    ACTIVITY_EVENTS,
+    SUPPORTED_API_VERSIONS,
+    ActivityListener,
+    ChangedCallback,
+    DetectorClient,
+    Timeouts,
+)
 from .errors import (
     DcuConnectionError,
     DcuRequestError,
@@ -16,8 +23,10 @@ from .errors import (
 from .parameters import MODULES, ParameterInfo, ParameterValue, is_image_parameter
 
 __all__ = [
+    "ACTIVITY_EVENTS",
     "MODULES",
     "SUPPORTED_API_VERSIONS",
+    "ActivityListener",
     "ChangedCallback",
     "DcuConnectionError",
     "DcuRequestError",

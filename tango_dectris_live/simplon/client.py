@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,24 @@ log = logging.getLogger(__name__)
 SUPPORTED_API_VERSIONS = ("1.8.0", "1.6.0")
 
 ChangedCallback = Callable[[str, str, Any], None]  # (module, key, new value)
+ActivityListener = Callable[[str], None]  # (event): one of ACTIVITY_EVENTS
+
+#: What a listener added with :meth:`DetectorClient.add_activity_listener` hears: the successful
+#: commands sent through the client (``trigger_started`` when a trigger is sent, then
+#: ``trigger_done`` when the DCU answered it, or ``trigger_failed``) and the stream events the
+#: acquisition layer reports with :meth:`DetectorClient.note_stream`.
+COMMAND_EVENTS = ("initialize", "arm", "trigger_started", "trigger_done", "trigger_failed", "disarm",
+                  "cancel", "abort")
+STREAM_EVENTS = ("series_started", "series_ended")
+ACTIVITY_EVENTS = COMMAND_EVENTS + STREAM_EVENTS
+
+# How DCUs and simulators word "this key or command does not exist here" in a 4xx/5xx body
+# (LiberTEM-live's sim: HTTP 500 {"error": "Parameter photon_energy not implemented."}).
+_NOT_PROVIDED_WORDING = re.compile(
+    r"not\s+implemented|not\s+supported|unsupported\s+(?:parameter|key|command)"
+    r"|unknown\s+(?:parameter|key|command|path|resource)"
+    r"|no\s+such\s+(?:parameter|key|command|path|resource)",
+    re.IGNORECASE)
 
 _NO_BODY = object()
 
@@ -104,6 +123,11 @@ class DetectorClient:
         self._sessions = _SessionPool()
         self._metadata_lock = threading.Lock()
         self._metadata: dict[tuple[str, str, str], ParameterInfo] = {}
+        self._listeners_lock = threading.Lock()
+        self._activity_listeners: list[ActivityListener] = []
+        self._armed_series_id: int | None = None
+        # Whether detector/status/state answered the last time it was asked (None: not asked yet).
+        self._reports_state: bool | None = None
 
     def __repr__(self) -> str:
         return f"DetectorClient({self.base_url!r}, api_version={self._api_version!r})"
@@ -229,37 +253,106 @@ class DetectorClient:
             return text  # e.g. a plain-text URI; nothing to parse
 
     def state(self) -> str:
-        """``detector/status/state``: na, initialize, configure, ready, acquire, idle, test, error."""
-        return str(self.get_value("detector", "status", "state"))
+        """``detector/status/state``: na, initialize, configure, ready, acquire, idle, test, error.
+
+        Raises :class:`UnknownParameterError` on a DCU that does not provide it (LiberTEM-live's
+        simulator); :attr:`reports_state` remembers which it was."""
+        try:
+            value = str(self.get_value("detector", "status", "state"))
+        except UnknownParameterError:
+            self._reports_state = False
+            raise
+        self._reports_state = True
+        return value
+
+    @property
+    def reports_state(self) -> bool | None:
+        """Whether the DCU answered ``detector/status/state`` the last time it was asked
+        (None before the first time)."""
+        return self._reports_state
 
     def initialize(self) -> None:
         """Initialize the detector (blocks, up to minutes on a real DCU); resets the series id."""
         self.command("detector", "initialize")
         with self._metadata_lock:
             self._metadata.clear()
+        self._armed_series_id = None  # series ids start again
+        self._announce("initialize")
 
     def arm(self) -> int:
         """Arm for a series; returns its series id."""
-        return self._series_id(self.command("detector", "arm"), "arm")
+        series_id = self._series_id(self.command("detector", "arm"), "arm")
+        self._armed_series_id = series_id
+        self._announce("arm")
+        return series_id
 
     def trigger(self, count_time: float | None = None, timeout: float | None = None) -> None:
         """Send a software trigger. In ``ints`` the DCU answers when the triggered images are done,
         so the default timeout is frame_time × nimages + trigger_start_delay + the margin."""
         if timeout is None:
             timeout = self.trigger_timeout(count_time)
-        self.command("detector", "trigger", value=count_time, timeout=timeout)
+        self._announce("trigger_started")
+        try:
+            self.command("detector", "trigger", value=count_time, timeout=timeout)
+        except SimplonError:
+            self._announce("trigger_failed")
+            raise
+        self._announce("trigger_done")
 
     def disarm(self) -> int:
         """End the series (flushes data, stream end message); returns its series id."""
-        return self._series_id(self.command("detector", "disarm"), "disarm")
+        return self._ending_command("disarm")
 
     def cancel(self) -> int:
         """Stop after the current image; returns the series id."""
-        return self._series_id(self.command("detector", "cancel"), "cancel")
+        return self._ending_command("cancel")
 
     def abort(self) -> int:
         """Stop at once, dropping data in the pipeline; returns the series id."""
-        return self._series_id(self.command("detector", "abort"), "abort")
+        return self._ending_command("abort")
+
+    def _ending_command(self, name: str) -> int:
+        series_id = self._series_id(self.command("detector", name), name)
+        self._announce(name)
+        return series_id
+
+    # ---------------------------------------------------------------- activity
+
+    def add_activity_listener(self, listener: ActivityListener) -> None:
+        """Call ``listener(event)`` after each successful command through this client and for each
+        stream event given to :meth:`note_stream` (events: :data:`ACTIVITY_EVENTS`). It runs in
+        the thread of the command (or of the stream); an exception it raises is logged and never
+        fails the command."""
+        with self._listeners_lock:
+            self._activity_listeners.append(listener)
+
+    def remove_activity_listener(self, listener: ActivityListener) -> None:
+        with self._listeners_lock:
+            if listener in self._activity_listeners:
+                self._activity_listeners.remove(listener)
+
+    def note_stream(self, event: str, series_id: int | None = None) -> None:
+        """Report what the data stream showed: ``series_started`` (a series' header arrived) or
+        ``series_ended`` (its end message). With ``series_id``, an event of a series older than
+        the one this client armed last is ignored (a late end of the previous series); newer ones
+        (armed by another client) count."""
+        if event not in STREAM_EVENTS:
+            raise ValueError(f"stream event must be one of {', '.join(STREAM_EVENTS)}, not {event!r}")
+        armed = self._armed_series_id
+        if series_id is not None and armed is not None and int(series_id) < armed:
+            log.debug("stream event %s of series %s ignored: series %s is the one armed here",
+                      event, series_id, armed)
+            return
+        self._announce(event)
+
+    def _announce(self, event: str) -> None:
+        with self._listeners_lock:
+            listeners = list(self._activity_listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - a listener must never fail the DCU command
+                log.exception("activity listener %r failed on event %r", listener, event)
 
     def trigger_timeout(self, count_time: float | None = None) -> float:
         frame_time = float(self.get_value("detector", "config", "frame_time"))
@@ -327,31 +420,38 @@ class DetectorClient:
         self, response: requests.Response, method: str, url: str, call: str, *, has_value: bool
     ) -> DcuRequestError:
         status = response.status_code
-        dcu_message = response.text.strip()
+        dcu_message = _dcu_text(response)
         details = dict(status_code=status, dcu_message=dcu_message, url=url, method=method)
         said = f"HTTP {status}: {dcu_message}" if dcu_message else f"HTTP {status}"
+        where = f"{self.host}:{self.port}"
         if status in (400, 404) and self._detector_not_initialized(dcu_message, call):
             return DetectorNotInitializedError(
                 f"{method} {call} refused: the detector is not initialized (state 'na'); "
                 f"run Initialize first (DCU said {said})",
                 **details,
             )
-        if status == 404:
+        if status == 404 or (status >= 400 and _says_not_provided(status, dcu_message)):
             return UnknownParameterError(
-                f"{method} {call}: the DCU at {self.host}:{self.port} does not know this parameter "
-                f"or command (DCU said {said})",
+                f"{method} {call}: the DCU at {where} does not provide this parameter or command "
+                f"(DCU said {said})",
                 **details,
             )
         is_config_write = method == "PUT" and "/config/" in url
         if status == 400 and (is_config_write or has_value):
             return InvalidValueError(f"{method} {call}: the DCU refused the value (DCU said {said})", **details)
-        return DcuRequestError(f"{method} {call} failed on the DCU at {self.host}:{self.port} ({said})", **details)
+        if is_config_write:
+            return DcuRequestError(f"{method} {call}: the DCU at {where} refused the write (DCU said {said})",
+                                   **details)
+        return DcuRequestError(f"{method} {call} failed on the DCU at {where} ({said})", **details)
 
     def _detector_not_initialized(self, dcu_message: str, call: str) -> bool:
-        """Before Initialize a DCU answers like an unknown key; ask its state to tell them apart."""
+        """Before Initialize a DCU answers like an unknown key; ask its state to tell them apart
+        (not on a DCU that has no state: there nothing is ever "not initialized")."""
         if "not initialized" in dcu_message.lower():
             return True
         if call in ("detector/status/state", "version discovery") or call.endswith("/command/initialize"):
+            return False
+        if self._reports_state is False:
             return False
         try:
             return self.state() == "na"
@@ -380,6 +480,28 @@ class DetectorClient:
             return response.json()
         except ValueError as error:
             raise SimplonError(f"{method} {url}: the DCU answered with invalid JSON: {response.text[:200]!r}") from error
+
+
+def _dcu_text(response: requests.Response) -> str:
+    """The DCU's own words from an error answer: the ``error`` (or ``message``) of a JSON object
+    body, else the body text."""
+    text = response.text.strip()
+    if text.startswith("{"):
+        try:
+            body = json.loads(text)
+        except ValueError:
+            return text
+        if isinstance(body, dict):
+            for field in ("error", "message", "detail"):
+                if isinstance(body.get(field), str) and body[field].strip():
+                    return body[field].strip()
+    return text
+
+
+def _says_not_provided(status: int, dcu_message: str) -> bool:
+    """A 4xx/5xx that means "no such key or command here" rather than a failure: 501, or a body
+    worded so (LiberTEM-live's sim answers 500 "Parameter photon_energy not implemented.")."""
+    return status == 501 or bool(_NOT_PROVIDED_WORDING.search(dcu_message))
 
 
 def _root_cause(error: BaseException) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .client import DetectorClient
-from .errors import DcuConnectionError, SimplonError
+from .errors import DcuConnectionError, SimplonError, UnknownParameterError
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,30 @@ _CONDITION_OF_STATE = {
 }
 
 
+# A DCU without detector/status/state (LiberTEM-live's simulator): the SIMPLON state it would
+# report after each activity event of the client (see DetectorClient.add_activity_listener).
+# trigger_done and trigger_failed are handled in DetectorSupervisor._infer_state.
+_INFERRED_STATE_AFTER = {
+    "initialize": "idle",
+    "arm": "ready",
+    "trigger_started": "acquire",
+    "series_started": "acquire",
+    "disarm": "idle",
+    "cancel": "idle",
+    "abort": "idle",
+    "series_ended": "idle",
+}
+
+NO_STATE_NOTE = ("the DCU reports no state: detector/status/state not provided; state inferred from "
+                 "this device's commands and the stream")
+
+
 @dataclass(frozen=True)
 class DetectorHealth:
     condition: DetectorCondition
-    dcu_state: str | None  # the raw SIMPLON state, None when unreachable
+    dcu_state: str | None  # the SIMPLON state (inferred on a DCU without one), None when unreachable
     message: str  # one human sentence for Status
+    state_inferred: bool = False  # dcu_state was inferred: the DCU provides no detector/status/state
 
 
 class DetectorSupervisor:
@@ -53,6 +72,13 @@ class DetectorSupervisor:
     :meth:`refresh`) whenever the health differs from the previous one; ``on_reconnect`` once each
     time the DCU answers again after being unreachable (and at the first successful poll), so the
     caller can (re)read the DCU's parameter set.
+
+    A DCU that does not provide ``detector/status/state`` (:attr:`dcu_reports_state` False) is
+    still polled for reachability (the state URL's "not provided" answer proves it answers); its
+    state is inferred from the client's activity events (commands, and the stream events the
+    acquisition reports), and each such event publishes the health at once, from the thread
+    that sent the command or saw the stream event. Should the DCU provide a state again, it is
+    read again.
     """
 
     def __init__(self, client: DetectorClient, poll_period: float = 1.0,
@@ -76,11 +102,30 @@ class DetectorSupervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._background: threading.Thread | None = None
+        # None until the DCU first answered the state request; False: it does not provide one.
+        self._dcu_reports_state: bool | None = None
+        self._inferred_state = "idle"  # a reachable DCU without state is taken as initialized
+        self._state_before_trigger = "ready"
+        add_listener = getattr(client, "add_activity_listener", None)
+        if add_listener is not None:
+            add_listener(self._on_activity)
 
     @property
     def health(self) -> DetectorHealth:
         with self._lock:
             return self._health
+
+    @property
+    def dcu_reports_state(self) -> bool:
+        """False once the DCU answered that it does not provide ``detector/status/state``."""
+        with self._lock:
+            return self._dcu_reports_state is not False
+
+    @property
+    def inferred_state(self) -> str:
+        """The SIMPLON state inferred from the activity events (used when the DCU reports none)."""
+        with self._lock:
+            return self._inferred_state
 
     def start(self) -> None:
         self._stop.clear()
@@ -109,6 +154,7 @@ class DetectorSupervisor:
         with self._lock:
             self._reads_started += 1
             read = self._reads_started
+        dcu_state: str | None
         try:
             dcu_state = self.client.state()
         except DcuConnectionError as exc:
@@ -116,10 +162,15 @@ class DetectorSupervisor:
             return self._publish(DetectorHealth(
                 DetectorCondition.UNREACHABLE, None,
                 f"DCU unreachable: {exc}; retrying every {self.poll_period:g} s"), read)
+        except UnknownParameterError as exc:
+            dcu_state = None  # the DCU answered: it is reachable, it just has no state
+            self._note_reports_state(False, exc)
         except SimplonError as exc:
             self._reachable = True
             return self._publish(DetectorHealth(
                 DetectorCondition.ERROR, None, f"DCU answered the state request with an error: {exc}"), read)
+        else:
+            self._note_reports_state(True)
         self._reachable = True
         if not was_reachable and self._on_reconnect is not None:
             try:
@@ -130,9 +181,58 @@ class DetectorSupervisor:
                 return self._publish(DetectorHealth(
                     DetectorCondition.UNREACHABLE, None,
                     f"DCU answered but reading its parameters failed: {exc}; retrying"), read)
+        if dcu_state is None:
+            return self._publish(self._inferred_health(), read)
         return self._publish(self._health_from_state(dcu_state), read)
 
-    def _health_from_state(self, dcu_state: str) -> DetectorHealth:
+    def _note_reports_state(self, reports: bool, reason: SimplonError | None = None) -> None:
+        with self._lock:
+            before, self._dcu_reports_state = self._dcu_reports_state, reports
+        if reports and before is False:
+            log.info("the DCU at %s:%s reports its state again; reading it from now on",
+                     self.client.host, self.client.port)
+        elif not reports and before is not False:
+            log.warning("%s (%s)", NO_STATE_NOTE, reason)
+
+    # -- a DCU without state: the state inferred from the activity ----------------------------
+
+    def _on_activity(self, event: str) -> None:
+        """An activity event of the client: infer the state, and on a DCU without state publish
+        the health at once (a newer read than any poll in flight, so no poll overwrites it)."""
+        with self._lock:
+            self._infer_state(event)
+            if self._dcu_reports_state is not False or not self._reachable:
+                return  # the DCU's own state (or its absence) is what the polls publish
+            self._reads_started += 1
+            read = self._reads_started
+        self._publish(self._inferred_health(), read)
+
+    def _infer_state(self, event: str) -> None:
+        """Called with the lock held."""
+        current = self._inferred_state
+        if event == "trigger_started":
+            self._state_before_trigger = current
+        if event == "trigger_done":
+            # an ints trigger answers when its images are done: ready for the next trigger, unless
+            # the stream already showed the series end (the DCU then disarmed by itself)
+            if current == "acquire":
+                self._inferred_state = "ready"
+        elif event == "trigger_failed":
+            if current == "acquire":
+                self._inferred_state = self._state_before_trigger
+        elif event in _INFERRED_STATE_AFTER:
+            self._inferred_state = _INFERRED_STATE_AFTER[event]
+        else:
+            log.debug("activity event %r does not change the inferred state", event)
+
+    def _inferred_health(self) -> DetectorHealth:
+        with self._lock:
+            inferred = self._inferred_state
+        health = self._health_from_state(inferred, state_label="inferred state")
+        return DetectorHealth(health.condition, health.dcu_state, f"{health.message} ({NO_STATE_NOTE})",
+                              state_inferred=True)
+
+    def _health_from_state(self, dcu_state: str, state_label: str = "DCU state") -> DetectorHealth:
         condition = _CONDITION_OF_STATE.get(dcu_state)
         if condition is None:
             return DetectorHealth(DetectorCondition.ERROR, dcu_state,
@@ -142,7 +242,7 @@ class DetectorSupervisor:
         if running is not None:
             return DetectorHealth(
                 DetectorCondition.INITIALIZING if running == "initialize" else DetectorCondition.BUSY,
-                dcu_state, f"{running} in progress (DCU state {dcu_state})")
+                dcu_state, f"{running} in progress ({state_label} {dcu_state})")
         if condition is DetectorCondition.ERROR:
             return DetectorHealth(condition, dcu_state, f"DCU in error: {self._read_dcu_error()}")
         if failed is not None:
