@@ -21,6 +21,8 @@ from tango.server import Device, attribute, command, device_property
 from ..processing.acquisition import (AcquisitionBusyError, AcquisitionMode, AcquisitionProgress,
                                       AcquisitionRequest, AcquisitionUpdate, LiveAcquisition, PipelineSettings)
 from ..processing.analyses import AnalysisParameters, AnalysisRegistry, InvalidAnalysisParameters, UnknownAnalysisError
+from ..processing.limits import (MachineLimits, SettingRefused, check_beam_center, check_nav_shape, check_radii,
+                                 check_tuning, check_workers)
 from ..processing.snapshot import ResultSnapshot
 from ..receiver import TRANSPORTS
 from ..simplon.client import DetectorClient
@@ -72,6 +74,12 @@ _PROGRESS_ATTRIBUTES = {
     "stream_transport": (tango.DevString, "", "transport",
                          "how the stream is read: zmtp (the receiver's own ZeroMQ reader) or libzmq; "
                          "empty before the first acquisition"),
+    "messages_rejected": (tango.DevLong64, "", "messages_rejected",
+                          "stream messages the receiver rejected since the series was armed (or, "
+                          "listening, since the last series ended): see rejected_by_reason"),
+    "rejected_by_reason": ((tango.DevString,), "", "rejected_by_reason",
+                           "'reason: count' for each kind of rejected stream message (no_header, "
+                           "stale, wrong_series, part_count, truncated, ...)"),
 }
 _TUNING = ("workers", "num_slots", "bytes_per_frame", "frame_stack_size", "frames_per_partition")
 # Result images are pushed as float64: exact for the integer sums, and one type for every client.
@@ -234,7 +242,10 @@ class DectrisLive(Device):
         """Create an attribute for every parameter the DCU lists (plus the core set and the
         unlisted quirks). Before Initialize (``na``) a DCU answers only its state, so the rest is
         built when it leaves ``na``; existing attributes are kept."""
-        dcu_state = self._client.state()
+        try:
+            dcu_state = self._client.state()
+        except UnknownParameterError:
+            dcu_state = "idle"  # a DCU that reports no state: taken as initialized (see the supervisor)
         with self._attribute_lock:
             missing = []
             for module, task in _PARAMETER_GROUPS:
@@ -405,10 +416,12 @@ class DectrisLive(Device):
         self._tuning = {"workers": self.Workers, "num_slots": self.NumSlots, "bytes_per_frame": self.BytesPerFrame,
                         "frame_stack_size": self.FrameStackSize, "frames_per_partition": self.FramesPerPartition}
         self._event_rate = 10.0
+        self._series_timeout = 0.0
         self._progress = AcquisitionProgress(mode=AcquisitionMode.IDLE, message="idle")
         self._progress_lock = threading.Lock()
         for name, (dtype, unit, _field, doc) in _PROGRESS_ATTRIBUTES.items():
-            attr = tango.Attr(name, dtype, AttrWriteType.READ)
+            attr = tango.SpectrumAttr(name, dtype[0], AttrWriteType.READ, 64) if isinstance(dtype, tuple) \
+                else tango.Attr(name, dtype, AttrWriteType.READ)
             props = tango.UserDefaultAttrProp()
             props.set_description(doc)
             if unit:
@@ -466,12 +479,13 @@ class DectrisLive(Device):
 
     @nav_shape.write
     def nav_shape(self, value: Any) -> None:
-        shape = tuple(int(n) for n in np.atleast_1d(value)) if len(np.atleast_1d(value)) else ()
-        if shape and (len(shape) > 3 or min(shape) < 1):
-            tango.Except.throw_exception("InvalidNavShape", f"nav_shape must be 1 to 3 positive sizes, "
-                                         f"e.g. [128, 128]; got {list(shape)}", "DectrisLive.nav_shape")
-        self._nav_shape = shape or None
-        self._remember("NavShape", list(shape))
+        shape = [int(n) for n in np.atleast_1d(value)]
+        results = sum(len(self._result_names.get(name, ())) for name in self._analyses)
+        try:
+            self._nav_shape = check_nav_shape(shape, results, MachineLimits.of_this_machine())
+        except SettingRefused as exc:
+            _throw(exc, "DectrisLive.nav_shape")
+        self._remember("NavShape", list(self._nav_shape or ()))
 
     @attribute(dtype=(str,), max_dim_x=64, access=AttrWriteType.READ_WRITE,
                doc="Analyses to run, by name (see available_analyses)")
@@ -500,11 +514,27 @@ class DectrisLive(Device):
     def result_attributes(self) -> list[str]:
         return [f"{name}: {', '.join(results)}" for name, results in self._result_names.items()]
 
+    def _frame_shape(self) -> tuple[int, int] | None:
+        """(height, width) of the detector's frames, None when the DCU cannot tell now."""
+        if self._supervisor is None:
+            return None
+        try:
+            return (int(self._client.get_value("detector", "config", "y_pixels_in_detector")),
+                    int(self._client.get_value("detector", "config", "x_pixels_in_detector")))
+        except (SimplonError, TypeError, ValueError):
+            return None  # checked again against the frame at Start
+
     def _radius(self, name: str, value: float) -> None:
-        if not (math.isfinite(value) and value >= 0):
-            tango.Except.throw_exception("InvalidRadius", f"{name} must be a finite radius >= 0 pixels, "
-                                         f"got {value}", f"DectrisLive.{name}")
-        self._radii[name] = float(value)
+        radii = {**self._radii, name: float(value)}
+        try:
+            check_radii(radii["bf_radius"], radii["adf_inner_radius"], radii["adf_outer_radius"],
+                        self._frame_shape())
+        except SettingRefused as exc:
+            if "must be smaller than" in str(exc):
+                exc = SettingRefused(f"{exc}: to move the annulus outwards write adf_outer_radius first, "
+                                     f"inwards adf_inner_radius first")
+            _throw(exc, f"DectrisLive.{name}")
+        self._radii = radii
 
     @attribute(dtype=float, unit="px", memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
                doc="Radius of the virtual bright-field disk (analysis bf)")
@@ -541,11 +571,28 @@ class DectrisLive(Device):
     @beam_center.write
     def beam_center(self, value: Any) -> None:
         centre = [float(v) for v in np.atleast_1d(value)]
-        if centre and (len(centre) != 2 or not all(math.isfinite(v) for v in centre)):
-            tango.Except.throw_exception("InvalidBeamCenter", f"beam_center is [x, y] in pixels (or empty "
-                                         f"for the detector's); got {centre}", "DectrisLive.beam_center")
-        self._beam_center = (centre[0], centre[1]) if centre else None
+        try:
+            self._beam_center = check_beam_center(centre, self._frame_shape() if centre else None)
+        except SettingRefused as exc:
+            _throw(exc, "DectrisLive.beam_center")
         self._remember("BeamCenter", centre)
+
+    @attribute(dtype=float, unit="s", memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
+               doc="How long an armed series may wait for its header, then for each next frame, before it "
+                   "ends with a 'no data' error naming what was received and rejected (State back to ON). "
+                   "0: automatic (10 s for the header; between frames 10 s + 10 frame times, or with "
+                   "external triggers 60 s + the series' duration at the frame time)")
+    def series_timeout(self) -> float:
+        return self._series_timeout
+
+    @series_timeout.write
+    def series_timeout(self, value: float) -> None:
+        if self._acquisition is not None:
+            try:
+                self._acquisition.series_timeout = float(value)
+            except ValueError as exc:
+                _throw(exc, "DectrisLive.series_timeout")
+        self._series_timeout = float(value)
 
     @attribute(dtype=float, unit="Hz", memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
                doc="Most change events per second of each result attribute while data arrives (the final "
@@ -566,10 +613,15 @@ class DectrisLive(Device):
         return int(self._tuning[name])
 
     def _set_tuning(self, name: str, value: int) -> None:
-        if value < 0:
-            tango.Except.throw_exception("InvalidTuning", f"{name} must be >= 0 (0: automatic), got {value}",
-                                         f"DectrisLive.{name}")
-        self._tuning[name] = int(value)  # used from the next Start/Listen
+        tuning = {**self._tuning, name: int(value)}
+        try:
+            limits = MachineLimits.of_this_machine()
+            check_workers(tuning["workers"], limits)
+            check_tuning(tuning["num_slots"], tuning["bytes_per_frame"], tuning["frame_stack_size"],
+                         tuning["frames_per_partition"], limits=limits)
+        except SettingRefused as exc:
+            _throw(exc, f"DectrisLive.{name}")
+        self._tuning = tuning  # used from the next Start/Listen (checked against the frame there)
 
     @attribute(dtype=int, memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
                doc="Worker processes (0: automatic); applies from the next Start/Listen")
@@ -680,7 +732,8 @@ class DectrisLive(Device):
             acquisition.settings = PipelineSettings(**self._tuning)
             request = AcquisitionRequest(tuple(self._analyses), self._analysis_parameters(), self._nav_shape)
             begin(request)
-        except (UnknownAnalysisError, InvalidAnalysisParameters, AcquisitionBusyError, ValueError) as exc:
+        except (UnknownAnalysisError, InvalidAnalysisParameters, AcquisitionBusyError, ValueError,
+                SimplonError) as exc:
             _throw(exc, f"DectrisLive.{name}")
         self._on_health(self._supervisor.health)
 

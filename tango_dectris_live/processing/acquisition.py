@@ -31,6 +31,8 @@ from tango_dectris_live.simplon.client import DetectorClient
 from tango_dectris_live.simplon.errors import SimplonError, UnknownParameterError
 
 from .analyses import AnalysisParameters, AnalysisRegistry
+from .limits import (MachineLimits, check_beam_center, check_nav_shape, check_radii, check_tuning,
+                     check_workers)
 from .live_dataset import ReceiverFrameSource
 from .runner import LiveRunner, SeriesRun
 from .snapshot import ResultSnapshot, RunState
@@ -39,6 +41,13 @@ log = logging.getLogger(__name__)
 
 _POLL = 0.05  # seconds between two looks at a running series from the session thread
 _CANCEL_GRACE = 2.0  # after a Stop, how long the DCU's own end of series may take to arrive
+# Automatic series timeout (series_timeout 0): the DCU sends the header at arm, whatever the
+# trigger mode, so it gets a short bound; frames then get a bound from the frame time (internal
+# triggers) or from the whole series' duration (external triggers: the first may come late).
+HEADER_TIMEOUT = 10.0
+FRAME_TIMEOUT_INTERNAL = 10.0  # + 10 frame times
+FRAME_TIMEOUT_EXTERNAL = 60.0  # + the series' duration at the frame time
+MAX_SERIES_TIMEOUT = 86400.0
 _BIT_DEPTH_DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
 _STREAM_FORMAT_VERSIONS = {"legacy": 1, "cbor": 2}
 
@@ -120,6 +129,16 @@ class AcquisitionProgress:
     message: str = "idle"
     hint: str = ""  # where the bottleneck is, from the telemetry ("" when nothing stands out)
     transport: str = ""  # how the receiver reads the stream: zmtp or libzmq ("" before the first acquisition)
+    # stream messages the receiver rejected since the series was armed/listened for, by reason
+    rejected: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def messages_rejected(self) -> int:
+        return sum(count for _name, count in self.rejected)
+
+    @property
+    def rejected_by_reason(self) -> list[str]:
+        return [f"{name}: {count}" for name, count in self.rejected]
 
     @property
     def progress(self) -> float:
@@ -199,8 +218,8 @@ class LiveAcquisition:
     def __init__(self, detector: DetectorClient, stream_host: str, stream_ports: Mapping[int, int], *,
                  registry: AnalysisRegistry | None = None, settings: PipelineSettings = PipelineSettings(),
                  event_rate: float = 10.0, on_update: UpdateCallback | None = None,
-                 receiver_timeout: float = 10.0, external_trigger_timeout: float = 600.0,
-                 worker_start_method: str = "spawn", transport: str = "auto") -> None:
+                 series_timeout: float = 0.0, worker_start_method: str = "spawn",
+                 transport: str = "auto") -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.transport = transport  # StreamReceiver's transport (auto: zmtp for tcp://, libzmq fallback)
@@ -210,9 +229,8 @@ class LiveAcquisition:
         self.registry = registry if registry is not None else AnalysisRegistry.discover()
         self.settings = settings
         self.on_update = on_update
-        self.receiver_timeout = receiver_timeout
-        # exts/exte: the first hardware trigger may come long after the arm
-        self.external_trigger_timeout = external_trigger_timeout
+        self._series_timeout = 0.0
+        self.series_timeout = series_timeout
         self._worker_start_method = worker_start_method
         self._event_rate = 10.0
         self.event_rate = event_rate
@@ -240,6 +258,11 @@ class LiveAcquisition:
         self._bottleneck = BottleneckMeter()
         self._series_started_at = 0.0
         self._series_completed = 0
+        self._armed_series: int | None = None  # armed by us and not yet disarmed (active mode)
+        self._result_counts: dict[str, int] = {}
+        self._errors_at_arm: dict[str, int] = {}
+        self._messages_at_arm = 0
+        self._frame_time = 0.0
         self._resolved_settings = settings
         self._publisher = threading.Thread(target=self._publish_loop, name="live-results-publisher", daemon=True)
         self._publisher.start()
@@ -255,6 +278,31 @@ class LiveAcquisition:
         if not (math.isfinite(rate) and 0.1 <= rate <= 100.0):
             raise ValueError(f"result_event_rate must be between 0.1 and 100 events per second, got {rate}")
         self._event_rate = float(rate)
+
+    @property
+    def series_timeout(self) -> float:
+        """Seconds an armed series may wait for its header, then for each next frame, before it
+        ends with a 'no data' error; 0: automatic (see :meth:`header_timeout`, :meth:`frame_timeout`)."""
+        return self._series_timeout
+
+    @series_timeout.setter
+    def series_timeout(self, seconds: float) -> None:
+        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and 0 <= seconds <= MAX_SERIES_TIMEOUT):
+            raise ValueError(f"series_timeout must be 0 (automatic) or up to {MAX_SERIES_TIMEOUT:g} seconds, "
+                             f"got {seconds!r}")
+        self._series_timeout = float(seconds)
+
+    def header_timeout(self) -> float:
+        return self._series_timeout or HEADER_TIMEOUT
+
+    def frame_timeout(self, trigger_mode: str, frame_time: float, count: int) -> float:
+        """The bound on the silence between two frames of a series."""
+        if self._series_timeout:
+            return self._series_timeout
+        frame_time = frame_time if math.isfinite(frame_time) and frame_time > 0 else 0.0
+        if trigger_mode in ("exts", "exte"):
+            return min(MAX_SERIES_TIMEOUT, FRAME_TIMEOUT_EXTERNAL + frame_time * max(1, count))
+        return FRAME_TIMEOUT_INTERNAL + 10 * frame_time
 
     @property
     def mode(self) -> AcquisitionMode:
@@ -340,7 +388,8 @@ class LiveAcquisition:
                       receive_rate=stats.frames_per_second if stats is not None else 0.0,
                       backlog=stats.slots_in_use if stats is not None else 0,
                       hint=self._bottleneck.update(stats) if stats is not None else "",
-                      transport=stats.transport if stats is not None else "")
+                      transport=stats.transport if stats is not None else "",
+                      rejected=self._rejected_since_arm(stats))
         if run is not None and run.series is not None and not (final is not None and final.series == run.series):
             expected, processed = run.counters()
             received = max(0, stats.frames_received - self._received_at_start) if stats is not None else 0
@@ -362,13 +411,61 @@ class LiveAcquisition:
         receiver = self._receiver
         return dict(receiver.stats().errors) if receiver is not None else {}
 
+    def _rejected_since_arm(self, stats: Any) -> tuple[tuple[str, int], ...]:
+        """The receiver's error counters that grew since the series was armed or listened for."""
+        if stats is None:
+            return ()
+        before = self._errors_at_arm
+        grown = ((name, count - before.get(name, 0)) for name, count in sorted(stats.errors.items()))
+        return tuple((name, n) for name, n in grown if n > 0)
+
+    def _mark_errors(self) -> None:
+        receiver = self._receiver
+        stats = receiver.stats() if receiver is not None else None
+        self._errors_at_arm = dict(stats.errors) if stats is not None else {}
+        self._messages_at_arm = stats.messages_received if stats is not None else 0
+
+    def _rejected_text(self) -> str:
+        rejected = self._rejected_since_arm(self._receiver.stats() if self._receiver is not None else None)
+        if not rejected:
+            return "no message was rejected"
+        return "rejected: " + ", ".join(f"{name} {count}" for name, count in rejected)
+
     # ---- the session ----------------------------------------------------------------------------
 
-    def _begin(self, mode: AcquisitionMode, request: AcquisitionRequest) -> None:
+    def result_count(self, analyses: tuple[str, ...]) -> int:
+        """How many results the analyses publish (an upper bound on the scan-shaped ones)."""
+        for name in analyses:
+            if name not in self._result_counts:
+                self._result_counts[name] = len(self.registry.result_names(name))
+        return sum(self._result_counts[name] for name in analyses)
+
+    def check_request(self, request: AcquisitionRequest, settings: PipelineSettings,
+                      geometry: StreamGeometry | None = None) -> AcquisitionRequest:
+        """Every setting of an acquisition against this machine and (with ``geometry``) the
+        detector's frames; raises :class:`~.limits.SettingRefused` naming the limit."""
         names = self.registry.validate(request.analyses)  # unknown names fail here, in the caller
         request = replace(request, analyses=tuple(names))
-        if request.nav_shape is not None and (not request.nav_shape or min(request.nav_shape) < 1):
-            raise ValueError(f"nav_shape must be positive scan dimensions, got {request.nav_shape}")
+        machine = MachineLimits.of_this_machine()
+        check_workers(settings.workers, machine)
+        nav_shape = check_nav_shape(request.nav_shape, self.result_count(request.analyses), machine)
+        frame_shape = geometry.frame_shape if geometry is not None else None
+        parameters = request.parameters
+        check_radii(parameters.bf_radius, parameters.adf_inner_radius, parameters.adf_outer_radius, frame_shape)
+        if parameters.beam_centre is not None:
+            check_beam_center((parameters.beam_centre[1], parameters.beam_centre[0]), frame_shape)
+        check_tuning(settings.num_slots, settings.bytes_per_frame, settings.frame_stack_size,
+                     settings.frames_per_partition, frame_shape,
+                     geometry.dtype if geometry is not None else "uint16", machine)
+        return replace(request, nav_shape=nav_shape)
+
+    def _begin(self, mode: AcquisitionMode, request: AcquisitionRequest) -> None:
+        try:
+            geometry = self.stream_geometry()
+        except SimplonError as error:
+            raise SimplonError(f"cannot start: the detector's frame size and stream format could not be "
+                               f"read from the DCU: {error}") from error
+        request = self.check_request(request, self.settings, geometry)
         with self._lock:
             if self.busy:
                 raise AcquisitionBusyError(f"a {self._mode.value} acquisition is running; Stop or Abort it first")
@@ -389,19 +486,42 @@ class LiveAcquisition:
             log.exception("%s acquisition failed", self._mode.value)
             self._last_error = f"{type(error).__name__}: {error}"
             self._message = f"{self._mode.value} acquisition failed: {error}"
-            run = self._run
-            if run is not None and not run.ended:
-                run.abort()
-                run.wait(30)
-            if self._receiver is not None and self._receiver.running:
-                self._receiver.cancel()
+            self._recover()
         finally:
             self._mode = AcquisitionMode.IDLE
             self._publish_progress(force=True)
 
+    def _recover(self) -> None:
+        """After a failed acquisition: the series processing ended, the receiver idle, a broken
+        worker pool dropped (the next Start builds a new one), the DCU disarmed if we armed it."""
+        run = self._run
+        if run is not None and not run.ended:
+            run.abort()
+            try:
+                run.wait(30)
+            except TimeoutError:
+                log.error("the failed series' processing did not end within 30 s")
+        if self._receiver is not None and self._receiver.running:
+            try:
+                self._receiver.cancel()
+            except RuntimeError as error:
+                log.warning("receiver not cancelled: %s", error)
+        with self._lock:
+            runner = self._runner
+            if runner is not None:
+                try:
+                    runner.pool.check_alive()
+                except RuntimeError:
+                    log.warning("worker pool broken by the failed acquisition; a new one starts with the next")
+                    runner.close()
+                    self._runner = None
+        if self._armed_series is not None:
+            self._tell_detector("abort", self.detector.abort, quiet_when_idle=True)
+            self._armed_series = None
+
     def _run_active(self, request: AcquisitionRequest) -> None:
         nav_shape = request.nav_shape or self._detector_scan_shape()
-        trigger_mode = str(self.detector.get_value("detector", "config", "trigger_mode"))
+        trigger_mode = self._detector_trigger_mode()
         self._trigger_mode = trigger_mode
         self._configure_scan(nav_shape, trigger_mode)
         source = self._prepare_pipeline()
@@ -409,10 +529,11 @@ class LiveAcquisition:
         if self._stop.is_set() or self._abort.is_set():
             self._message = "stopped before arming"
             return
-        external = trigger_mode in ("exts", "exte")
-        self._receiver.timeout = max(self.receiver_timeout, self.external_trigger_timeout) if external \
-            else self.receiver_timeout
+        self._frame_time = self._detector_frame_time()
+        self._receiver.timeout = self.header_timeout()
+        self._mark_errors()
         series = self.detector.arm()
+        self._armed_series = series
         self._receiver.arm(series)
         self._message = f"series {series}: armed"
         run = self._process(source, request, parameters, nav_shape, series)
@@ -426,16 +547,24 @@ class LiveAcquisition:
         triggering.join()
         if trigger_errors:
             self._tell_detector("disarm", self.detector.disarm, quiet_when_idle=True)
+            self._armed_series = None
             raise trigger_errors[0]
         if not self._abort.is_set():
             self._tell_detector("disarm", self.detector.disarm, quiet_when_idle=True)
+        self._armed_series = None
 
     def _run_passive(self, request: AcquisitionRequest) -> None:
         source = self._prepare_pipeline()
+        self._mark_errors()
         self._receiver.listen()
         try:
             while not (self._stop.is_set() or self._abort.is_set()):
                 self._message = "listening: waiting for a series armed by someone else"
+                self._trigger_mode = self._detector_trigger_mode()
+                self._frame_time = self._detector_frame_time()
+                # passive: the bound on the silence between frames, from the DCU's settings now
+                self._receiver.timeout = self.frame_timeout(self._trigger_mode, self._frame_time,
+                                                            self._detector_image_count())
                 parameters = self._with_detector_beam_centre(request.parameters)
                 run = self._process(source, request, parameters, request.nav_shape, None)
                 self._follow(run)
@@ -466,6 +595,9 @@ class LiveAcquisition:
                 header_error = self._missing_header_error(errors_before)
                 if header_error is not None:
                     # the receiver gave up waiting for the armed series' header and went idle
+                    received = self._receiver.stats().messages_received - self._messages_at_arm
+                    header_error = (f"{header_error}; {received} stream message(s) received since the "
+                                    f"arm, {self._rejected_text()}")
                     self._last_error = header_error
                     self._message = f"no data: {header_error}"
                     run.stop()
@@ -474,8 +606,13 @@ class LiveAcquisition:
                 self._message = f"series {run.series}: armed, waiting for the external triggers"
             if not series_seen and run.series is not None:
                 series_seen = True
+                self.detector.note_stream("series_started", run.series)
                 if self._mode == AcquisitionMode.PASSIVE:
                     self._series_started_at = time.monotonic()  # active: from the arm on
+                else:
+                    # the header came: from now on the bound is on the silence between frames
+                    expected, _ = run.counters()
+                    self._receiver.timeout = self.frame_timeout(self._trigger_mode, self._frame_time, expected)
                 self._message = f"series {run.series}: receiving and processing"
             if self._abort.is_set() and not receiver_cancelled:
                 run.abort()
@@ -495,14 +632,23 @@ class LiveAcquisition:
         final = run.wait()
         if final.series is None:
             return
+        self.detector.note_stream("series_ended", final.series)
         stats = self._receiver.stats()
         self._final_received = max(0, stats.frames_received - self._received_at_start)
         self._last_final = final
         self._series_completed += 1
         self._message = self._final_message(final)
+        summary = self._source.last_summary
+        if summary is not None and summary.series == final.series and summary.end_reason == "timeout":
+            self._last_error = (f"series {final.series}: no frame for {self._receiver.timeout:g} s "
+                                f"(series_timeout), ended with {self._final_received} of "
+                                f"{final.frames_expected} frames received; {self._rejected_text()}")
+            self._message = f"no data: {self._last_error}"
         with self._publish_lock:
             self._publish(AcquisitionUpdate(self.progress(), final, final=True))
             self._published_processed = final.frames_processed
+        if self._mode == AcquisitionMode.PASSIVE:
+            self._mark_errors()  # the next series' rejected messages count from here
 
     def _missing_header_error(self, errors_before: int) -> str | None:
         source = self._source
@@ -530,6 +676,24 @@ class LiveAcquisition:
 
     # ---- detector side ----------------------------------------------------------------------------
 
+    def _detector_trigger_mode(self) -> str:
+        try:
+            return str(self.detector.get_value("detector", "config", "trigger_mode"))
+        except UnknownParameterError:
+            return "ints"
+
+    def _detector_frame_time(self) -> float:
+        try:
+            return float(self.detector.get_value("detector", "config", "frame_time"))
+        except (UnknownParameterError, TypeError, ValueError):
+            return 0.0
+
+    def _detector_image_count(self) -> int:
+        try:
+            return int(np.prod(self._detector_scan_shape()))
+        except (UnknownParameterError, TypeError, ValueError):
+            return 0
+
     def _detector_scan_shape(self) -> tuple[int, ...]:
         nimages = int(self.detector.get_value("detector", "config", "nimages"))
         ntrigger = int(self.detector.get_value("detector", "config", "ntrigger"))
@@ -542,8 +706,19 @@ class LiveAcquisition:
             nimages, ntrigger = 1, count
         else:
             nimages, ntrigger = count, 1
-        self.detector.write("detector", "ntrigger", ntrigger)
-        self.detector.write("detector", "nimages", nimages)
+        # Written only when they differ: a DCU that refuses writes (a replay of a recording
+        # accepts only the recorded values) still runs a scan of the size it already has.
+        for key, value in (("ntrigger", ntrigger), ("nimages", nimages)):
+            try:
+                current = int(self.detector.get_value("detector", "config", key))
+            except (UnknownParameterError, TypeError, ValueError):
+                current = None
+            if current != value:
+                try:
+                    self.detector.write("detector", key, value)
+                except SimplonError as error:
+                    raise SimplonError(f"cannot set the scan of {list(nav_shape)} positions "
+                                       f"({key} = {value}, the DCU has {current}): {error}") from error
 
     def _trigger(self, trigger_mode: str, nav_shape: tuple[int, ...], errors: list[BaseException]) -> None:
         try:
@@ -627,20 +802,22 @@ class LiveAcquisition:
                     f"tcp://{self.stream_host}:{port}", stream_version=geometry.version,
                     frame_shape=geometry.frame_shape, dtype=geometry.dtype, num_slots=settings.num_slots,
                     frame_stack_size=settings.frame_stack_size, bytes_per_frame=settings.bytes_per_frame,
-                    timeout=self.receiver_timeout, transport=self.transport).start()
+                    timeout=self.header_timeout(), transport=self.transport).start()
                 self._receiver_key = key
                 self._source = ReceiverFrameSource(self._receiver)
             return self._source
 
     def _ensure_runner(self, workers: int) -> LiveRunner:
-        if self._runner is not None and self._runner.pool.size == workers:
+        runner = self._runner
+        if runner is not None and runner.pool.size == workers and not runner.pool.closed:
             try:
-                self._runner.pool.check_alive()
-                return self._runner
+                runner.pool.check_alive()
+                return runner
             except RuntimeError:
                 log.warning("a worker process died; starting a new pool")
-        if self._runner is not None:
-            self._runner.close()
+        self._runner = None  # a pool that fails to start must not leave a closed one behind
+        if runner is not None:
+            runner.close()
         self._runner = LiveRunner(workers, self.registry, start_method=self._worker_start_method)
         return self._runner
 

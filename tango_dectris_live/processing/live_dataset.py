@@ -96,6 +96,7 @@ class ReceiverFrameSource:
         self.decode_frames_into = decode_frames_into
         self.receiver_errors: list[tuple[str, str]] = []  # the latest 100 (kind, message)
         self.errors_seen = 0  # all of them, ever
+        self.last_summary: Any = None  # the receiver's SeriesSummary of the last series that ended
 
     def next_event(self, timeout: float) -> SourceEvent | None:
         from tango_dectris_live.receiver import receiver as events
@@ -110,6 +111,7 @@ class ReceiverFrameSource:
         if isinstance(event, events.StackReady):
             return StackReady(event.handle)
         if isinstance(event, events.SeriesFinished):
+            self.last_summary = event.summary
             return SeriesFinished(event.series, np.asarray(event.summary.missing_frames, np.int64),
                                   event.summary.end_reason, event.summary.ended_at)
         if isinstance(event, events.ReceiverError):

@@ -46,6 +46,10 @@ _MIN_PART_FRAMES = 16  # a stack is split for idle workers into parts of at leas
 _POLL = 0.05  # seconds: how promptly stop/abort are noticed while waiting
 
 
+class WorkerStartError(RuntimeError):
+    """The worker processes could not be started (file descriptors, memory, processes)."""
+
+
 class WorkerFailed(RuntimeError):
     """A worker process died; the pool cannot go on."""
 
@@ -236,21 +240,35 @@ class WorkerPool:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         context = multiprocessing.get_context(start_method)
-        self.active_run = context.Value("q", _NO_RUN, lock=False)
-        self.results: multiprocessing.Queue = context.Queue()
-        self._tasks = [context.Queue() for _ in range(workers)]
-        self._in_flight = [0] * workers
-        self._processes = [
-            context.Process(target=_worker_main, args=(tasks, self.results, self.active_run),
-                            name=f"tango-dectris-live-worker-{i}", daemon=True)
-            for i, tasks in enumerate(self._tasks)]
-        for process in self._processes:
-            process.start()
         self._closed = False
+        self._tasks: list[multiprocessing.Queue] = []
+        self._processes: list[multiprocessing.Process] = []
+        self._in_flight = [0] * workers
+        try:
+            self.active_run = context.Value("q", _NO_RUN, lock=False)
+            self.results: multiprocessing.Queue = context.Queue()
+            for i in range(workers):
+                tasks = context.Queue()
+                self._tasks.append(tasks)
+                process = context.Process(target=_worker_main, args=(tasks, self.results, self.active_run),
+                                          name=f"tango-dectris-live-worker-{i}", daemon=True)
+                process.start()
+                self._processes.append(process)
+        except OSError as error:
+            # e.g. EMFILE: whatever started must not outlive the failure, or the next pool
+            # finds the descriptors still taken
+            started = len(self._processes)
+            self._discard()
+            raise WorkerStartError(f"could not start {workers} worker processes ({started} started): "
+                                   f"{error.strerror or error}") from error
 
     @property
     def size(self) -> int:
         return len(self._processes)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def begin_series(self, spec: _SeriesSpec) -> None:
         blob = cloudpickle.dumps(spec)
@@ -295,6 +313,19 @@ class WorkerPool:
                 process.kill()
                 process.join()
         for q in (*self._tasks, self.results):
+            q.close()
+            q.join_thread()
+
+    def _discard(self) -> None:
+        """Kill what a failed start left, close every queue made so far."""
+        self._closed = True
+        for process in self._processes:
+            process.kill()
+            process.join()
+        queues = list(self._tasks)
+        if hasattr(self, "results"):
+            queues.append(self.results)
+        for q in queues:
             q.close()
             q.join_thread()
 

@@ -102,6 +102,9 @@ class FrameStackLayout:
         uncompressed = int(shape[0]) * int(shape[1]) * np.dtype(dtype).itemsize
         if bytes_per_frame is None:
             bytes_per_frame = max(64, math.ceil(uncompressed / 4))
+            if frame_stack_size is not None:
+                # a slot of few frames must still hold one frame that does not compress
+                bytes_per_frame = max(bytes_per_frame, math.ceil(uncompressed / frame_stack_size))
         if frame_stack_size is None:
             frame_stack_size = max(1, min(_MAX_STACK_FRAMES, _MAX_STACK_BYTES // bytes_per_frame))
         if num_slots is None:

@@ -75,7 +75,7 @@ def live():
         updates = Updates()
         acquisition = LiveAcquisition(client, "127.0.0.1", {1: simulator.stream_port, 2: simulator.stream2_port},
                                       settings=PipelineSettings(workers=2, frame_stack_size=8),
-                                      on_update=updates, receiver_timeout=5.0)
+                                      on_update=updates, series_timeout=5.0)
         try:
             yield simulator, acquisition, updates
         finally:
@@ -232,7 +232,7 @@ def test_active_acquisition_through_libzmq_when_the_transport_asks_for_it():
         updates = Updates()
         acquisition = LiveAcquisition(client, "127.0.0.1", {1: simulator.stream_port, 2: simulator.stream2_port},
                                       settings=PipelineSettings(workers=1, frame_stack_size=8), on_update=updates,
-                                      receiver_timeout=5.0, transport="libzmq")
+                                      series_timeout=5.0, transport="libzmq")
         try:
             acquisition.start(AcquisitionRequest(("sum", "sumsig"), nav_shape=NAV))
             assert acquisition.wait(60), acquisition.progress()
@@ -259,7 +259,7 @@ def test_active_acquisition_without_a_stream_ends_with_a_clear_error(live):
         silent_port = unused.getsockname()[1]
     client = DetectorClient("127.0.0.1", simulator.port)
     acquisition = LiveAcquisition(client, "127.0.0.1", {1: silent_port, 2: silent_port},
-                                  settings=PipelineSettings(workers=1), receiver_timeout=1.0)
+                                  settings=PipelineSettings(workers=1), series_timeout=1.0)
     try:
         acquisition.start(AcquisitionRequest(("sum",), nav_shape=(2, 2)))
         assert acquisition.wait(60)
