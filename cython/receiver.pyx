@@ -156,6 +156,9 @@ cdef enum:
     PLACE_COMPLETE = 5
 
 cdef const char* KEY_DIMAGE = b'"htype":"dimage-1.0"'
+cdef const char* KEY_DCONFIG = b'"htype":"dconfig-1.0"'
+cdef const char* KEY_DHEADER = b'"htype":"dheader-1.0"'
+cdef const char* KEY_DSERIES_END = b'"htype":"dseries_end-1.0"'
 cdef const char* KEY_FRAME = b'"frame":'
 cdef const char* KEY_SERIES = b'"series":'
 cdef const char* KEY_SIZE = b'"size":'
@@ -187,6 +190,15 @@ cdef inline int64_t json_int_after(const uint8_t* buf, size_t n, const char* key
         return -1
     end[0] = i
     return value
+
+
+cdef inline bint v1_starts_message(const uint8_t* p, size_t n) noexcept nogil:
+    """Whether a part looks like the start of a v1 message (a JSON object with the htype of a
+    header, image or end); the Python regrouper (stream/v1_framing.py) decides for sure."""
+    if n < 2 or p[0] != 123:  # '{'
+        return False
+    return (memmem(p, n, KEY_DIMAGE, 20) != NULL or memmem(p, n, KEY_DHEADER, 21) != NULL
+            or memmem(p, n, KEY_DSERIES_END, 25) != NULL)
 
 
 cdef inline uint64_t be64(const uint8_t* p) noexcept nogil:
@@ -493,6 +505,13 @@ cdef class StreamLoop:
     cdef public int socket_errno
     cdef public double last_message_at
     cdef double coalesce
+    # set by receiver.py while its v1 regrouper holds parts of an unfinished message, a header
+    # waiting for its appendix or messages not taken yet (or while it waits for a series' end):
+    # every message then goes to Python, so that the stream is taken in order
+    cdef public bint route_to_python
+    # the last v1 message was an image without an appendix part (taken here, or by Python, which
+    # sets it): a replay may send that appendix as the first part of the next ZeroMQ message
+    cdef public bint follows_v1_image
     cdef public int64_t last_height, last_width
     cdef public int32_t last_dtype_tag, last_encoding
     cdef int64_t counts[N_COUNTERS]
@@ -510,6 +529,8 @@ cdef class StreamLoop:
         self.rbuf = NULL
         self.rcap = self.rstart = self.rend = self.rneed = 0
         self.pending_in_buffer = False
+        self.route_to_python = False
+        self.follows_v1_image = False
 
     def __dealloc__(self):
         free(self.rbuf)
@@ -694,6 +715,18 @@ cdef class StreamLoop:
         self.pending_in_msg = False
         self.has_pending = True
         return True
+
+    def place_offered(self):
+        """Place the frame :meth:`offer_frame` took, as :meth:`pump` would, without reading the
+        socket: an EVENT_* code to act on (then call again), EVENT_IDLE once it is placed or
+        dropped."""
+        cdef int event
+        if self.base == NULL:
+            raise RuntimeError("the stream loop is closed")
+        if not self.has_pending:
+            return EV_IDLE
+        event = self.event_of(self.place_pending())
+        return EV_IDLE if event < 0 else event
 
     def drop_pending(self):
         if self.has_pending and self.pending_in_msg:
@@ -1038,12 +1071,15 @@ PyBytes_FromStringAndSize(<const char*>self.pdata[i], <Py_ssize_t>self.psize[i])
         cdef size_t n1
         cdef int64_t frame, series, declared
         cdef int problem
-        if memmem(p0, n0, KEY_DIMAGE, 20) == NULL:
+        if self.route_to_python or memmem(p0, n0, KEY_DIMAGE, 20) == NULL:
             return self.hand_to_python(MSG_OTHER)
-        if self.nparts < 4:  # dimage, dimage_d, blob, dconfig
-            self.counts[C_TRUNCATED] += 1
-            self.close_parts()
-            return -1
+        # One image per ZeroMQ message (dimage, dimage_d, blob, dconfig, an optional appendix), as
+        # a DCU sends it. Anything else (parts split over several messages, or several v1
+        # messages in one) is regrouped by content in Python.
+        if self.nparts < 4 or self.nparts > 5 or memmem(self.pdata[3], self.psize[3], KEY_DCONFIG, 20) == NULL:
+            return self.hand_to_python(MSG_OTHER)
+        if self.nparts == 5 and v1_starts_message(self.pdata[4], self.psize[4]):
+            return self.hand_to_python(MSG_OTHER)
         frame = json_int_after(p0, n0, KEY_FRAME, 8, &end)
         series = json_int_after(p0, n0, KEY_SERIES, 9, &end)
         if frame < 0 or series < 0:
@@ -1051,6 +1087,7 @@ PyBytes_FromStringAndSize(<const char*>self.pdata[i], <Py_ssize_t>self.psize[i])
         problem = self.series_problem(series)
         if problem >= 0:
             self.counts[problem] += 1
+            self.follows_v1_image = self.nparts == 4
             self.close_parts()
             return -1
         p1 = self.pdata[1]
@@ -1060,8 +1097,10 @@ PyBytes_FromStringAndSize(<const char*>self.pdata[i], <Py_ssize_t>self.psize[i])
             return self.hand_to_python(MSG_NEW_FORMAT)
         if declared >= 0 and <size_t>declared != self.psize[2]:
             self.counts[C_SIZE_MISMATCH] += 1
+            self.follows_v1_image = self.nparts == 4
             self.close_parts()
             return -1
+        self.follows_v1_image = self.nparts == 4
         self.hold_part(2)
         self.pending_data[0] = self.pdata[2]
         self.pending_size[0] = self.psize[2]
@@ -1077,8 +1116,8 @@ PyBytes_FromStringAndSize(<const char*>self.pdata[i], <Py_ssize_t>self.psize[i])
         cdef V2Image img
         cdef int walked, problem, c
         cdef const uint8_t* p
-        if self.nparts != 1:
-            return self.hand_to_python(MSG_FALLBACK)
+        if self.nparts != 1 or self.route_to_python:
+            return self.hand_to_python(MSG_FALLBACK if self.nparts != 1 else MSG_OTHER)
         p = self.pdata[0]
         walked = v2_walk(p, self.psize[0], &img)
         if walked == 1:

@@ -148,6 +148,40 @@ def v2_end(series: int) -> list[bytes]:
     return [_cbor({"type": "end", "series_id": series, "series_unique_id": f"SERIES{series:020d}"})]
 
 
+# ---- ZeroMQ framing of stream v1 messages --------------------------------------------------------
+
+#: How v1 messages are cut into ZeroMQ messages: ``multipart`` one multipart message per v1 message
+#: (a DCU); ``single_parts`` every part alone; ``libertem_sim`` as LiberTEM-live's zmqdump replay
+#: (libertem_live.detectors.dectris.sim.ZMQReplay) sends a recording: the first two parts alone,
+#: then groups of four parts whatever they are, the end message alone; ``regrouped`` the parts cut
+#: into messages of 1, 2, 3, 5, 7, 1, 2, ... parts across the v1 message boundaries.
+FRAMINGS = ("multipart", "single_parts", "libertem_sim", "regrouped")
+
+
+def reframe(messages: Sequence[Sequence[bytes]], framing: str) -> list[list[bytes]]:
+    """The ZeroMQ messages that carry the v1 ``messages`` (lists of parts) in ``framing``."""
+    if framing == "multipart":
+        return [list(parts) for parts in messages]
+    parts = [part for message in messages for part in message]
+    if framing == "single_parts":
+        return [[part] for part in parts]
+    if framing == "libertem_sim":
+        ends = [message[0] for message in messages if b'"dseries_end-1.0"' in message[0]]
+        body = [part for part in parts if part not in ends]
+        grouped = [[part] for part in body[:2]]
+        grouped += [body[i:i + 4] for i in range(2, len(body), 4)]
+        return grouped + [[end] for end in ends]
+    if framing == "regrouped":
+        sizes = (1, 2, 3, 5, 7)
+        grouped, start, turn = [], 0, 0
+        while start < len(parts):
+            grouped.append(parts[start:start + sizes[turn % len(sizes)]])
+            start += sizes[turn % len(sizes)]
+            turn += 1
+        return grouped
+    raise ValueError(f"unknown framing {framing!r}; one of {', '.join(FRAMINGS)}")
+
+
 MESSAGE_BUILDERS = {
     1: {"header": v1_header, "image": v1_image, "end": v1_end},
     2: {"header": v2_start, "image": v2_image, "end": v2_end},

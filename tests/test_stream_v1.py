@@ -22,6 +22,7 @@ from tango_dectris_live.stream import (
     UnknownMessageError,
     UnsupportedEncodingError,
     V1MessageAssembler,
+    V1Regrouper,
     decode_frame,
     parse_v1_encoding,
     parse_v1_message,
@@ -445,3 +446,107 @@ def test_assembler_discards_a_bad_message_and_goes_on():
         assembler.add_part(b"{}", more=False)
     assert assembler.pending_parts == 0
     assert assembler.add_part(json_part({"htype": "dseries_end-1.0", "series": 2}), more=False) == SeriesEnd(2)
+
+
+# --- regrouping parts by content (stream/v1_framing.py) ---------------------------------------------
+
+def _regrouped(zeromq_messages, follows_image=None):
+    regrouper = V1Regrouper()
+    for parts in zeromq_messages:
+        regrouper.add(parts, follows_image=follows_image)
+    taken = []
+    while (item := regrouper.take()) is not None:
+        taken.append(item)
+    return regrouper, taken
+
+
+def _header(series=1, detail="basic"):
+    parts = [json_part({"header_detail": detail, "htype": "dheader-1.0", "series": series})]
+    return parts + ([json_part(eiger2_config())] if detail != "none" else [])
+
+
+def test_regrouper_takes_the_capture_part_by_part_as_multipart(testdata):
+    messages = [capture_header_parts(testdata)]
+    messages += [capture_image_parts(testdata, frame) for frame in range(3)]
+    messages += [[capture_part(testdata, 22)]]
+    _regrouper, whole = _regrouped(messages)
+    regrouper, single = _regrouped([[part] for message in messages for part in message])
+    assert whole == messages and single == messages and not regrouper.busy
+
+
+def test_regrouper_holds_a_split_header_until_the_next_part_tells():
+    header = _header() + [b"appendix"]
+    regrouper, taken = _regrouped([[part] for part in header[:2]])
+    assert taken == [] and regrouper.holds_header and regrouper.busy
+    regrouper.add([header[2]])  # not a start part: the header's appendix
+    assert regrouper.take() == header and not regrouper.busy
+    regrouper, _ = _regrouped([[part] for part in _header()])
+    end = json_part({"htype": "dseries_end-1.0", "series": 1})
+    regrouper.add([end])  # a start part: the header had no appendix
+    assert [regrouper.take(), regrouper.take()] == [_header(), [end]]
+    regrouper, _ = _regrouped([[part] for part in _header()])
+    assert regrouper.finish_held() and regrouper.take() == _header()
+
+
+def test_regrouper_takes_a_header_of_one_multipart_message_at_once():
+    for detail in ("basic", "all"):
+        parts = _header(detail=detail)
+        if detail == "all":
+            parts = capture_header_parts_like(parts)
+        regrouper, taken = _regrouped([parts])
+        assert taken == [parts] and not regrouper.holds_header
+
+
+def capture_header_parts_like(first_two):
+    """An ``all`` header of a 2x3 detector: the flatfield, pixel mask and count-rate table."""
+    arrays = [("dflatfield-1.0", [3, 2], "float32", 24), ("dpixelmask-1.0", [3, 2], "uint32", 24),
+              ("dcountrate_table-1.0", [2, 4], "float32", 32)]
+    parts = list(first_two)
+    for htype, shape, type_name, size in arrays:
+        parts += [json_part({"htype": htype, "shape": shape, "type": type_name}), bytes(size)]
+    return parts
+
+
+def test_regrouper_takes_a_blob_by_its_declared_size_whatever_it_looks_like():
+    looks_like_a_start = json_part({"frame": 9, "hash": "", "htype": "dimage-1.0", "series": 1})
+    parts = image_parts(np.zeros((2, 2), np.uint8), "lz4<", looks_like_a_start, series=1)
+    regrouper, taken = _regrouped([[part] for part in parts])
+    assert taken == [parts] and regrouper.image_appendix_may_follow
+
+
+def test_regrouper_image_appendix_may_come_in_the_next_zeromq_message():
+    parts = image_parts(np.zeros((2, 2), np.uint8), "<", bytes(4), series=1)
+    end = json_part({"htype": "dseries_end-1.0", "series": 1})
+    regrouper, taken = _regrouped([parts, [b"frame-note", end]])
+    assert taken == [parts, [end]]  # the appendix of an image already given out is dropped
+    # the caller took the image itself and says so
+    regrouper, taken = _regrouped([[b"frame-note", end]], follows_image=True)
+    assert taken == [[end]]
+    regrouper, taken = _regrouped([[b"frame-note", end]], follows_image=False)
+    assert [item.reason for item in taken[:1]] == ["unexpected_part"] and taken[1:] == [[end]]
+
+
+def test_regrouper_reports_cut_messages_and_stray_runs_by_name():
+    image = image_parts(np.zeros((2, 2), np.uint8), "<", bytes(4), series=1)
+    end = json_part({"htype": "dseries_end-1.0", "series": 1})
+    zeromq_messages = [
+        [_header()[0]], image,  # a header whose config part never came
+        image[:2], [end],  # an image cut short
+        [image[1]], [image[2], image[3]], [b"{not json"],  # one stray run
+        [end], [b'{"htype":"dsomething-1.0"}'], [end],
+    ]
+    regrouper, taken = _regrouped(zeromq_messages)
+    reasons = [item.reason if isinstance(item, StreamFormatError) else item for item in taken]
+    assert reasons == ["incomplete_header", image, "truncated", [end], "unexpected_part", [end],
+                       "unknown_message", [end]]
+    regrouper.add(image[:3])
+    regrouper.reset()  # the connection was cut
+    assert regrouper.take().reason == "truncated" and not regrouper.busy
+
+
+def test_absurdly_deep_json_is_bad_json_not_a_crash():
+    deep = b'{"htype":"dheader-1.0","header_detail":"basic","series":1,"x":' + b"[" * 100_000 + b"\n"
+    with raises_with_reason(MalformedMessageError, "bad_json"):
+        parse_v1_message([json_part({"header_detail": "basic", "htype": "dheader-1.0", "series": 1}), deep])
+    _regrouper, taken = _regrouped([[deep[:4000]]])
+    assert [item.reason for item in taken] == ["bad_json"]

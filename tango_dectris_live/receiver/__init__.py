@@ -2,6 +2,7 @@
 from .decode import decode_frames_into
 from .framestack import FRAME_RECORD_DTYPE, FrameStackHandle, FrameStackLayout, SlotState, attach_segment, detach_all
 from .receiver import (
+    CONNECTIONS,
     TRANSPORTS,
     ReceiverError,
     ReceiverEvent,
@@ -10,11 +11,13 @@ from .receiver import (
     SeriesStarted,
     SeriesSummary,
     StackReady,
+    StreamConnectError,
     StreamReceiver,
 )
 from .stats import ReceiverStats
 
 __all__ = [
+    "CONNECTIONS",
     "FRAME_RECORD_DTYPE",
     "FrameStackHandle",
     "FrameStackLayout",
@@ -27,6 +30,7 @@ __all__ = [
     "SeriesSummary",
     "SlotState",
     "StackReady",
+    "StreamConnectError",
     "StreamReceiver",
     "TRANSPORTS",
     "attach_segment",

@@ -10,6 +10,16 @@ events from :meth:`StreamReceiver.next_event` and give each stack back with
 Transports: ``zmtp`` (the default for ``tcp://``) reads the TCP connection in this thread
 (``zmtp.py``), ``libzmq`` through pyzmq's socket and libzmq's I/O thread.
 
+Stream v1 messages are taken by content, whatever the ZeroMQ message boundaries: the C loop
+places an image that came as one multipart message (a DCU's framing) and hands everything else to
+:class:`V1Regrouper` here (headers and ends, and the parts of messages that a zmqdump replay sends
+split over several ZeroMQ messages).
+
+Connection policy: ``always`` stays connected from :meth:`StreamReceiver.start` on;
+``per_series`` connects for :meth:`StreamReceiver.connect`, ``arm`` or ``listen`` and disconnects
+when the receiver is idle again, so that other consumers of the DCU's PUSH socket (which deals
+messages round-robin to every connected peer) get whole series meanwhile.
+
 Modes (docs/receiver.md has the whole picture): IDLE reads nothing, so ZeroMQ keeps what the DCU
 sends (up to the socket buffers and the send high-water mark, then the DCU's send waits or drops) and a
 series header sent at the DCU's arm is still there when :meth:`StreamReceiver.arm` comes; ARMED
@@ -18,6 +28,7 @@ takes that one series and goes back to IDLE; LISTENING takes every series, one a
 """
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import os
@@ -34,11 +45,14 @@ import numpy as np
 import zmq
 
 from tango_dectris_live.allocator import tune_allocator
+from zmq.utils.monitor import recv_monitor_message
+
 from tango_dectris_live.stream import (
     ImageFrame,
     SeriesEnd,
     SeriesHeader,
     StreamFormatError,
+    V1Regrouper,
     parse_v1_message,
     parse_v2_message,
 )
@@ -58,8 +72,13 @@ _C_ERRORS = ("out_of_range", "wrong_series", "stale", "no_header", "truncated", 
 _C_INDEX = {name: i for i, name in enumerate(_receiver.COUNTER_NAMES)}
 
 TRANSPORTS = ("auto", "zmtp", "libzmq")
+CONNECTIONS = ("always", "per_series")
 _CONNECT_TIMEOUT_S = 0.5  # TCP connect + ZMTP handshake; the receiver thread waits this long at most
 _RECONNECT_S = 0.1  # retry interval after a failed connection attempt (libzmq's default)
+# libzmq socket monitor: the handshake tells that the DCU's PUSH socket deals messages to us now
+_MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                   | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 def libzmq_functions() -> dict[str, int]:
@@ -73,6 +92,50 @@ def libzmq_functions() -> dict[str, int]:
 
     return function_addresses(backend.__file__, _LIBZMQ_FUNCTIONS,
                               f"the compiled receiver needs libzmq >= 4.0 (pyzmq reports {zmq.zmq_version()})")
+
+
+class StreamConnectError(ConnectionError):
+    """:meth:`StreamReceiver.connect` found no stream connection to ``endpoint`` in time."""
+
+    def __init__(self, endpoint: str, timeout: float, reason: str) -> None:
+        super().__init__(
+            f"no stream connection to {endpoint} within {timeout:g} s ({reason or 'no answer'}): check that "
+            f"the DCU is up, that its stream is enabled (stream/config/mode) and that {endpoint} is its "
+            "stream endpoint")
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.reason = reason
+
+
+class _WholeMessages:
+    """Stream v2: every ZeroMQ message is one whole message (a single CBOR part); the queue
+    :class:`V1Regrouper` keeps for v1, with nothing to regroup."""
+
+    def __init__(self) -> None:
+        self._ready: collections.deque[list[bytes]] = collections.deque()
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._ready)
+
+    busy = ready
+    holds_header = False
+    image_appendix_may_follow = False
+
+    def add(self, parts: list[bytes], *, follows_image: bool | None = None) -> None:
+        self._ready.append(parts)
+
+    def take(self) -> list[bytes] | None:
+        return self._ready.popleft() if self._ready else None
+
+    def put_back(self, item: list[bytes]) -> None:
+        self._ready.appendleft(item)
+
+    def finish_held(self) -> bool:
+        return False
+
+    def reset(self) -> None:
+        pass
 
 
 # ---- events -------------------------------------------------------------------------------------
@@ -160,13 +223,19 @@ class StreamReceiver:
     ``libzmq`` when the peer needs it (a security mechanism, ZMTP before 3.0). Both reconnect on their
     own when the connection drops (``disconnects`` in :meth:`stats`). ``receive_hwm`` only applies
     to ``libzmq``; with ``zmtp`` the kernel's socket buffer is the queue.
+    ``connection``: ``always`` (default) connects at :meth:`start` and stays connected;
+    ``per_series`` is connected only while needed: from :meth:`connect`, :meth:`arm` or
+    :meth:`listen` until the receiver is idle again (the armed series ended and its end message
+    came, :meth:`cancel`, ``no_header``). The DCU's PUSH socket deals its messages round-robin to
+    every connected consumer, so ``per_series`` leaves whole series to another consumer (a second
+    receiver, LiberTEM-live) meanwhile; with nobody connected the DCU queues them.
     """
 
     def __init__(self, endpoint: str, *, stream_version: int = 1, frame_shape: tuple[int, int] = (512, 512),
                  dtype: np.dtype | str = "uint16", num_slots: int | None = None, frame_stack_size: int | None = None,
                  bytes_per_frame: int | None = None, max_latency: float = 0.1, timeout: float = 10.0,
                  receive_hwm: int = 1000, poll_interval: float = 0.05, rate_window: float = 2.0,
-                 coalesce: float = 200e-6, transport: str = "auto") -> None:
+                 coalesce: float = 200e-6, transport: str = "auto", connection: str = "always") -> None:
         if stream_version not in (1, 2):
             raise ValueError(f"stream_version must be 1 (legacy JSON) or 2 (CBOR), got {stream_version!r}")
         if max_latency <= 0 or timeout <= 0 or poll_interval <= 0:
@@ -175,6 +244,8 @@ class StreamReceiver:
             raise ValueError(f"coalesce must be 0 to 0.01 seconds, got {coalesce!r}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        if connection not in CONNECTIONS:
+            raise ValueError(f"connection must be one of {', '.join(CONNECTIONS)}, got {connection!r}")
         self._tcp = zmtp.TcpEndpoint.parse(endpoint)
         if transport == "zmtp" and self._tcp is None:
             raise ValueError(f"the zmtp transport needs a tcp://host:port endpoint, got {endpoint!r}")
@@ -188,6 +259,14 @@ class StreamReceiver:
         self._disconnects = 0
         self._zmq_context: zmq.Context | None = None
         self._zmq_socket: zmq.Socket | None = None
+        self._zmq_monitor: zmq.Socket | None = None
+        self._zmq_connect_called = False  # libzmq: connect() was called on the socket (not disconnected since)
+        self.connection = connection
+        # whether the receiver thread keeps a connection up (per_series: from connect/arm/listen to idle)
+        self._connection_wanted = connection == "always"
+        self._connected = threading.Event()  # a connection is up (zmtp: handshaken; libzmq: monitor)
+        self._awaiting_end_of: int | None = None  # per_series: the completed series whose end is awaited
+        self._awaiting_end_until = 0.0
         self.stream_version = stream_version
         self.layout = FrameStackLayout.for_frames(frame_shape, dtype, num_slots=num_slots,
                                                   frame_stack_size=frame_stack_size,
@@ -217,6 +296,7 @@ class StreamReceiver:
         self._series_finished = 0
         self._last_rate_sample = 0.0
         self._last_completed_series: int | None = None
+        self._framing: V1Regrouper | _WholeMessages = V1Regrouper() if stream_version == 1 else _WholeMessages()
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -259,6 +339,12 @@ class StreamReceiver:
         return self._mode
 
     @property
+    def connected(self) -> bool:
+        """A connection to the DCU is up (zmtp: handshaken; libzmq: handshake reported by its
+        socket monitor)."""
+        return self._connected.is_set()
+
+    @property
     def timeout(self) -> float:
         """Seconds without a message before a running series ends (``timeout``), and seconds an
         :meth:`arm` waits for its header (``no_header``); may be changed at any time, e.g. for
@@ -272,6 +358,30 @@ class StreamReceiver:
         self._timeout = float(seconds)  # one attribute store: the receiver thread reads it as it is
 
     # ---- control (any thread) -------------------------------------------------------------------
+
+    def connect(self, timeout: float = 5.0) -> None:
+        """Connect to the DCU now and return once the connection is up; call it before arming the
+        DCU when ``connection="per_series"``, so that the header the DCU sends at arm comes here.
+
+        "Up" means the ZeroMQ handshake with the DCU's PUSH socket completed (zmtp: this receiver's
+        own handshake; libzmq: its socket monitor's ``HANDSHAKE_SUCCEEDED``). Raises
+        :class:`StreamConnectError` (naming the endpoint and the last reason) when that does not
+        happen within ``timeout`` seconds; ``per_series`` then stops trying, ``always`` goes on.
+        With ``per_series`` the connection stays up until the receiver is idle again after the
+        next :meth:`arm`'s series, or :meth:`cancel`.
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"connect() needs a positive timeout in seconds, got {timeout!r}")
+        self._command(self._want_connection)
+        if self._connected.wait(timeout):
+            return
+        reason = self._last_connect_error
+
+        def give_up() -> None:
+            if not self._connected.is_set() and self.connection == "per_series" and self._mode is ReceiverMode.IDLE:
+                self._disconnect()
+        self._command(give_up)
+        raise StreamConnectError(self.endpoint, timeout, reason)
 
     def arm(self, series_id: int) -> None:
         """Active mode: take series ``series_id`` (the id the DCU's arm returned), then go idle.
@@ -292,7 +402,10 @@ class StreamReceiver:
             self._mode = ReceiverMode.ARMED
             self._armed_series = series_id
             self._armed_at = time.monotonic()
+            self._awaiting_end_of = None
             self._loop.arm(series_id)
+            self._want_connection()
+            self._route_messages()
         self._command(apply)
 
     def listen(self) -> None:
@@ -300,17 +413,23 @@ class StreamReceiver:
         def apply() -> None:
             self._mode = ReceiverMode.LISTENING
             self._armed_series = None
+            self._awaiting_end_of = None
             self._loop.arm(-1)
+            self._want_connection()
+            self._route_messages()
         self._command(apply)
 
     def cancel(self) -> None:
         """End the current series now (its summary says ``cancelled``) and go idle: the socket is
-        not read until the next :meth:`arm` or :meth:`listen`."""
+        not read until the next :meth:`arm` or :meth:`listen` (``per_series``: disconnected)."""
         def apply() -> None:
             if self._series is not None:
                 self._finish("cancelled")
             self._mode = ReceiverMode.IDLE
             self._armed_series = None
+            self._awaiting_end_of = None
+            if self.connection == "per_series":
+                self._disconnect()
         self._command(apply)
 
     def _command(self, action: Callable[[], None]) -> None:
@@ -377,7 +496,8 @@ class StreamReceiver:
             series_active=None if series is None else series.header.series_id,
             series_finished=self._series_finished,
             transport=self.transport,
-            connected=self.transport == "libzmq" or self._connection is not None,
+            connection=self.connection,
+            connected=self._connected.is_set(),
             disconnects=self._disconnects,
             connect_error=self._last_connect_error,
             zmtp_commands=counters[_C_INDEX["zmtp_commands"]],
@@ -397,7 +517,7 @@ class StreamReceiver:
                 self.coalesce)
             if self.transport == "libzmq":
                 self._open_libzmq()
-            else:
+            elif self._connection_wanted:
                 self._try_connect()  # a peer that is there is connected when start() returns
         except (zmq.ZMQError, RuntimeError, ValueError) as error:
             self._start_error = error
@@ -428,20 +548,57 @@ class StreamReceiver:
         self._zmq_socket = self._zmq_context.socket(zmq.PULL)
         self._zmq_socket.setsockopt(zmq.RCVHWM, self.receive_hwm)
         self._zmq_socket.setsockopt(zmq.LINGER, 0)
-        self._zmq_socket.connect(self.endpoint)
+        self._zmq_monitor = self._zmq_socket.get_monitor_socket(_MONITOR_EVENTS)
         self._loop.set_socket(self._zmq_socket.underlying)
         self.transport = "libzmq"
+        if self._connection_wanted:
+            self._zmq_socket.connect(self.endpoint)
+            self._zmq_connect_called = True
 
     def _close_transport(self) -> None:
+        self._connected.clear()
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+        if self._zmq_monitor is not None:
+            self._zmq_socket.disable_monitor()
+            self._zmq_monitor.close(0)
+            self._zmq_monitor = None
         if self._zmq_socket is not None:
             self._zmq_socket.close(0)
             self._zmq_socket = None
         if self._zmq_context is not None:
             self._zmq_context.term()
             self._zmq_context = None
+
+    def _want_connection(self) -> None:
+        """Keep a connection up from now on (per_series: until idle again); zmtp tries at once."""
+        if self._connection_wanted:
+            return
+        self._connection_wanted = True
+        self._next_connect = 0.0
+        if self.transport == "libzmq" and self._zmq_socket is not None and not self._zmq_connect_called:
+            self._zmq_socket.connect(self.endpoint)
+            self._zmq_connect_called = True
+
+    def _disconnect(self) -> None:
+        """per_series, idle: close the connection so that other consumers get the DCU's messages.
+        What the regrouper holds of an unfinished message cannot go on in a new connection."""
+        self._connection_wanted = False
+        self._awaiting_end_of = None
+        self._connected.clear()
+        if self._connection is not None:
+            dropped = self._loop.detach()
+            self._connection.close()
+            self._connection = None
+            if dropped:
+                log.warning("stream %s: disconnected with %d bytes of an unfinished message", self.endpoint, dropped)
+        if self._zmq_socket is not None and self._zmq_connect_called:
+            self._zmq_socket.disconnect(self.endpoint)
+            self._zmq_connect_called = False
+            self._zmq_socket.getsockopt(zmq.EVENTS)  # let libzmq go on with it (see _receive)
+        self._framing.reset()
+        self._route_messages()
 
     def _try_connect(self) -> None:
         """One connection attempt (zmtp transport) once the retry interval has passed; a failure
@@ -462,6 +619,7 @@ class StreamReceiver:
             return
         self._connection = connection
         self._loop.attach(connection.fileno())
+        self._connected.set()
         if self._connect_failures:
             log.info("stream %s: connected after %d failed attempt(s)", self.endpoint, self._connect_failures)
         self._connect_failures = 0
@@ -481,15 +639,51 @@ class StreamReceiver:
         dropped = self._loop.detach()
         self._connection.close()
         self._connection = None
+        self._connected.clear()
         self._disconnects += 1
+        self._framing.reset()
+        self._route_messages()
         log.warning("stream %s: connection lost (%s, %d bytes of an unfinished message dropped); reconnecting",
                     self.endpoint, reason, dropped)
         self._next_connect = 0.0
 
+    def _read_monitor(self) -> None:
+        """libzmq: what its socket monitor reported since the last look (no waiting)."""
+        while self._zmq_monitor is not None:
+            try:
+                event = recv_monitor_message(self._zmq_monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self._zmq_connect_called:  # not the late report of a connection since closed
+                    self._connected.set()
+                    self._last_connect_error = ""
+            elif kind == zmq.EVENT_DISCONNECTED:
+                # libzmq reconnects by itself; what the old connection brought may still be queued
+                # in the socket, so the regrouper is not reset here: a message the drop cut short
+                # is counted when the next one starts
+                if self._connected.is_set():
+                    self._disconnects += 1
+                self._connected.clear()
+            elif kind == zmq.EVENT_CONNECT_RETRIED:
+                self._last_connect_error = "nobody accepted the connection; libzmq retries"
+            else:
+                self._last_connect_error = "the ZeroMQ handshake with the peer failed (is it a PUSH socket " \
+                                           "without security?)"
+
+    @property
+    def _reading(self) -> bool:
+        """The socket is read: armed or listening, or (per_series) waiting for the end message of
+        the series just completed before disconnecting."""
+        return self._mode is not ReceiverMode.IDLE or self._awaiting_end_of is not None
+
     def _receive(self) -> None:
         loop = self._loop
         while not self._stopping.is_set():
-            if self.transport == "zmtp" and self._connection is None:
+            if self._zmq_monitor is not None:
+                self._read_monitor()
+            if self.transport == "zmtp" and self._connection is None and self._connection_wanted:
                 self._try_connect()
                 if self._connection is None and self.transport == "zmtp":
                     # not connected: answer commands until the next attempt, and let a series time out
@@ -498,13 +692,29 @@ class StreamReceiver:
                     self._sample_rates()
                     self._check_timeout()
                     continue
-            if self._mode is ReceiverMode.IDLE:
+            if not self._reading:
                 # Not reading is what keeps a header sent at the DCU's arm for the arm() to come.
-                self._apply_commands(wait=self.poll_interval)
+                if self._zmq_socket is not None:
+                    # libzmq does the steps of a disconnect (its TCP connection closes last) when
+                    # the socket is called; asking for its events reads no message
+                    self._zmq_socket.getsockopt(zmq.EVENTS)
+                if self._zmq_monitor is not None and self._connection_wanted and not self._connected.is_set():
+                    # a connect() waits: look at the monitor again soon
+                    self._zmq_monitor.poll(self.poll_interval * 1000)
+                    self._apply_commands()
+                else:
+                    self._apply_commands(wait=self.poll_interval)
                 self._sample_rates()
                 continue
             self._apply_commands()
-            if self._mode is ReceiverMode.IDLE:
+            if not self._reading:
+                continue
+            if self.transport == "zmtp" and self._connection is None:  # not wanted (cannot be while reading)
+                self._apply_commands(wait=self.poll_interval)
+                continue
+            if self._framing.ready:  # messages read before a mode change, or put back
+                self._take_messages()
+                self._check_timeout()
                 continue
             event = loop.pump(self.poll_interval)
             self._sample_rates()
@@ -589,7 +799,18 @@ class StreamReceiver:
         now = time.monotonic()
         if series is None:
             if self._mode is ReceiverMode.ARMED and now - self._armed_at >= self.timeout:
+                # a header split over single-part messages waits for the next part to tell whether
+                # an appendix follows; nothing came for that long: take it without one
+                if self._framing.finish_held():
+                    self._take_messages()
+                    if self._series is not None:
+                        return
                 self._give_up_waiting_for_header()
+            elif self._awaiting_end_of is not None and self._mode is ReceiverMode.IDLE \
+                    and now >= self._awaiting_end_until:
+                log.info("stream %s: no end message of series %d within %g s; disconnecting",
+                         self.endpoint, self._awaiting_end_of, self.timeout)
+                self._disconnect()
             return
         last = max(series.started_at, self._loop.last_message_at)
         if now - last >= self.timeout:
@@ -606,6 +827,8 @@ class StreamReceiver:
             f"was armed for series {series_id}, that its stream is enabled (stream/config/mode) in the "
             f"format this receiver expects (stream v{self.stream_version}), and that {self.endpoint} is "
             f"the DCU's stream endpoint; the receiver is idle again"))
+        if self.connection == "per_series":
+            self._disconnect()
 
     def _hand_over(self) -> None:
         taken = self._loop.take_stack()
@@ -635,21 +858,54 @@ class StreamReceiver:
     # ---- messages for Python --------------------------------------------------------------------
 
     def _on_message(self, parts: list[bytes], kind: int) -> None:
-        try:
-            if self.stream_version == 1:
-                message = parse_v1_message(parts)
-            else:
-                message = parse_v2_message(parts[0])
-        except StreamFormatError as error:
-            self._count(error.reason)
-            log.debug("dropped a stream message: %s", error)
-            return
-        if isinstance(message, SeriesHeader):
-            self._on_header(message)
-        elif isinstance(message, SeriesEnd):
-            self._on_end(message)
-        elif isinstance(message, ImageFrame):
-            self._on_image(message, parts, kind)
+        """A ZeroMQ message the C loop did not take itself: regrouped into stream messages (v1,
+        by content) and those taken in order."""
+        loop = self._loop
+        self._framing.add(parts, follows_image=loop.follows_v1_image)
+        self._take_messages(kind)
+        loop.follows_v1_image = self._framing.image_appendix_may_follow
+
+    def _take_messages(self, kind: int = _receiver.MESSAGE_OTHER) -> None:
+        """Take the whole messages the regrouper has, while the socket is to be read; the rest
+        waits for the next arm()/listen() as if still queued in ZeroMQ."""
+        framing = self._framing
+        while self._reading:
+            item = framing.take()
+            if item is None:
+                break
+            if isinstance(item, StreamFormatError):
+                self._count(item.reason)
+                log.debug("dropped stream parts: %s", item)
+                continue
+            try:
+                message = parse_v1_message(item) if self.stream_version == 1 else parse_v2_message(item[0])
+            except StreamFormatError as error:
+                self._count(error.reason)
+                log.debug("dropped a stream message: %s", error)
+                continue
+            if self._mode is ReceiverMode.IDLE:  # per_series: waiting for the completed series' end
+                if isinstance(message, SeriesEnd) and message.series_id == self._awaiting_end_of:
+                    self._on_end(message)
+                    self._disconnect()
+                else:
+                    # another series begins before that end came: stay connected (closing now
+                    # would drop what is on its way) and keep this for the next arm()/listen()
+                    framing.put_back(item)
+                    self._awaiting_end_of = None
+                break
+            if isinstance(message, SeriesHeader):
+                self._on_header(message)
+            elif isinstance(message, SeriesEnd):
+                self._on_end(message)
+            elif isinstance(message, ImageFrame):
+                self._on_image(message, item, kind)
+        self._route_messages()
+
+    def _route_messages(self) -> None:
+        """Every message goes to Python while the regrouper holds something that the next one
+        continues, or while waiting for a series' end (the C loop would take an image itself)."""
+        if self._loop is not None:
+            self._loop.route_to_python = self._framing.busy or self._awaiting_end_of is not None
 
     def _on_header(self, header: SeriesHeader) -> None:
         series_id = header.series_id
@@ -706,11 +962,28 @@ class StreamReceiver:
             self._count("unsupported_dtype")
             return
         code = frame.encoding.algorithm.code
-        if self.stream_version == 1 and kind == _receiver.MESSAGE_NEW_FORMAT and series is not None \
-                and frame.series_id == series.header.series_id:
+        if self.stream_version == 1 and series is not None and frame.series_id == series.header.series_id:
+            # the frames that follow in this layout are taken by the C loop itself
             self._loop.set_v1_format(bytes(parts[1]), code, frame.encoding.elem_size, tag)
-        self._loop.offer_frame(frame.series_id, frame.frame_number, [data.blob for data in frame.data],
-                               code, frame.encoding.elem_size, tag)
+        if self._loop.offer_frame(frame.series_id, frame.frame_number, [data.blob for data in frame.data],
+                                  code, frame.encoding.elem_size, tag):
+            self._place_offered()
+
+    def _place_offered(self) -> None:
+        """Place the frame just offered before the next message is taken (the C loop holds one)."""
+        loop = self._loop
+        while True:
+            event = loop.place_offered()
+            if event == _receiver.EVENT_STACK_READY:
+                self._hand_over()
+            elif event == _receiver.EVENT_NEED_SLOT:
+                self._assign_slot()
+            elif event == _receiver.EVENT_GROW:
+                self._grow_bitmap()
+            elif event == _receiver.EVENT_SERIES_COMPLETE:
+                self._finish("complete")
+            else:
+                return
 
     def _finish(self, reason: str) -> None:
         series = self._series
@@ -745,6 +1018,15 @@ class StreamReceiver:
         if self._mode is ReceiverMode.ARMED:
             self._mode = ReceiverMode.IDLE
             self._armed_series = None
+            if self.connection == "per_series":
+                if reason == "complete":
+                    # the DCU sends the end message right after the last frame: take it before
+                    # disconnecting, so that it does not go to the next consumer
+                    self._awaiting_end_of = summary.series
+                    self._awaiting_end_until = ended_at + self.timeout
+                    self._route_messages()
+                elif reason in ("end_message", "timeout"):
+                    self._disconnect()
         self._events.put(SeriesFinished(summary.series, summary))
 
 

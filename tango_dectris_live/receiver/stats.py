@@ -26,8 +26,10 @@ class ReceiverStats:
     series_active: int | None = None
     series_finished: int = 0
     transport: str = "libzmq"  # how the stream is read: "zmtp" or "libzmq" (StreamReceiver's transport)
-    # zmtp: whether a connection is up now (libzmq reconnects on its own: always True), how often it
-    # dropped, why the last connection attempt failed ("" after a success), commands seen (PINGs)
+    connection: str = "always"  # the connection policy: "always" or "per_series"
+    # whether a connection is up now (zmtp: handshaken; libzmq: its socket monitor saw the
+    # handshake), how often it dropped, why the last connection attempt failed ("" after a
+    # success), ZMTP commands seen (PINGs)
     connected: bool = True
     disconnects: int = 0
     connect_error: str = ""

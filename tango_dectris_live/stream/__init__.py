@@ -19,6 +19,7 @@ from .messages import (
     algorithm_from_code,
 )
 from .v1 import V1MessageAssembler, parse_v1_encoding, parse_v1_message, v1_tick_s_for
+from .v1_framing import V1Regrouper
 from .v2 import CBOR_SIGNATURE, MISSING_SIGNATURE, UNTYPED_ARRAY, parse_v2_message
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "UNTYPED_ARRAY",
     "UnsupportedEncodingError",
     "V1MessageAssembler",
+    "V1Regrouper",
     "algorithm_from_code",
     "decode_frame",
     "decode_frame_into",

@@ -289,6 +289,8 @@ def _json_part(part: PartLike, where: str) -> dict[str, Any]:
         value = json.loads(bytes(part))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MalformedMessageError(f"{where} is not valid JSON: {error}", reason="bad_json") from None
+    except RecursionError:  # the parser's own limit, reached by absurdly deep nesting
+        raise MalformedMessageError(f"{where} is JSON nested too deep to parse", reason="bad_json") from None
     except TypeError as error:
         raise MalformedMessageError(f"{where} is not a byte buffer: {error}", reason="bad_json") from None
     if not isinstance(value, dict):
