@@ -24,7 +24,7 @@ from ..processing.analyses import AnalysisParameters, AnalysisRegistry, InvalidA
 from ..processing.limits import (MachineLimits, SettingRefused, check_beam_center, check_nav_shape, check_radii,
                                  check_tuning, check_workers)
 from ..processing.snapshot import ResultSnapshot
-from ..receiver import TRANSPORTS
+from ..receiver import CONNECTIONS, TRANSPORTS
 from ..simplon.client import DetectorClient
 from ..simplon.errors import DetectorNotInitializedError, SimplonError, UnknownParameterError
 from ..simplon.supervision import DetectorCondition, DetectorHealth, DetectorSupervisor
@@ -126,6 +126,12 @@ class DectrisLive(Device):
         doc="How the data stream is read: auto (the receiver's own ZeroMQ reader for tcp://, libzmq where "
             "the detector asks for CURVE/PLAIN security or an old protocol), zmtp (always our reader), "
             "libzmq (always pyzmq/libzmq)")
+    StreamConnection = device_property(
+        dtype=str, default_value="per_series",
+        doc="When the device is connected to the DCU's data stream: per_series (only while a series is "
+            "armed or listened for, so that other consumers -- LiberTEM-live, a second receiver -- get "
+            "whole series while the device is idle) or always (stays connected: a little less per Start, "
+            "but the DCU deals every series' messages between all connected consumers)")
     NavShape = device_property(dtype=(int,), default_value=[],
                                doc="Remembered nav_shape (written by the device when a client sets it)")
     Analyses = device_property(dtype=(str,), default_value=["sum", "sumsig"],
@@ -153,6 +159,10 @@ class DectrisLive(Device):
         if not host:
             self._set_health(DevState.FAULT, "the DcuHost property is not set: set it to the DCU's "
                                              "address (or start the server with --dcu HOST:PORT)")
+            return
+        if self.StreamConnection not in CONNECTIONS:
+            self._set_health(DevState.FAULT, f"the StreamConnection property is {self.StreamConnection!r}: "
+                                             f"set it to one of {', '.join(CONNECTIONS)}")
             return
         if self.StreamTransport not in TRANSPORTS:
             self._set_health(DevState.FAULT, f"the StreamTransport property is {self.StreamTransport!r}: "
@@ -434,7 +444,8 @@ class DectrisLive(Device):
         self._acquisition = LiveAcquisition(
             self._client, stream_host, {1: self.StreamPort, 2: self.Stream2Port}, registry=self._registry,
             settings=PipelineSettings(**self._tuning), event_rate=self._event_rate,
-            on_update=self._on_acquisition_update, transport=self.StreamTransport)
+            on_update=self._on_acquisition_update, transport=self.StreamTransport,
+            connection=self.StreamConnection)
         # Worker processes take seconds to start: now, not in the first Start.
         threading.Thread(target=self._prepare_workers, name="start-workers", daemon=True).start()
 
@@ -576,6 +587,23 @@ class DectrisLive(Device):
         except SettingRefused as exc:
             _throw(exc, "DectrisLive.beam_center")
         self._remember("BeamCenter", centre)
+
+    @attribute(dtype=str, access=AttrWriteType.READ_WRITE,
+               doc="When the device is connected to the DCU's stream: per_series (only while a series is "
+                   "armed or listened for; default: other consumers get whole series while the device is "
+                   "idle) or always. Applies from the next Start/Listen; the StreamConnection property "
+                   "sets it at start-up")
+    def stream_connection(self) -> str:
+        return self._acquisition.connection if self._acquisition is not None else self.StreamConnection
+
+    @stream_connection.write
+    def stream_connection(self, value: str) -> None:
+        if self._acquisition is None:
+            tango.Except.throw_exception("NotConfigured", self.get_status(), "DectrisLive.stream_connection")
+        try:
+            self._acquisition.connection = value
+        except ValueError as exc:
+            _throw(exc, "DectrisLive.stream_connection")
 
     @attribute(dtype=float, unit="s", memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
                doc="How long an armed series may wait for its header, then for each next frame, before it "

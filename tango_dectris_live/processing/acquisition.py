@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from tango_dectris_live.receiver import TRANSPORTS, FrameStackLayout, StreamReceiver
+from tango_dectris_live.receiver import (CONNECTIONS, TRANSPORTS, FrameStackLayout, StreamConnectError,
+                                         StreamReceiver)
 from tango_dectris_live.simplon.client import DetectorClient
 from tango_dectris_live.simplon.errors import SimplonError, UnknownParameterError
 
@@ -219,9 +220,10 @@ class LiveAcquisition:
                  registry: AnalysisRegistry | None = None, settings: PipelineSettings = PipelineSettings(),
                  event_rate: float = 10.0, on_update: UpdateCallback | None = None,
                  series_timeout: float = 0.0, worker_start_method: str = "spawn",
-                 transport: str = "auto") -> None:
+                 transport: str = "auto", connection: str = "per_series") -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        self.connection = connection  # validated by the setter below
         self.transport = transport  # StreamReceiver's transport (auto: zmtp for tcp://, libzmq fallback)
         self.detector = detector
         self.stream_host = stream_host
@@ -278,6 +280,19 @@ class LiveAcquisition:
         if not (math.isfinite(rate) and 0.1 <= rate <= 100.0):
             raise ValueError(f"result_event_rate must be between 0.1 and 100 events per second, got {rate}")
         self._event_rate = float(rate)
+
+    @property
+    def connection(self) -> str:
+        """When the receiver is connected to the DCU's stream: ``per_series`` (only while a series
+        is armed or listened for: other consumers get whole series while this one is idle) or
+        ``always``. Applies from the next Start/Listen."""
+        return self._connection
+
+    @connection.setter
+    def connection(self, policy: str) -> None:
+        if policy not in CONNECTIONS:
+            raise ValueError(f"stream_connection must be one of {', '.join(CONNECTIONS)}, got {policy!r}")
+        self._connection = policy
 
     @property
     def series_timeout(self) -> float:
@@ -532,6 +547,12 @@ class LiveAcquisition:
         self._frame_time = self._detector_frame_time()
         self._receiver.timeout = self.header_timeout()
         self._mark_errors()
+        # Connected (and the connection alive) before the DCU sends the header at arm.
+        try:
+            self._receiver.connect(timeout=self.header_timeout())
+        except StreamConnectError as error:
+            raise StreamConnectError(error.endpoint, error.timeout,
+                                     f"{error.reason}; the detector was not armed") from error
         series = self.detector.arm()
         self._armed_series = series
         self._receiver.arm(series)
@@ -793,7 +814,8 @@ class LiveAcquisition:
         self._resolved_settings = settings
         with self._lock:
             self._ensure_runner(settings.workers)
-            key = (geometry, settings.num_slots, settings.bytes_per_frame, settings.frame_stack_size)
+            key = (geometry, settings.num_slots, settings.bytes_per_frame, settings.frame_stack_size,
+                   self._connection)
             if self._receiver is None or self._receiver_key != key or not self._receiver.running:
                 if self._receiver is not None:
                     self._receiver.stop()
@@ -802,7 +824,8 @@ class LiveAcquisition:
                     f"tcp://{self.stream_host}:{port}", stream_version=geometry.version,
                     frame_shape=geometry.frame_shape, dtype=geometry.dtype, num_slots=settings.num_slots,
                     frame_stack_size=settings.frame_stack_size, bytes_per_frame=settings.bytes_per_frame,
-                    timeout=self.header_timeout(), transport=self.transport).start()
+                    timeout=self.header_timeout(), transport=self.transport,
+                    connection=self._connection).start()
                 self._receiver_key = key
                 self._source = ReceiverFrameSource(self._receiver)
             return self._source

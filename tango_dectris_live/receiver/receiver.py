@@ -372,6 +372,7 @@ class StreamReceiver:
         """
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"connect() needs a positive timeout in seconds, got {timeout!r}")
+        self._command(self._probe_idle_connection)
         self._command(self._want_connection)
         if self._connected.wait(timeout):
             return
@@ -570,6 +571,24 @@ class StreamReceiver:
         if self._zmq_context is not None:
             self._zmq_context.term()
             self._zmq_context = None
+
+    def _probe_idle_connection(self) -> None:
+        """zmtp, not reading (idle): find out whether the DCU closed the connection meanwhile (a
+        DCU restart), so that a connect() before the next arm makes a new one instead of trusting a
+        dead one, whose loss would take the header the DCU sends at arm with it. A peek reads
+        nothing: queued messages stay for the next arm."""
+        connection = self._connection
+        if connection is None or self._mode is not ReceiverMode.IDLE:
+            return
+        try:
+            peeked = connection.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return  # open, nothing queued
+        except OSError as error:
+            self._drop_connection(error.strerror or type(error).__name__)
+            return
+        if not peeked:
+            self._drop_connection("closed by the DCU while idle")
 
     def _want_connection(self) -> None:
         """Keep a connection up from now on (per_series: until idle again); zmtp tries at once."""

@@ -114,11 +114,14 @@ def restart(holder: dict, proxy: tango.DeviceProxy) -> SimulatorProcess:
     return holder["sim"]
 
 
+@pytest.mark.parametrize("connection", ["per_series", "always"])
 @pytest.mark.parametrize("when", ["idle", "mid_series"])
-def test_exact_acquisition_right_after_the_dcu_restarts(dcu, when):
+def test_exact_acquisition_right_after_the_dcu_restarts(dcu, when, connection):
+    """With ``always`` the idle receiver keeps a connection that the DCU's death closed: it must
+    notice before the next arm, or the header sent at arm is lost with it."""
     sim = dcu["sim"]
     properties = {"DcuHost": "127.0.0.1", "DcuPort": sim.port, "StreamPort": sim.stream_port,
-                  "Stream2Port": sim.stream2_port, "StatePollPeriod": 0.1}
+                  "Stream2Port": sim.stream2_port, "StatePollPeriod": 0.1, "StreamConnection": connection}
     with DeviceTestContext(DectrisLive, properties=properties, process=True, timeout=60) as proxy:
         initialize(proxy)
         proxy.analyses = ["sum", "sumsig"]

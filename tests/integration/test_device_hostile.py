@@ -3,8 +3,11 @@ after every case a normal acquisition through the device is exact. Also: a serie
 never comes ends within the bound the user set, with the reason, and the next one works."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import requests
 import tango
 from tango import DevState
 from tango.test_context import DeviceTestContext
@@ -117,4 +120,36 @@ def test_a_series_whose_header_never_comes_ends_within_the_bound(proxy, arina):
         assert proxy.state() == DevState.ON
     finally:
         proxy.series_timeout = 0.0
+    exact_acquisition(proxy, arina)
+
+
+def test_while_idle_another_consumer_receives_whole_series(proxy, arina):
+    """stream_connection per_series (the default): the idle device is not connected, so a second
+    consumer of the DCU's stream (a notebook, another receiver) gets every message of a series
+    armed elsewhere; the device's next acquisition is exact."""
+    import zmq
+
+    exact_acquisition(proxy, arina)  # the device has used the stream before
+    assert proxy.stream_connection == "per_series"
+    configure_simulator(arina, pacing="max", faults=[], nav_shape=list(NAV))
+    count = int(np.prod(NAV))
+    context = zmq.Context()
+    consumer = context.socket(zmq.PULL)
+    consumer.setsockopt(zmq.LINGER, 0)
+    try:
+        consumer.connect(f"tcp://127.0.0.1:{arina.stream_port}")
+        base = f"{arina.rest_url}/detector/api/1.8.0"
+        for key, value in (("ntrigger", 1), ("nimages", count)):
+            requests.put(f"{base}/config/{key}", json={"value": value}, timeout=30).raise_for_status()
+        requests.put(f"{base}/command/arm", timeout=30).raise_for_status()
+        requests.put(f"{base}/command/trigger", timeout=60).raise_for_status()
+        requests.put(f"{base}/command/disarm", timeout=30).raise_for_status()
+        htypes = []
+        while "dseries_end-1.0" not in htypes:
+            assert consumer.poll(30_000), f"the consumer stopped receiving after {htypes.count('dimage-1.0')} images"
+            htypes.append(json.loads(consumer.recv_multipart()[0])["htype"])
+        assert htypes.count("dheader-1.0") == 1 and htypes.count("dimage-1.0") == count, htypes
+    finally:
+        consumer.close()
+        context.term()
     exact_acquisition(proxy, arina)
