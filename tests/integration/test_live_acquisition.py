@@ -272,3 +272,64 @@ def test_active_acquisition_without_a_stream_ends_with_a_clear_error(live):
         acquisition.close()
         client.close()
     wait_for(lambda: simulator.detector.state == "idle", 10, "the simulator disarmed")
+
+
+def _exact_active(simulator, acquisition, updates) -> None:
+    before = len(updates.finals())
+    acquisition.start(AcquisitionRequest(("sum", "sumsig"), nav_shape=NAV))
+    assert acquisition.wait(60), acquisition.progress()
+    assert acquisition.last_error is None, acquisition.last_error
+    (final,) = updates.finals()[before:]
+    count = int(np.prod(NAV))
+    np.testing.assert_array_equal(final.snapshot.buffers["sum_image"], _truth(simulator, NAV).sum_frames(range(count)))
+    assert final.progress.frames_missing == 0
+
+
+def test_a_start_whose_workers_cannot_start_leaves_the_acquisition_usable(live, monkeypatch):
+    """The worker pool fails to start (as with too few file descriptors): the Start fails with the
+    reason, the detector is not armed, and the next Start builds a new pool and is exact."""
+    from tango_dectris_live.processing import acquisition as acquisition_module
+    from tango_dectris_live.processing.runner import WorkerStartError
+
+    simulator, acquisition, updates = live
+    _put(simulator, "stream", "config", "format", "legacy")
+    real_runner = acquisition_module.LiveRunner
+    attempts = []
+
+    def failing_runner(*args, **kwargs):
+        attempts.append(args)
+        raise WorkerStartError("could not start 3 worker processes (1 started): Too many open files")
+
+    monkeypatch.setattr(acquisition_module, "LiveRunner", failing_runner)
+    previous = acquisition.settings
+    acquisition.settings = PipelineSettings(workers=3, frame_stack_size=8)  # another pool size
+    try:
+        acquisition.start(AcquisitionRequest(("sum",), nav_shape=NAV))
+        assert acquisition.wait(60)
+        assert attempts and "Too many open files" in acquisition.last_error
+        assert simulator.detector.state == "idle"  # never armed
+    finally:
+        monkeypatch.setattr(acquisition_module, "LiveRunner", real_runner)
+        acquisition.settings = previous
+    _exact_active(simulator, acquisition, updates)
+
+
+def test_a_start_that_fails_after_the_arm_disarms_and_the_next_is_exact(live, monkeypatch):
+    """The software trigger fails after the detector was armed: the series ends with the reason,
+    the detector is put back to idle, and the next Start is exact."""
+    from tango_dectris_live.simplon.errors import DcuRequestError
+
+    simulator, acquisition, updates = live
+    _put(simulator, "stream", "config", "format", "legacy")
+
+    def refused_trigger(*args, **kwargs):
+        raise DcuRequestError("PUT detector/command/trigger failed (HTTP 500: trigger unit fault)", status_code=500,
+                              dcu_message="trigger unit fault", url="", method="PUT")
+
+    monkeypatch.setattr(acquisition.detector, "trigger", refused_trigger)
+    acquisition.start(AcquisitionRequest(("sum",), nav_shape=NAV))
+    assert acquisition.wait(60)
+    assert acquisition.last_error is not None and "trigger unit fault" in acquisition.last_error
+    wait_for(lambda: simulator.detector.state == "idle", 10, "the detector disarmed")
+    monkeypatch.undo()
+    _exact_active(simulator, acquisition, updates)
