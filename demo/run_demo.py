@@ -47,7 +47,8 @@ PROGRESS_ATTRIBUTES = ("series_id", "frames_expected", "frames_received", "frame
                        "acquisition_status")
 # The simulator's bright-field disk has radius width/8 = 24 px and moves up to 12 px with the object;
 # its halo is the ring 1.6..2.4 radii. The virtual detectors are sized to see both move.
-VIRTUAL_DETECTORS = {"bf_radius": 20.0, "adf_inner_radius": 30.0, "adf_outer_radius": 60.0}
+# outer before inner: the ring must stay inner < outer at every write
+VIRTUAL_DETECTORS = {"bf_radius": 20.0, "adf_outer_radius": 60.0, "adf_inner_radius": 30.0}
 _LISTENING = re.compile(r"listening: rest=http://([\d.]+):(\d+) stream=tcp://[\d.]+:(\d+) "
                         r"stream2=tcp://[\d.]+:(\d+)")
 

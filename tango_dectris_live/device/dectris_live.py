@@ -136,6 +136,10 @@ class DectrisLive(Device):
                                doc="Remembered nav_shape (written by the device when a client sets it)")
     Analyses = device_property(dtype=(str,), default_value=["sum", "sumsig"],
                                doc="Remembered analyses (written by the device when a client sets them)")
+    Radii = device_property(dtype=(float,), default_value=[],
+                            doc="Remembered [bf_radius, adf_inner_radius, adf_outer_radius] in pixels; "
+                                "empty: the defaults. Kept as one value (not three memorized attributes) "
+                                "so that the ring's inner < outer holds whatever order they are restored in")
     BeamCenter = device_property(dtype=(float,), default_value=[],
                                  doc="Remembered beam_center [x, y] in pixels; empty: the detector's")
 
@@ -423,6 +427,13 @@ class DectrisLive(Device):
         defaults = AnalysisParameters()
         self._radii = {"bf_radius": defaults.bf_radius, "adf_inner_radius": defaults.adf_inner_radius,
                        "adf_outer_radius": defaults.adf_outer_radius}
+        if len(self.Radii) == 3:
+            try:
+                check_radii(*self.Radii)
+                self._radii = dict(zip(("bf_radius", "adf_inner_radius", "adf_outer_radius"),
+                                       (float(r) for r in self.Radii)))
+            except SettingRefused as exc:
+                log.error("remembered radii %s not used: %s", list(self.Radii), exc)
         self._tuning = {"workers": self.Workers, "num_slots": self.NumSlots, "bytes_per_frame": self.BytesPerFrame,
                         "frame_stack_size": self.FrameStackSize, "frames_per_partition": self.FramesPerPartition}
         self._event_rate = 10.0
@@ -546,9 +557,10 @@ class DectrisLive(Device):
                                      f"inwards adf_inner_radius first")
             _throw(exc, f"DectrisLive.{name}")
         self._radii = radii
+        self._remember("Radii", [radii["bf_radius"], radii["adf_inner_radius"], radii["adf_outer_radius"]])
 
-    @attribute(dtype=float, unit="px", memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
-               doc="Radius of the virtual bright-field disk (analysis bf)")
+    @attribute(dtype=float, unit="px", access=AttrWriteType.READ_WRITE,
+               doc="Radius of the virtual bright-field disk (analysis bf); remembered")
     def bf_radius(self) -> float:
         return self._radii["bf_radius"]
 
@@ -556,8 +568,9 @@ class DectrisLive(Device):
     def bf_radius(self, value: float) -> None:
         self._radius("bf_radius", value)
 
-    @attribute(dtype=float, unit="px", memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
-               doc="Inner radius of the virtual annular dark field (analysis adf)")
+    @attribute(dtype=float, unit="px", access=AttrWriteType.READ_WRITE,
+               doc="Inner radius of the virtual annular dark field (analysis adf), below adf_outer_radius; "
+                   "remembered")
     def adf_inner_radius(self) -> float:
         return self._radii["adf_inner_radius"]
 
@@ -565,8 +578,8 @@ class DectrisLive(Device):
     def adf_inner_radius(self, value: float) -> None:
         self._radius("adf_inner_radius", value)
 
-    @attribute(dtype=float, unit="px", memorized=True, hw_memorized=True, access=AttrWriteType.READ_WRITE,
-               doc="Outer radius of the virtual annular dark field (analysis adf)")
+    @attribute(dtype=float, unit="px", access=AttrWriteType.READ_WRITE,
+               doc="Outer radius of the virtual annular dark field (analysis adf); remembered")
     def adf_outer_radius(self) -> float:
         return self._radii["adf_outer_radius"]
 

@@ -79,3 +79,27 @@ def test_entry_point_without_database(simulator, tmp_path):
         assert wait_for(answers, what="the -nodb server to answer") == DevState.OFF
     finally:
         stop_process(proc)
+
+
+def test_live_settings_come_back_after_a_restart(tango_db, simulator):
+    """Radii, nav_shape, beam centre, analyses, series_timeout written by a client are there
+    again after the server restarts; the ring comes back with inner < outer whatever the order."""
+    from tango_dectris_live.device.embedded_db import stop_process
+
+    tango_db.register_device("it", DEVICE, {"DcuHost": "127.0.0.1", "DcuPort": simulator.port,
+                                            "StatePollPeriod": 0.1})
+    server = tango_db.start_server("it", DEVICE)
+    proxy = tango.DeviceProxy(f"tango://{tango_db.tango_host}/{DEVICE}")
+    proxy.adf_outer_radius = 60.0
+    proxy.adf_inner_radius = 30.0  # above the default outer radius: only valid after the write above
+    proxy.bf_radius = 20.0
+    proxy.nav_shape = [16, 32]
+    proxy.analyses = ["sum", "bf"]
+    proxy.series_timeout = 7.5
+    stop_process(server)
+    tango_db.start_server("it", DEVICE)
+    proxy = tango.DeviceProxy(f"tango://{tango_db.tango_host}/{DEVICE}")
+    wait_for(lambda: proxy.series_timeout == 7.5, what="memorized attributes restored")
+    assert (proxy.bf_radius, proxy.adf_inner_radius, proxy.adf_outer_radius) == (20.0, 30.0, 60.0)
+    assert list(proxy.nav_shape) == [16, 32]
+    assert list(proxy.analyses) == ["sum", "bf"]
