@@ -325,8 +325,9 @@ class LiveAcquisition:
 
     @property
     def busy(self) -> bool:
-        session = self._session
-        return session is not None and session.is_alive()
+        """An acquisition runs: from Start/Listen until its session has published that it ended
+        (a client that sees the device idle may Start at once, while that thread returns)."""
+        return self._mode is not AcquisitionMode.IDLE
 
     @property
     def last_error(self) -> str | None:

@@ -333,3 +333,35 @@ def test_a_start_that_fails_after_the_arm_disarms_and_the_next_is_exact(live, mo
     wait_for(lambda: simulator.detector.state == "idle", 10, "the detector disarmed")
     monkeypatch.undo()
     _exact_active(simulator, acquisition, updates)
+
+
+def test_start_is_accepted_as_soon_as_the_end_is_published(live):
+    """A step scan starts the next point the moment it sees the acquisition idle: that is while
+    the ending session's thread is still returning, and must not be refused as busy."""
+    simulator, acquisition, _updates = live
+    _put(simulator, "stream", "config", "format", "legacy")
+    outcome: list[object] = []
+    follow_up = threading.Event()
+    previous = acquisition.on_update
+
+    def start_next_when_idle(update: AcquisitionUpdate) -> None:
+        previous(update)
+        if update.progress.mode == AcquisitionMode.IDLE and not follow_up.is_set() and outcome == ["first"]:
+            follow_up.set()
+            try:
+                acquisition.start(AcquisitionRequest(("sum",), nav_shape=NAV))
+                outcome.append("second started")
+            except AcquisitionBusyError as error:
+                outcome.append(error)
+
+    acquisition.on_update = start_next_when_idle
+    try:
+        acquisition.start(AcquisitionRequest(("sum",), nav_shape=NAV))
+        outcome.append("first")
+        wait_for(follow_up.is_set, 60, "the first acquisition's end published")
+        wait_for(lambda: len(outcome) == 2, 10, "the follow-up Start")
+        assert outcome[1] == "second started", outcome
+        wait_for(lambda: not acquisition.busy, 60, "the second acquisition done")
+        assert acquisition.last_error is None
+    finally:
+        acquisition.on_update = previous
