@@ -1,13 +1,15 @@
 """An in-memory FrameSource for the processing tests: frame stacks cut from NumPy arrays.
 
-The frames of a series are written to a .npy file; a stack handle names the file and the frame
-numbers it holds, and :func:`decode_array_stack_into` (module level, so worker processes can
-import it) reads them back by memory map -- the role the receiver's shared memory plays live.
+The events are the receiver's own (SeriesStarted, StackReady, SeriesFinished). The frames of a
+series are written to a .npy file; a stack handle names the file and the frame numbers it holds,
+and :func:`decode_array_stack_into` (module level, so worker processes can import it) reads them
+back by memory map -- the role the receiver's shared memory plays live.
 """
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -16,8 +18,9 @@ from typing import Iterable, Sequence
 import numpy as np
 from libertem.udf.base import UDF
 
-from tango_dectris_live.processing.live_dataset import (SeriesFinished, SeriesStarted, SourceEvent,
-                                                        StackReady)
+from tango_dectris_live.processing.live_dataset import SourceEvent
+from tango_dectris_live.receiver import SeriesFinished, SeriesStarted, SeriesSummary, StackReady
+from tango_dectris_live.stream import SeriesHeader
 
 
 @dataclass(frozen=True)
@@ -86,15 +89,18 @@ class ArrayFrameSource:
         self._shape = tuple(frames.shape[1:])
         self._dtype = frames.dtype.str
         self._series = series
-        self._events.put(SeriesStarted(
-            series, frames.shape[0] if image_count is None else image_count,
-            self._shape if announce_shape else None, self._dtype if announce_shape else None))
+        self._image_count = frames.shape[0] if image_count is None else image_count
+        self._frames_sent = 0
+        self._events.put(SeriesStarted(SeriesHeader(
+            series_id=series, number_of_images=self._image_count,
+            shape=self._shape if announce_shape else None, dtype=frames.dtype if announce_shape else None)))
 
     def send_stack(self, frame_numbers: Iterable[int], series: int | None = None) -> ArrayStack:
         stack = ArrayStack(self._path, self._series if series is None else series,
                            tuple(int(n) for n in frame_numbers), self._shape, self._dtype)
         with self._lock:
             self.outstanding.add(stack)
+        self._frames_sent += stack.frames
         self._events.put(StackReady(stack))
         return stack
 
@@ -103,7 +109,12 @@ class ArrayFrameSource:
             self.send_stack(frame_numbers[start:start + stack_size])
 
     def finish_series(self, missing: Iterable[int] = ()) -> None:
-        self._events.put(SeriesFinished(self._series, np.asarray(list(missing), np.int64)))
+        """End the series as the receiver does once its last frame came; ``missing`` never came."""
+        missing_frames = np.asarray(list(missing), np.int64)
+        self._events.put(SeriesFinished(SeriesSummary(
+            series=self._series, expected_frames=self._image_count,
+            frames_received=self._frames_sent, missing_frames=missing_frames,
+            end_reason="complete", ended_at=time.monotonic())))
 
 
 class FrameMaxUDF(UDF):

@@ -2,16 +2,21 @@
 abort, custom analyses, snapshots."""
 from __future__ import annotations
 
+import queue
+import types
+
 import numpy as np
 import pytest
 
 import tango_dectris_live.processing.runner as runner_module
 from tango_dectris_live.processing import analyses
 from tango_dectris_live.processing.analyses import AnalysisParameters, AnalysisRegistry
+from tango_dectris_live.processing.libertem_internals import (single_thread_environment, udf_constructor_kwargs,
+                                                              udf_input_dtype)
 from tango_dectris_live.processing.runner import LiveRunner
 from tango_dectris_live.processing.snapshot import RunState
+from tango_dectris_live.testing import wait_for
 from tests.processing_fakes import ArrayFrameSource, make_frame_max_udf
-from tests.waiting import wait_for
 
 SCAN = (16, 16)
 FRAME = (32, 32)
@@ -170,16 +175,11 @@ def test_parts_of_a_stack_add_up_to_the_whole(tmp_path):
     frames = make_frames(seed=13)
     source = ArrayFrameSource(tmp_path)
     source.begin_series(1, frames)
+    udfs = [selected.udf for selected in AnalysisRegistry.discover().build(["sum", "sumsig"], PARAMETERS, FRAME)]
+    spec = _series_spec(source, udfs)
+    env = single_thread_environment()
     for numbers in (list(range(40, 100)), arrival_order(seed=14)[:60]):
         stack = source.send_stack(numbers)
-        spec = runner_module._SeriesSpec(
-            run_id=1, udf_classes=[], udf_kwargs=[], scan_shape=SCAN, frame_shape=FRAME, raw_dtype="<u2",
-            dtype_groups=[], tile_depth=7, decode_frames_into=source.decode_frames_into, frames_per_partition=1 << 30)
-        registry = AnalysisRegistry.discover()
-        udfs = [s.udf for s in registry.build(["sum", "sumsig"], PARAMETERS, FRAME)]
-        spec.udf_classes, spec.udf_kwargs = [type(u) for u in udfs], [u._kwargs for u in udfs]
-        spec.dtype_groups = [(runner_module._input_dtype(udfs[0], np.dtype("<u2")).str, [0, 1])]
-        env = runner_module.Environment(threads_per_worker=1, threaded_executor=False)
         pieces = []
         for begin, end in ((0, 25), (25, 26), (26, 60)):
             runs, out_of_scan = runner_module._process_stack(spec, stack, env, begin, end)
@@ -193,6 +193,47 @@ def test_parts_of_a_stack_add_up_to_the_whole(tmp_path):
                      for k, value in enumerate(buffers[1]["intensity"])}  # sumsig, per frame
         assert per_frame == {n: float(frames[n].astype(np.float64).sum()) for n in numbers}
         source.release(stack)
+
+
+def _series_spec(source: ArrayFrameSource, udfs: list, run_id: int = 1) -> runner_module._SeriesSpec:
+    """What a worker gets for a series of uint16 frames analysed by ``udfs`` (one input dtype)."""
+    return runner_module._SeriesSpec(
+        run_id=run_id, udf_classes=[type(u) for u in udfs], udf_kwargs=[udf_constructor_kwargs(u) for u in udfs],
+        scan_shape=SCAN, frame_shape=FRAME, raw_dtype="<u2",
+        dtype_groups=[(udf_input_dtype(udfs[0], np.dtype("<u2")).str, list(range(len(udfs))))], tile_depth=7,
+        decode_frames_into=source.decode_frames_into, frames_per_partition=1 << 30)
+
+
+def test_a_worker_answers_every_stack_with_one_outcome(tmp_path):
+    """The worker loop (in this process): a stack of its series is done, one of a cancelled run
+    or before any series is skipped, one whose analysis raises failed; ``None`` ends the loop."""
+    import cloudpickle
+
+    from tests.processing_fakes import BrokenUDF
+
+    source = ArrayFrameSource(tmp_path)
+    source.begin_series(1, make_frames(seed=15))
+    stack = source.send_stack(range(10, 30))
+    sumsig = AnalysisRegistry.discover().build(["sumsig"], PARAMETERS, FRAME)[0].udf
+    tasks, results = queue.Queue(), queue.Queue()
+    active_run = types.SimpleNamespace(value=1)
+    for message in (runner_module.ProcessStack(1, 0, stack),  # no series yet
+                    runner_module.BeginSeries(cloudpickle.dumps(_series_spec(source, [sumsig], run_id=1))),
+                    runner_module.ProcessStack(1, 1, stack, 0, 12),
+                    runner_module.ProcessStack(0, 2, stack),  # an earlier run's stack
+                    runner_module.BeginSeries(cloudpickle.dumps(_series_spec(source, [BrokenUDF()], run_id=1))),
+                    runner_module.ProcessStack(1, 3, stack),
+                    None):
+        tasks.put(message)
+    runner_module._serve_tasks(tasks, results, active_run, single_thread_environment())
+    outcomes = [results.get_nowait() for _ in range(results.qsize())]
+    assert [type(o) for o in outcomes] == [runner_module.StackSkipped, runner_module.StackDone,
+                                           runner_module.StackSkipped, runner_module.StackFailed]
+    assert [(o.run_id, o.seq) for o in outcomes] == [(1, 0), (1, 1), (0, 2), (1, 3)]
+    done = outcomes[1]
+    assert done.out_of_scan == 0 and [(r.first_frame, r.count) for r in done.runs] == [(10, 12)]
+    assert outcomes[3].error.startswith("ZeroDivisionError: broken analysis")
+    source.release(stack)
 
 
 def test_frames_outside_the_scan_are_counted_not_placed(runner, source):
@@ -332,6 +373,23 @@ def test_a_second_series_cannot_start_while_one_runs(runner, source):
 def _make_broken_udf(parameters):
     from tests.processing_fakes import BrokenUDF
     return BrokenUDF()
+
+
+def test_rate_meter_covers_its_window_and_restarts_on_reset():
+    """The one rate meter (receiver rates, acquisition processing rate): per second over the
+    newest sample and the latest one a whole window older."""
+    from tango_dectris_live.receiver import RateMeter
+
+    meter = RateMeter(window=2.0)
+    assert meter.add(0, now=10.0) == 0.0  # one sample: no rate yet
+    assert meter.add(100, now=11.0) == 100.0
+    assert meter.add(400, now=12.0) == 200.0  # 0 s .. 2 s
+    assert meter.add(1000, now=13.0) == 450.0  # 1 s .. 3 s: the 10.0 sample left the window
+    assert meter.add(1600, now=15.0) == 300.0  # 13 s .. 15 s: exactly one window
+    assert meter.add(1600, now=17.0) == 0.0  # stopped for a whole window
+    assert meter.rate() == 0.0
+    meter.reset()
+    assert meter.add(5, now=20.0) == 0.0 and meter.add(25, now=20.5) == 40.0
 
 
 def test_bottleneck_diagnosis_reads_the_receiver_telemetry():

@@ -1,7 +1,8 @@
 """The live data of one series as LiberTEM sees it.
 
 * :class:`FrameSource`: where series events and frame stacks come from (the receiver through
-  :class:`ReceiverFrameSource`, or an in-memory source in the tests).
+  :class:`ReceiverFrameSource`, or an in-memory source in the tests); the events are the
+  receiver's own :class:`SeriesStarted`, :class:`StackReady` and :class:`SeriesFinished`.
 * :class:`LiveDataSet`: the LiberTEM DataSet describing one series (scan shape x frame shape);
   its result buffers are allocated from it in the main process.
 * :class:`FrameRunPartition`: a LiberTEM Partition over a run of consecutive frames decoded from
@@ -11,13 +12,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Union
 
 import numpy as np
 from libertem.common import Shape, Slice
 from sparseconverter import NUMPY
 from libertem.io.dataset.base import DataSet, DataSetMeta, DataTile, Partition, TilingScheme
+
+from tango_dectris_live.receiver.decode import decode_frames_into
+from tango_dectris_live.receiver.receiver import (ReceiverError, SeriesFinished, SeriesStarted, SeriesSummary,
+                                                  StackReady)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,33 +45,6 @@ class FrameStack(Protocol):
 StackDecoder = Callable[[Any, int, int, np.ndarray], np.ndarray]
 
 
-@dataclass(frozen=True)
-class SeriesStarted:
-    """A series began; shape/dtype may be unknown (header_detail none): then the first stack tells."""
-
-    series: int
-    image_count: int | None
-    frame_shape: tuple[int, int] | None = None
-    dtype: str | None = None
-
-
-@dataclass(frozen=True)
-class StackReady:
-    """A stack of frames is ready; the consumer must give it back with ``FrameSource.release``."""
-
-    stack: FrameStack
-
-
-@dataclass(frozen=True)
-class SeriesFinished:
-    """The series ended; ``missing_frames`` are frame numbers that never arrived."""
-
-    series: int
-    missing_frames: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    reason: str = "complete"
-    ended_at: float = 0.0  # time.monotonic() when the source saw the series end (0: not known)
-
-
 SourceEvent = Union[SeriesStarted, StackReady, SeriesFinished]
 
 
@@ -87,38 +65,27 @@ class FrameSource(Protocol):
 
 
 class ReceiverFrameSource:
-    """A :class:`FrameSource` over the compiled receiver's :class:`StreamReceiver`."""
+    """A :class:`FrameSource` over the compiled receiver's :class:`StreamReceiver`: its events as
+    they come, less its :class:`ReceiverError` events, which are kept for the status instead."""
+
+    decode_frames_into = staticmethod(decode_frames_into)
 
     def __init__(self, receiver: Any):
-        from tango_dectris_live.receiver.decode import decode_frames_into
-
         self._receiver = receiver
-        self.decode_frames_into = decode_frames_into
         self.receiver_errors: list[tuple[str, str]] = []  # the latest 100 (kind, message)
         self.errors_seen = 0  # all of them, ever
-        self.last_summary: Any = None  # the receiver's SeriesSummary of the last series that ended
+        self.last_summary: SeriesSummary | None = None  # of the last series that ended
 
     def next_event(self, timeout: float) -> SourceEvent | None:
-        from tango_dectris_live.receiver import receiver as events
-
         event = self._receiver.next_event(timeout)
-        if isinstance(event, events.SeriesStarted):
-            header = event.header
-            return SeriesStarted(
-                series=header.series_id, image_count=header.number_of_images,
-                frame_shape=tuple(header.shape) if header.shape is not None else None,
-                dtype=np.dtype(header.dtype).str if header.dtype is not None else None)
-        if isinstance(event, events.StackReady):
-            return StackReady(event.handle)
-        if isinstance(event, events.SeriesFinished):
-            self.last_summary = event.summary
-            return SeriesFinished(event.series, np.asarray(event.summary.missing_frames, np.int64),
-                                  event.summary.end_reason, event.summary.ended_at)
-        if isinstance(event, events.ReceiverError):
+        if isinstance(event, ReceiverError):
             # the receiver counts these itself and keeps going; keep the latest for the status
             self.receiver_errors = [*self.receiver_errors[-99:], (event.kind, event.message)]
             self.errors_seen += 1
-        return None
+            return None
+        if isinstance(event, SeriesFinished):
+            self.last_summary = event.summary
+        return event
 
     def release(self, stack: FrameStack) -> None:
         self._receiver.release(stack)

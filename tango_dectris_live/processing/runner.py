@@ -8,7 +8,13 @@ each worker cuts a stack into runs of consecutive frame numbers and runs LiberTE
 ``UDFPartRunner`` on a :class:`~.live_dataset.FrameRunPartition` per run, whose tiles are decoded
 (the source's ``decode_frames_into``) one at a time as the UDFs ask for them. The main process merges the partial results
 with each UDF's own ``merge``, in dispatch order, into buffers allocated from a
-:class:`~.live_dataset.LiveDataSet` -- the same steps LiberTEM's ``UDFRunner`` takes.
+:class:`~.live_dataset.LiveDataSet` -- the same steps LiberTEM's ``UDFRunner`` takes (through
+``libertem_internals``, the one module that uses LiberTEM's private API).
+
+Main process and workers talk in the messages below (frozen dataclasses, pickled through the
+queues): :class:`BeginSeries` and :class:`ProcessStack` to a worker, ``None`` to stop it;
+:class:`StackDone`, :class:`StackFailed` or :class:`StackSkipped` back for every
+:class:`ProcessStack`; :class:`Wake` from the main process to its own result collector.
 """
 from __future__ import annotations
 
@@ -19,20 +25,19 @@ import multiprocessing
 import queue
 import threading
 import traceback
-import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Union
 
 import cloudpickle
 import numpy as np
-from libertem.common import Shape
-from libertem.common.executor import Environment
-from libertem.io.dataset.base import TilingScheme
-from libertem.udf.base import MergeAttrMapping, UDF, UDFMeta, UDFParams, UDFPartRunner
+from libertem.udf.base import UDF
 
 from tango_dectris_live.allocator import tune_allocator
 
 from .analyses import AnalysisParameters, AnalysisRegistry, SelectedAnalysis
+from .libertem_internals import (Environment, TilingScheme, allocate_full_results, merge_partial, results_of,
+                                 run_udfs_on_partition, single_thread_environment, udf_constructor_kwargs,
+                                 udf_input_dtype, whole_frame_tiling)
 from .live_dataset import (FrameRunPartition, FrameSource, LiveDataSet, ScanShape, SeriesFinished,
                            SeriesStarted, StackDecoder, StackReady, StackTileSource, resolve_scan_shape)
 from .snapshot import ResultSnapshot, RunState, blank_unprocessed, empty_snapshot
@@ -52,6 +57,77 @@ class WorkerStartError(RuntimeError):
 
 class WorkerFailed(RuntimeError):
     """A worker process died; the pool cannot go on."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages between the main process and the workers
+
+
+@dataclass(frozen=True)
+class BeginSeries:
+    """To every worker: the series that the next stacks belong to (a :class:`_SeriesSpec`,
+    cloudpickled once for all workers: it holds the UDF classes, which may be a facility's own)."""
+
+    pickled_spec: bytes
+
+
+@dataclass(frozen=True)
+class ProcessStack:
+    """To one worker: run the series' UDFs on the stack's positions ``[begin, end)`` (None: to
+    its end). ``seq`` numbers the stacks (and parts of stacks) of a run in dispatch order."""
+
+    run_id: int
+    seq: int
+    stack: Any
+    begin: int = 0
+    end: int | None = None
+
+
+class FrameRunResult(NamedTuple):
+    """The partial results of the scan positions ``[first_frame, first_frame + count)``: per UDF
+    (in the series' order), its partition buffers by name."""
+
+    first_frame: int
+    count: int
+    buffers: list[dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class StackDone:
+    """From a worker: the partial results of a :class:`ProcessStack`, and how many of its frames
+    had numbers outside the scan (not placed)."""
+
+    run_id: int
+    seq: int
+    runs: list[FrameRunResult]
+    out_of_scan: int
+
+
+@dataclass(frozen=True)
+class StackFailed:
+    """From a worker: an analysis raised on this stack; ``error`` is the exception and its
+    traceback (the first line is the exception)."""
+
+    run_id: int
+    seq: int
+    error: str
+
+
+@dataclass(frozen=True)
+class StackSkipped:
+    """From a worker: the stack's run was cancelled (stop/abort) or is not the worker's current
+    series; nothing was processed."""
+
+    run_id: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class Wake:
+    """From the main process to its own result collector: look at the run's state now."""
+
+
+StackOutcome = Union[StackDone, StackFailed, StackSkipped]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,16 +193,13 @@ def _buffer(role: str, frames: int, frame_shape: tuple[int, int], dtype: Any) ->
 
 def _run_udfs(spec: _SeriesSpec, env: Environment, tiling_scheme: TilingScheme, members: list[int],
               partition: FrameRunPartition) -> list[dict]:
-    """LiberTEM's UDFPartRunner over one partition for the UDFs ``members``; their buffers."""
-    kwargs = [spec.udf_kwargs[i] for i in members]
-    udfs = [spec.udf_classes[i].new_for_partition(kw, partition, None) for i, kw in zip(members, kwargs)]
-    params = UDFParams(kwargs=kwargs, roi=None, corrections=None, tiling_scheme=tiling_scheme)
-    results = UDFPartRunner(udfs).run_for_partition(partition, params, env, None)
-    return [{name: buf.raw_data for name, buf in result.items() if buf.has_data()} for result in results]
+    """The UDFs ``members`` over one partition; their buffers."""
+    return run_udfs_on_partition([spec.udf_classes[i] for i in members], [spec.udf_kwargs[i] for i in members],
+                                 partition, tiling_scheme, env)
 
 
 def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment, begin: int = 0,
-                   end: int | None = None) -> tuple[list, int]:
+                   end: int | None = None) -> tuple[list[FrameRunResult], int]:
     """Run the UDFs on each run of consecutive frame numbers of ``stack`` (its positions
     ``[begin, end)``, default all), at most ``spec.frames_per_partition`` frames per partition.
 
@@ -134,10 +207,9 @@ def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment, begin: int =
     tile at a time, right before the UDFs read them (the tile is still in the CPU cache).
     Disordered stacks are decoded whole, then sorted.
 
-    Returns ([(first_frame, count, [buffers per UDF]), ...], frames outside the scan)."""
+    Returns (the partial results, frames outside the scan)."""
     dataset = LiveDataSet(spec.scan_shape, spec.frame_shape, spec.raw_dtype)
-    tiling_scheme = TilingScheme.make_for_shape(
-        tileshape=Shape((spec.tile_depth, *spec.frame_shape), sig_dims=2), dataset_shape=dataset.shape)
+    tiling_scheme = whole_frame_tiling(spec.tile_depth, dataset.shape)
     end = stack.frames if end is None else end
     numbers = np.asarray(stack.frame_numbers(), dtype=np.int64)[begin:end]
     scan_size = int(np.prod(spec.scan_shape))
@@ -150,29 +222,29 @@ def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment, begin: int =
 
 
 def _process_in_tiles(spec: _SeriesSpec, stack: Any, env: Environment, dataset: LiveDataSet,
-                      tiling_scheme: TilingScheme, numbers: np.ndarray, begin: int) -> list:
+                      tiling_scheme: TilingScheme, numbers: np.ndarray, begin: int) -> list[FrameRunResult]:
     """Frames in increasing order, one input dtype: stack positions of a run are contiguous
     (``numbers`` are those of the stack's positions from ``begin`` on)."""
     dtype, members = spec.dtype_groups[0]  # one group: every UDF, in order
     chunk = max(1, spec.frames_per_partition)
     tile_buffer = _buffer("tile", max(1, min(spec.tile_depth, numbers.size)), spec.frame_shape, dtype)
-    partial: list = []
+    partial: list[FrameRunResult] = []
     for run_start, run_stop in _frame_runs(numbers):
         for start in range(run_start, run_stop, chunk):
             stop = min(run_stop, start + chunk)
             source = StackTileSource(spec.decode_frames_into, stack, begin + start, tile_buffer)
             partition = dataset.partition_for_run(int(numbers[start]), source, stop - start)
-            partial.append((int(numbers[start]), stop - start,
-                            _run_udfs(spec, env, tiling_scheme, members, partition)))
+            partial.append(FrameRunResult(int(numbers[start]), stop - start,
+                                          _run_udfs(spec, env, tiling_scheme, members, partition)))
     return partial
 
 
 def _process_decoded(spec: _SeriesSpec, stack: Any, env: Environment, dataset: LiveDataSet,
-                     tiling_scheme: TilingScheme, first: int, end: int) -> list:
+                     tiling_scheme: TilingScheme, first: int, end: int) -> list[FrameRunResult]:
     """Decode ``spec.frames_per_partition`` of the stack's positions ``[first, end)`` at a time,
     drop those outside the scan, sort the rest, convert them once per input dtype, run each
     dtype's UDFs."""
-    partial: list = []
+    partial: list[FrameRunResult] = []
     chunk = max(1, spec.frames_per_partition)
     # one group: decode straight into its dtype; several: decode the raw pixels once, convert per group
     decode_dtype = spec.dtype_groups[0][0] if len(spec.dtype_groups) == 1 else spec.raw_dtype
@@ -198,14 +270,14 @@ def _process_decoded(spec: _SeriesSpec, stack: Any, env: Environment, dataset: L
                 partition = dataset.partition_for_run(int(numbers[start]), data, stop - start)
                 for i, result in zip(members, _run_udfs(spec, env, tiling_scheme, members, partition)):
                     buffers[i] = result
-            partial.append((int(numbers[start]), stop - start, buffers))
+            partial.append(FrameRunResult(int(numbers[start]), stop - start, buffers))
     return partial
 
 
 def _worker_main(tasks: multiprocessing.Queue, results: multiprocessing.Queue, active_run) -> None:
-    """A worker process: series specs and stacks in, partial results out, until ``None``."""
+    """A worker process: series and stacks in, their outcomes out, until ``None``."""
     tune_allocator()  # LiberTEM's per-partition result buffers: reuse freed memory (allocator.py)
-    env = Environment(threads_per_worker=1, threaded_executor=False)
+    env = single_thread_environment()
     # one thread per worker for the numeric libraries, set once: LiberTEM enters the environment
     # again for every partition, and when it is already entered that costs nothing, while a
     # first entry scans the loaded libraries (threadpoolctl) -- 5 % of a worker's time at 96x96
@@ -217,20 +289,23 @@ def _serve_tasks(tasks: multiprocessing.Queue, results: multiprocessing.Queue, a
                  env: Environment) -> None:
     spec: _SeriesSpec | None = None
     while True:
-        message = tasks.get()
-        if message is None:
-            return
-        if message[0] == "series":
-            spec = cloudpickle.loads(message[1])
-            continue
-        _, run_id, seq, stack, begin, end = message
-        if spec is None or spec.run_id != run_id or active_run.value != run_id:
-            results.put(("skipped", run_id, seq, None))
-            continue
-        try:
-            results.put(("done", run_id, seq, _process_stack(spec, stack, env, begin, end)))
-        except Exception as error:  # reported to the main process, which fails the run with it
-            results.put(("failed", run_id, seq, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+        match tasks.get():
+            case None:
+                return
+            case BeginSeries(pickled_spec):
+                spec = cloudpickle.loads(pickled_spec)
+            case ProcessStack(run_id, seq) as task:
+                if spec is None or spec.run_id != run_id or active_run.value != run_id:
+                    results.put(StackSkipped(run_id, seq))
+                    continue
+                try:
+                    runs, out_of_scan = _process_stack(spec, task.stack, env, task.begin, task.end)
+                except Exception as error:  # reported to the main process, which fails the run with it
+                    results.put(StackFailed(run_id, seq, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+                else:
+                    results.put(StackDone(run_id, seq, runs, out_of_scan))
+            case unknown:
+                raise TypeError(f"a worker got {type(unknown).__name__}, not a task message")
 
 
 class WorkerPool:
@@ -271,9 +346,9 @@ class WorkerPool:
         return self._closed
 
     def begin_series(self, spec: _SeriesSpec) -> None:
-        blob = cloudpickle.dumps(spec)
+        message = BeginSeries(cloudpickle.dumps(spec))
         for tasks in self._tasks:
-            tasks.put(("series", blob))
+            tasks.put(message)
         self.active_run.value = spec.run_id
 
     def cancel_series(self) -> None:
@@ -285,7 +360,7 @@ class WorkerPool:
         worker; returns that worker's index."""
         worker = min(range(self.size), key=self._in_flight.__getitem__)
         self._in_flight[worker] += 1
-        self._tasks[worker].put(("stack", run_id, seq, stack, begin, end))
+        self._tasks[worker].put(ProcessStack(run_id, seq, stack, begin, end))
         return worker
 
     def idle(self) -> int:
@@ -334,12 +409,6 @@ class WorkerPool:
 # Main side
 
 
-def _input_dtype(udf: UDF, raw_dtype: np.dtype) -> np.dtype:
-    """The pixel type ``udf`` gets its frames in (LiberTEM's rule, numpy backend, no corrections)."""
-    preferred = udf.get_preferred_input_dtype()
-    return raw_dtype if preferred is UDF.USE_NATIVE_DTYPE else np.result_type(preferred, raw_dtype)
-
-
 class SeriesRun:
     """The processing of one series; created by :meth:`LiveRunner.process`.
 
@@ -377,7 +446,7 @@ class SeriesRun:
         self._flight_lock = threading.Lock()  # _in_flight and the pool's per-worker counts
         self._dispatch_closed = False  # no more stacks will be dispatched (under _flight_lock)
         self._collector_error: WorkerFailed | None = None
-        self._pending: dict[int, tuple[str, Any]] = {}  # results waiting for earlier ones
+        self._pending: dict[int, StackOutcome] = {}  # outcomes waiting for earlier ones (by seq)
         self._next_merge = 0
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._run, name=f"series-run-{run_id}", daemon=True)
@@ -435,15 +504,7 @@ class SeriesRun:
             done = self._done.reshape(self._scan.shape)
             buffers: dict[str, np.ndarray] = {}
             for selected in self._selected:
-                udf = selected.udf
-                udf.meta.set_valid_nav_mask(self._done)
-                udf.clear_views()
-                with warnings.catch_warnings():
-                    # libertem 0.16's CoM divides with where= and no out= under numpy 2; it
-                    # overwrites the positions concerned right after, the warning is noise
-                    warnings.filterwarnings("ignore", message="'where' used without 'out'")
-                    # what LiberTEM's UDFRunner calls to turn merged buffers into results
-                    results = udf._do_get_results()
+                results = results_of(selected.udf, self._done)
                 own = {name: blank_unprocessed(np.array(buf.data), done) if buf.kind == "nav"
                        else np.array(buf.data) for name, buf in results.items()}
                 buffers.update({k: np.ascontiguousarray(v) for k, v in selected.extract_results(own).items()})
@@ -478,7 +539,9 @@ class SeriesRun:
             return
         self._series = started.series
         self._state = RunState.RUNNING
-        frame_shape, dtype = started.frame_shape, started.dtype
+        header = started.header
+        frame_shape = header.shape
+        dtype = np.dtype(header.dtype).str if header.dtype is not None else None
         finished = False
         # results are taken by their own thread: a slot goes back to the receiver the moment
         # its stack is processed, not when the next stack happens to arrive
@@ -491,22 +554,23 @@ class SeriesRun:
                     break
                 event = self._source.next_event(_POLL)
                 if isinstance(event, StackReady):
-                    if event.stack.series != self._series:
-                        self._source.release(event.stack)
+                    stack = event.handle
+                    if stack.series != self._series:
+                        self._source.release(stack)
                         self._stale_stacks += 1
                         continue
                     if not self._selected:
-                        self._set_up(started, frame_shape or tuple(event.stack.shape), dtype or event.stack.dtype)
-                    self._dispatch(event.stack)
+                        self._set_up(started, frame_shape or tuple(stack.shape), dtype or stack.dtype)
+                    self._dispatch(stack)
                 elif isinstance(event, SeriesFinished) and event.series == self._series:
-                    self._dropped = np.asarray(event.missing_frames, np.int64)
+                    self._dropped = np.asarray(event.summary.missing_frames, np.int64)
                     finished = True
         finally:
             if self._abort.is_set():
                 self._pool.cancel_series()
             with self._flight_lock:
                 self._dispatch_closed = True
-            self._pool.results.put(("wake", self._run_id, -1, None))  # the collector re-checks now
+            self._pool.results.put(Wake())  # the collector re-checks now
             collector.join()
         if self._collector_error is not None:
             raise self._collector_error
@@ -527,12 +591,12 @@ class SeriesRun:
             if isinstance(event, SeriesStarted) and self._wanted_series in (None, event.series):
                 return event
             if isinstance(event, StackReady):
-                self._source.release(event.stack)
+                self._source.release(event.handle)
                 self._stale_stacks += 1
         return None
 
     def _set_up(self, started: SeriesStarted, frame_shape: tuple[int, int], dtype: str) -> None:
-        scan = resolve_scan_shape(started.image_count, self._nav_shape)
+        scan = resolve_scan_shape(started.header.number_of_images, self._nav_shape)
         frame_shape = tuple(int(n) for n in frame_shape)
         raw_dtype = np.dtype(dtype)
         selected = self._runner.registry.build(self._analysis_names, self._parameters, frame_shape)
@@ -540,15 +604,13 @@ class SeriesRun:
         udfs = [s.udf for s in selected]
         groups: dict[str, list[int]] = {}
         for i, udf in enumerate(udfs):
-            input_dtype = _input_dtype(udf, raw_dtype)
+            input_dtype = udf_input_dtype(udf, raw_dtype)
             groups.setdefault(input_dtype.str, []).append(i)
-            udf.set_meta(UDFMeta(partition_slice=None, dataset_shape=dataset.shape, roi=None,
-                                 dataset_dtype=raw_dtype, input_dtype=input_dtype, corrections=None))
-            udf.init_result_buffers()
-            udf.allocate_for_full(dataset, None)
+            allocate_full_results(udf, dataset, input_dtype)
         frame_bytes = int(np.prod(frame_shape)) * max(np.dtype(d).itemsize for d in groups)
         spec = _SeriesSpec(
-            run_id=self._run_id, udf_classes=[type(u) for u in udfs], udf_kwargs=[u._kwargs for u in udfs],
+            run_id=self._run_id, udf_classes=[type(u) for u in udfs],
+            udf_kwargs=[udf_constructor_kwargs(u) for u in udfs],
             scan_shape=scan.shape, frame_shape=frame_shape, raw_dtype=raw_dtype.str,
             dtype_groups=list(groups.items()), tile_depth=max(1, tile_bytes(udfs) // frame_bytes),
             decode_frames_into=self._source.decode_frames_into,
@@ -586,16 +648,17 @@ class SeriesRun:
                 except queue.Empty:
                     self._pool.check_alive()
                     continue
-                self._take_result(*message)
+                self._take_outcome(message)
         except WorkerFailed as error:
             self._collector_error = error
             self._abort.set()
             with self._flight_lock:
                 self._in_flight.clear()  # their stacks died with the worker
 
-    def _take_result(self, kind: str, run_id: int, seq: int, payload: Any) -> None:
-        if kind == "wake":
+    def _take_outcome(self, message: StackOutcome | Wake) -> None:
+        if isinstance(message, Wake):
             return
+        run_id, seq = message.run_id, message.seq
         with self._flight_lock:
             taken = self._in_flight.pop(seq, None) if run_id == self._run_id else None
             if taken is not None:
@@ -607,30 +670,30 @@ class SeriesRun:
             return
         if stack_done:
             self._source.release(taken[0])
-        self._pending[seq] = (kind, payload)
+        self._pending[seq] = message
         self._merge_pending()
 
     def _merge_pending(self) -> None:
         while self._next_merge in self._pending:
-            kind, payload = self._pending.pop(self._next_merge)
+            outcome = self._pending.pop(self._next_merge)
             self._next_merge += 1
-            if kind == "failed":
-                self._error = self._error or payload.splitlines()[0]
-                log.error("analysis failed in a worker: %s", payload)
-                self._abort.set()
-                self._pool.cancel_series()
-            elif kind == "done" and not self._abort.is_set():
-                self._merge(*payload)
+            match outcome:
+                case StackFailed(error=error):
+                    self._error = self._error or error.splitlines()[0]
+                    log.error("analysis failed in a worker: %s", error)
+                    self._abort.set()
+                    self._pool.cancel_series()
+                case StackDone(runs=runs, out_of_scan=out_of_scan) if not self._abort.is_set():
+                    self._merge(runs, out_of_scan)
+                case StackDone() | StackSkipped():
+                    pass  # aborted meanwhile, or skipped by the worker: nothing to merge
 
-    def _merge(self, runs: list, out_of_scan: int) -> None:
+    def _merge(self, runs: list[FrameRunResult], out_of_scan: int) -> None:
         with self._lock:
             for first_frame, count, buffers in runs:
                 partition = self._dataset.partition_for_run(first_frame, None, count)
-                for selected, src in zip(self._selected, buffers):
-                    udf = selected.udf
-                    udf.set_views_for_partition(partition)
-                    udf.merge(dest=udf.results.get_proxy(), src=MergeAttrMapping(src))
-                    udf.clear_views()
+                for selected, partial in zip(self._selected, buffers):
+                    merge_partial(selected.udf, partition, partial)
                 newly_done = count - int(np.count_nonzero(self._done[first_frame:first_frame + count]))
                 self._done[first_frame:first_frame + count] = True
                 self._frames_processed += newly_done

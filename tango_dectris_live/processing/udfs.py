@@ -2,7 +2,6 @@
 mask and CoM UDFs with the tile step compiled (same results, same buffers)."""
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +12,7 @@ from libertem.udf.com import CoMUDF
 from libertem.udf.masks import ApplyMasksUDF
 
 from . import _pixel_sums
+from .libertem_internals import COM_MASK_SUMS_BUFFER, dense_float32_masks, partition_frame_count
 
 
 class LastFrameUDF(UDF):
@@ -95,7 +95,8 @@ class ExactSumUDF(_ExactSumTiles, UDF):
     def get_result_buffers(self):
         dtype = np.dtype(self.meta.input_dtype)
         counts = np.uint64 if dtype.kind == "u" else np.int64 if dtype.kind == "i" else np.float64
-        if dtype.kind == "u" and dtype.itemsize <= 2 and self._partition_frames() <= _NARROW_COUNT_FRAMES:
+        frames = partition_frame_count(self)  # None: the main process' buffers for the whole scan
+        if dtype.kind == "u" and dtype.itemsize <= 2 and frames is not None and frames <= _NARROW_COUNT_FRAMES:
             counts = np.uint32  # a partition's counts fit; the merged total is uint64
         return {
             "counts": self.buffer(kind="sig", dtype=counts, use="private"),
@@ -109,13 +110,6 @@ class ExactSumUDF(_ExactSumTiles, UDF):
             _pixel_sums.add_frames(pixels, counts.reshape(-1))
         else:
             counts[:] += np.sum(tile, axis=0, dtype=exact_accumulator(tile.dtype, tile.shape[0]))
-
-    def _partition_frames(self) -> float:
-        """Frames of the partition being processed (infinite for the whole-scan buffers)."""
-        try:
-            return self.meta.partition_shape.nav.size
-        except ValueError:  # no partition: the main process' buffers for the whole scan
-            return math.inf
 
     def merge(self, dest, src):
         dest.counts[:] += src.counts
@@ -194,10 +188,8 @@ def _weighted_sums(udf: UDF, tile: np.ndarray, weights: np.ndarray, lo: int) -> 
 
 def _compact_masks(udf: UDF) -> tuple[np.ndarray, int] | None:
     """:func:`compact_weights` of the UDF's masks if they are dense float32 (None otherwise)."""
-    container = udf.task_data.engine.masks
-    if container.dtype != np.float32 or container.use_sparse:
-        return None
-    return compact_weights(np.asarray(container.computed_masks))
+    masks = dense_float32_masks(udf)
+    return None if masks is None else compact_weights(masks)
 
 
 class _CompiledMaskSums(_ExactSumTiles):
@@ -245,7 +237,7 @@ class CompiledCoMUDF(_CompiledMaskSums, CoMUDF):
     compiled loop on unsigned 8/16/32-bit frames as they come; results and their types are
     LiberTEM's (``get_results`` is CoMUDF's)."""
 
-    _sums_buffer = "raw_mask_result"
+    _sums_buffer = COM_MASK_SUMS_BUFFER
 
     def _weights(self) -> tuple[np.ndarray, int] | None:
         params = self.get_params()

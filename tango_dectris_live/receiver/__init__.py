@@ -14,13 +14,14 @@ from .receiver import (
     StreamConnectError,
     StreamReceiver,
 )
-from .stats import ReceiverStats
+from .stats import RateMeter, ReceiverStats
 
 __all__ = [
     "CONNECTIONS",
     "FRAME_RECORD_DTYPE",
     "FrameStackHandle",
     "FrameStackLayout",
+    "RateMeter",
     "ReceiverError",
     "ReceiverEvent",
     "ReceiverMode",

@@ -60,7 +60,7 @@ from tango_dectris_live.stream import (
 from . import _receiver, zmtp
 from .native import function_addresses
 from .framestack import FrameStackHandle, FrameStackLayout, SharedFrameStacks, SlotState, dtype_of_tag, dtype_tag
-from .stats import RateWindow, ReceiverStats
+from .stats import RateMeter, ReceiverStats
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def libzmq_functions() -> dict[str, int]:
 
     Resolving through pyzmq's backend module finds its bundled libzmq (a dependency of that
     module), a system libzmq, or one linked into the module, and always the same instance that
-    owns pyzmq's sockets (see cython/receiver.pyx for why this is not linked at build time).
+    owns pyzmq's sockets (see _receiver.pyx for why this is not linked at build time).
     """
     from zmq.backend.cython import _zmq as backend
 
@@ -162,18 +162,40 @@ class SeriesSummary:
 
 @dataclass(frozen=True)
 class SeriesStarted:
+    """A series began. Its header may leave the frame shape and pixel type unknown (v1
+    ``header_detail`` none): then its first stack tells."""
+
     header: SeriesHeader
+
+    @property
+    def series(self) -> int:
+        return self.header.series_id
 
 
 @dataclass(frozen=True)
 class StackReady:
+    """A stack of frames is ready; the consumer gives it back with ``release(handle)``.
+
+    ``handle`` is picklable, so that worker processes decode the stack themselves (in-memory
+    sources in the tests put their own handles here)."""
+
     handle: FrameStackHandle
 
 
 @dataclass(frozen=True)
 class SeriesFinished:
-    series: int
+    """A series ended; ``summary`` says what arrived, what is missing and why it ended."""
+
     summary: SeriesSummary
+
+    @property
+    def series(self) -> int:
+        return self.summary.series
+
+    @property
+    def ended_at(self) -> float:
+        """``time.monotonic()`` when the receiver ended the series: where latencies start."""
+        return self.summary.ended_at
 
 
 @dataclass(frozen=True)
@@ -276,7 +298,8 @@ class StreamReceiver:
         self.receive_hwm = receive_hwm
         self.coalesce = float(coalesce)
         self.poll_interval = poll_interval
-        self._rates = RateWindow(rate_window)
+        self._frame_rate = RateMeter(rate_window)
+        self._byte_rate = RateMeter(rate_window)
         self._events: queue.Queue[ReceiverEvent] = queue.Queue()
         self._commands: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]] = queue.SimpleQueue()
         self._stacks: SharedFrameStacks | None = None
@@ -474,7 +497,6 @@ class StreamReceiver:
 
     def stats(self) -> ReceiverStats:
         counters = self._counters()
-        frames_per_second, bytes_per_second = self._rates.rates()
         errors = {name: counters[_C_INDEX[name]] for name in _C_ERRORS if counters[_C_INDEX[name]]}
         with self._lock:
             for reason, count in self._python_errors.items():
@@ -491,8 +513,8 @@ class StreamReceiver:
             errors=MappingProxyType(errors),
             slots_in_use=in_use,
             slots_total=self.layout.num_slots,
-            frames_per_second=frames_per_second,
-            megabytes_per_second=bytes_per_second / 1e6,
+            frames_per_second=self._frame_rate.rate(),
+            megabytes_per_second=self._byte_rate.rate() / 1e6,
             backpressure_seconds=0.0 if stacks is None else stacks.backpressure_seconds,
             series_active=None if series is None else series.header.series_id,
             series_finished=self._series_finished,
@@ -782,7 +804,8 @@ class StreamReceiver:
         if now - self._last_rate_sample >= 0.05:
             self._last_rate_sample = now
             counters = self._loop.counters()
-            self._rates.add(now, counters[_C_INDEX["frames"]], counters[_C_INDEX["bytes"]])
+            self._frame_rate.add(counters[_C_INDEX["frames"]], now)
+            self._byte_rate.add(counters[_C_INDEX["bytes"]], now)
 
     def _count(self, reason: str) -> None:
         with self._lock:
@@ -1046,7 +1069,7 @@ class StreamReceiver:
                     self._route_messages()
                 elif reason in ("end_message", "timeout"):
                     self._disconnect()
-        self._events.put(SeriesFinished(summary.series, summary))
+        self._events.put(SeriesFinished(summary))
 
 
 _ALGORITHM_NAMES = {code: name for name, code in _receiver.ENCODING_IDS.items()}

@@ -1,7 +1,9 @@
-"""Receiver statistics: a snapshot dataclass and the sliding window behind its rates."""
+"""Receiver statistics: a snapshot dataclass, and the rate meter behind its rates (which the
+acquisition uses for its processing rate too)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,27 +42,44 @@ class ReceiverStats:
         return sum(self.errors.values())
 
 
-class RateWindow:
-    """Frames/s and bytes/s from cumulative counters sampled over a sliding time window."""
+class RateMeter:
+    """The per-second rate of a cumulative counter (frames received, frames processed, bytes)
+    over a sliding window of time: ``add(total, now)`` samples the counter and returns the rate.
+
+    The rate spans the newest sample and the latest one at least ``window`` seconds older (all
+    samples while there is less history), so it covers a whole window once there is one: a
+    counter that stops moving reads 0 after ``window`` seconds. Samples may come from one thread
+    and readers from others.
+    """
 
     def __init__(self, window: float = 2.0) -> None:
+        if not window > 0:
+            raise ValueError(f"the rate window must be a positive number of seconds, got {window!r}")
         self.window = window
-        self._samples: deque[tuple[float, int, int]] = deque()
+        self._samples: deque[tuple[float, float]] = deque()  # (time, total)
         self._lock = threading.Lock()
 
-    def add(self, when: float, frames: int, nbytes: int) -> None:
+    def add(self, total: float, now: float | None = None) -> float:
+        """Sample the counter's ``total`` at ``now`` (default: ``time.monotonic()``); the rate."""
+        now = time.monotonic() if now is None else now
         with self._lock:
-            self._samples.append((when, frames, nbytes))
-            while len(self._samples) > 2 and when - self._samples[1][0] >= self.window:
+            self._samples.append((now, total))
+            while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
                 self._samples.popleft()
+            return self._rate()
 
-    def rates(self) -> tuple[float, float]:
-        """(frames per second, bytes per second); zero until two samples exist."""
+    def rate(self) -> float:
+        """Per second over the window; 0 until two samples at different times exist."""
         with self._lock:
-            if len(self._samples) < 2:
-                return 0.0, 0.0
-            t0, f0, b0 = self._samples[0]
-            t1, f1, b1 = self._samples[-1]
-        if t1 <= t0:
-            return 0.0, 0.0
-        return (f1 - f0) / (t1 - t0), (b1 - b0) / (t1 - t0)
+            return self._rate()
+
+    def reset(self) -> None:
+        """Forget every sample (a new series: its counter starts again)."""
+        with self._lock:
+            self._samples.clear()
+
+    def _rate(self) -> float:
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._samples[0], self._samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
