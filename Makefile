@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The compiled code's sources, each in the package it builds (setup.py lists them).
+COMPILED_SOURCES := $(wildcard tango_dectris_live/*/*.pyx tango_dectris_live/*/*.pxd tango_dectris_live/*/*.h \
+                               sim/*.pyx sim/*.pxd sim/*.h)
 
 .PHONY: demo test install build bench docs clean
 
@@ -12,13 +15,13 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 
 # Reinstall when the packaging or the compiled sources change.
-$(STAMP): $(PY) setup.cfg setup.py pyproject.toml $(wildcard cython/*.pyx cython/*.pxd cython/*.h)
+$(STAMP): $(PY) setup.cfg setup.py pyproject.toml $(COMPILED_SOURCES)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# Rebuild the Cython extensions in place (after editing cython/*.pyx without reinstalling).
+# Rebuild the Cython extensions in place after editing a .pyx, .pxd or .h (the STAMP rule reinstalls first).
 build: $(STAMP)
 	$(PY) setup.py build_ext --inplace --quiet
 
@@ -38,5 +41,5 @@ docs: $(STAMP)
 
 clean:
 	rm -rf build docs/_build demo-output .pytest_cache
-	find . -name '*.so' -path './tango_dectris_live/*' -delete
-	find . -name '*.so' -path './sim/*' -delete
+	find tango_dectris_live sim -name '*.so' -delete
+	find tango_dectris_live sim -name '_*.c' -delete  # Cython's output, beside each .pyx

@@ -1,4 +1,9 @@
-"""Build the compiled core (Cython sources in cython/); everything else is in setup.cfg."""
+"""Build the compiled code; everything else is in setup.cfg.
+
+Each Cython source lies beside the Python it serves, in the package that owns it: the product's in
+tango_dectris_live/receiver/ and tango_dectris_live/processing/, the simulator's in sim/ (which
+imports nothing from the product). Cython writes its generated C beside each .pyx (git ignores it).
+"""
 import numpy
 import zmq
 from Cython.Build import cythonize
@@ -9,25 +14,26 @@ compile_args = ["-O3"]
 extensions = [
     Extension(
         "tango_dectris_live.receiver._receiver",
-        ["cython/receiver.pyx"],
+        ["tango_dectris_live/receiver/_receiver.pyx"],
+        depends=["tango_dectris_live/receiver/_frame_index.pxd"],
         extra_compile_args=compile_args,
         define_macros=[("_GNU_SOURCE", None)],  # memmem()
     ),
     Extension(
-        "sim._fastsend",
-        ["cython/sim_fastsend.pyx"],
-        extra_compile_args=compile_args,
-    ),
-    Extension(
         "tango_dectris_live.receiver._stack_decode",
-        ["cython/stack_decode.pyx"],
+        ["tango_dectris_live/receiver/_stack_decode.pyx"],
+        depends=["tango_dectris_live/receiver/_frame_index.pxd"],
         extra_compile_args=compile_args,
     ),
     Extension(
         "tango_dectris_live.processing._pixel_sums",
-        ["cython/pixel_sums.pyx"],
-        depends=["cython/pixel_kernels.h"],
-        include_dirs=["cython"],
+        ["tango_dectris_live/processing/_pixel_sums.pyx"],
+        depends=["tango_dectris_live/processing/pixel_kernels.h"],
+        extra_compile_args=compile_args,
+    ),
+    Extension(
+        "sim._fastsend",
+        ["sim/_fastsend.pyx"],
         extra_compile_args=compile_args,
     ),
 ]

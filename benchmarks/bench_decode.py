@@ -45,7 +45,7 @@ from tango_dectris_live.receiver import decode as decode_module  # noqa: E402
 from tango_dectris_live.receiver import FrameStackHandle, FrameStackLayout  # noqa: E402
 from tango_dectris_live.receiver.framestack import FRAME_RECORD_DTYPE, SharedFrameStacks, dtype_tag  # noqa: E402
 from tango_dectris_live.stream import Algorithm  # noqa: E402
-from tests.stream_producer import compress, random_frames  # noqa: E402
+from tango_dectris_live.testing.stream_producer import compress, random_frames  # noqa: E402
 
 CASES = [((96, 96), "uint16"), ((192, 192), "uint16"), ((512, 512), "uint16"), ((1062, 1028), "uint32")]
 

@@ -29,9 +29,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +36,7 @@ import numpy as np
 import psutil
 import tango
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "demo"))  # run_demo imports its neighbours as top-level modules
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_pipeline import json_default, print_figures  # noqa: E402
 from benchmarks.scenarios import (  # noqa: E402
@@ -49,9 +44,10 @@ from benchmarks.scenarios import (  # noqa: E402
     RunFigures, Scenario, SimulatorControl, SimulatorProcess, TriggerThread, analyses_by_name,
     check_results, child_pids, cpu_seconds, figures_from_timing, ground_truth, peak_rss_mb, reset_peak_rss,
     scenario_by_name)
-from run_demo import stop_leftovers  # noqa: E402
 from tango_dectris_live.device.embedded_db import EmbeddedTangoDatabase  # noqa: E402
 from tango_dectris_live.processing.analyses import AnalysisParameters  # noqa: E402
+from tango_dectris_live.testing import (  # noqa: E402
+    ChangeEvent, EventRecorder, result_attributes, stop_leftovers, wait_for)
 
 DEPTH = "device"
 DEVICE = "bench/dectris/1"
@@ -61,95 +57,12 @@ STARTUP_TIMEOUT_S = 180.0  # device ON, workers spawned, listening
 _PY_SPY_THREAD = re.compile(r'^Thread (\d+) \([^)]*\): "([^"]*)"', re.MULTILINE)
 
 
-@dataclass(frozen=True)
-class ResultEvent:
-    """One change event of a result attribute, as this process received it."""
-
-    received_at: float  # time.perf_counter() on arrival
-    value: np.ndarray
-    quality: tango.AttrQuality
-
-
-class FinalResultWatch:
-    """Change-event subscriber of the result attributes: per run, the final (not CHANGING) event of
-    each and when it arrived; intermediate events are only counted."""
-
-    def __init__(self, proxy: tango.DeviceProxy, results: list[str]) -> None:
-        self.proxy = proxy
-        self.results = results
-        self._changed = threading.Condition()
-        self._final: dict[str, ResultEvent] = {}
-        self._seen: set[str] = set()
-        self.intermediate = 0
-        self.errors: list[str] = []
-        self._subscriptions: list[int] = []
-
-    def __enter__(self) -> FinalResultWatch:
-        try:
-            for name in self.results:
-                self._subscriptions.append(self.proxy.subscribe_event(
-                    name, tango.EventType.CHANGE_EVENT, self._callback(name)))
-        except tango.DevFailed:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        while self._subscriptions:
-            self.proxy.unsubscribe_event(self._subscriptions.pop())
-
-    def _callback(self, name: str):
-        def push_event(event: tango.EventData) -> None:
-            received_at = time.perf_counter()
-            with self._changed:
-                self._seen.add(name)
-                if event.err:
-                    self.errors.append(f"{name}: {event.errors[0].desc}")
-                elif event.attr_value.quality == tango.AttrQuality.ATTR_CHANGING:
-                    self.intermediate += 1
-                else:
-                    self._final[name] = ResultEvent(received_at, np.asarray(event.attr_value.value),
-                                                    event.attr_value.quality)
-                self._changed.notify_all()
-        return push_event
-
-    def wait_subscribed(self, timeout: float) -> None:
-        """Wait for the event every subscription delivers at once (the current value)."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: self._seen >= set(self.results), timeout):
-                raise TimeoutError(f"no initial event of {sorted(set(self.results) - self._seen)} "
-                                   f"within {timeout} s")
-
-    def clear(self) -> None:
-        """Forget what arrived: the next final events belong to the next series."""
-        with self._changed:
-            self._final.clear()
-            self.intermediate = 0
-            self.errors.clear()
-
-    def wait_final(self, timeout: float, trigger: TriggerThread) -> dict[str, ResultEvent]:
-        """Every result's final event; gives up at once when the trigger failed (no frames will come)."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not self._final.keys() >= set(self.results):
-                if trigger.error is not None:
-                    break
-                if self.errors:
-                    raise RuntimeError(f"error events from the device: {'; '.join(self.errors)}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no final result event of {sorted(set(self.results) - self._final.keys())} "
-                                       f"within {timeout} s")
-                self._changed.wait(0.2)
-            return dict(self._final)
-
-
-def wait_until(condition, timeout: float, what: str, detail=lambda: "") -> None:
-    """Poll ``condition`` until true; TimeoutError naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout:.0f} s {detail()}")
-        time.sleep(0.1)
+def final_results(events: EventRecorder, results: list[str]) -> dict[str, ChangeEvent] | None:
+    """Each result's final change event (not CHANGING) since the last clear; None until all came."""
+    final = {name: events.latest(name) for name in results}
+    if all(event is not None and event.quality != tango.AttrQuality.ATTR_CHANGING for event in final.values()):
+        return final
+    return None
 
 
 def server_worker_pids(server_pid: int) -> list[int]:
@@ -192,12 +105,6 @@ def _is_own_resource_tracker(process: psutil.Process) -> bool:
         return False
 
 
-def result_attributes(proxy: tango.DeviceProxy, analyses: tuple[str, ...]) -> list[str]:
-    """The result attributes of ``analyses``, from the device's ``result_attributes`` listing."""
-    by_analysis = dict(line.split(": ", 1) for line in proxy.result_attributes)
-    return [result for name in analyses for result in by_analysis[name].split(", ")]
-
-
 class DeviceBench(ClosingBench):
     """Simulator + Tango database + one DectrisLive server listening, measured over several series."""
 
@@ -212,7 +119,7 @@ class DeviceBench(ClosingBench):
                          "frame_rate": frame_rate, "result_event_rate": result_event_rate}
         self.db = EmbeddedTangoDatabase()
         self.sim: SimulatorProcess | None = None
-        self.watch: FinalResultWatch | None = None
+        self.events: EventRecorder | None = None
         try:
             self._start(stream_format, header_detail, frame_rate, workers, num_slots, frame_stack_size,
                         result_event_rate)
@@ -236,8 +143,8 @@ class DeviceBench(ClosingBench):
         self.server_pid = self.db.start_server(INSTANCE, DEVICE).pid
         self.proxy = tango.DeviceProxy(f"tango://{self.db.tango_host}/{DEVICE}")
         self.proxy.set_timeout_millis(10_000)
-        wait_until(lambda: self.proxy.state() == tango.DevState.ON, STARTUP_TIMEOUT_S, "device State ON",
-                   lambda: f"(Status: {self.proxy.status()})")
+        wait_for(lambda: self.proxy.state() == tango.DevState.ON, STARTUP_TIMEOUT_S,
+                 lambda: f"device State ON (Status: {self.proxy.status()})", interval=0.1)
         self.proxy.analyses = list(self.analyses)
         self.proxy.nav_shape = list(self.scenario.nav_shape)
         self.proxy.workers = workers
@@ -252,13 +159,15 @@ class DeviceBench(ClosingBench):
         self.proxy.adf_outer_radius = parameters.adf_outer_radius
         self.proxy.adf_inner_radius = parameters.adf_inner_radius
         self.results = result_attributes(self.proxy, self.analyses)
-        self.watch = FinalResultWatch(self.proxy, self.results).__enter__()
-        self.watch.wait_subscribed(30)
+        # Only the latest event of each result is kept: the client's memory is measured too.
+        self.events = EventRecorder(self.proxy, changes=tuple(self.results), keep=1).__enter__()
+        wait_for(lambda: all(self.events.change_count(name) for name in self.results), 30,
+                 "the subscriptions' initial events")
         self.proxy.Listen()
-        wait_until(lambda: str(self.proxy.acquisition_status).startswith("listening"), STARTUP_TIMEOUT_S,
-                   "device listening", lambda: f"(Status: {self.proxy.status()})")
-        wait_until(lambda: len(server_worker_pids(self.server_pid)) >= workers, STARTUP_TIMEOUT_S,
-                   f"{workers} worker processes")
+        wait_for(lambda: str(self.proxy.acquisition_status).startswith("listening"), STARTUP_TIMEOUT_S,
+                 lambda: f"device listening (Status: {self.proxy.status()})", interval=0.1)
+        wait_for(lambda: len(server_worker_pids(self.server_pid)) >= workers, STARTUP_TIMEOUT_S,
+                 f"{workers} worker processes", interval=0.1)
         self.receiver_tid = thread_id_by_name(self.server_pid, "StreamReceiver(")
         self._next_series = 1  # the simulator counts series from 1 after initialize
 
@@ -267,9 +176,9 @@ class DeviceBench(ClosingBench):
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
         try:
             started = [p for p in psutil.Process().children(recursive=True) if not _is_own_resource_tracker(p)]
-            if self.watch is not None:
+            if self.events is not None:
                 try:
-                    self.watch.__exit__()
+                    self.events.__exit__()
                 except tango.DevFailed:
                     pass  # the server is gone already; stopping it below is all that is left
             self.db.stop()
@@ -302,7 +211,7 @@ class DeviceBench(ClosingBench):
     def run_once(self) -> RunFigures:
         """Process one series; its figures (``correct`` False when the results are wrong)."""
         series = self._next_series
-        self.watch.clear()
+        self.events.clear()
         armed = self.control.arm()
         if armed != series:
             raise RuntimeError(f"the simulator armed series {armed}, expected {series}")
@@ -313,8 +222,13 @@ class DeviceBench(ClosingBench):
             reset_peak_rss(pid)
         cpu_before = self._cpu(workers)
         trigger = TriggerThread(self.control).start()
-        final = self.watch.wait_final(RUN_TIMEOUT_S, trigger)
+        # Gives up at once when the trigger failed (no frames will come) or the device sent errors.
+        wait_for(lambda: trigger.error is not None or self.events.errors or final_results(self.events, self.results),
+                 RUN_TIMEOUT_S, lambda: f"final events of {', '.join(self.results)}")
         trigger.join()  # raises with the simulator's answer when the trigger failed
+        final = final_results(self.events, self.results)
+        if final is None:
+            raise RuntimeError(f"error events from the device: {'; '.join(self.events.errors)}")
         finished_at = max(event.received_at for event in final.values())
         cpu_after = self._cpu(workers)
         peak_mb = sum(peak_rss_mb(pid) for pid in processes)
@@ -328,9 +242,11 @@ class DeviceBench(ClosingBench):
                             f"({progress['frames_missing']} missing)")
         problems += [f"{name}: final quality {event.quality}" for name, event in final.items()
                      if event.quality != tango.AttrQuality.ATTR_VALID]
-        problems += check_results({name: event.value for name, event in final.items()}, self.truth)
+        problems += check_results({name: np.asarray(event.value) for name, event in final.items()}, self.truth)
+        # every change event of this series but the final one of each result was an intermediate one
+        intermediate = sum(self.events.change_count(name) for name in self.results) - len(final)
         extra: dict[str, Any] = {
-            "settings": self.settings, "intermediate_result_events": self.watch.intermediate,
+            "settings": self.settings, "intermediate_result_events": intermediate,
             "receiver_thread_separated": self.receiver_tid is not None,
             "peak_mb_simulator": round(peak_rss_mb(self.sim.pid), 1),
             "peak_mb_client": round(peak_rss_mb(os.getpid()), 1),

@@ -6,7 +6,8 @@ The producer (``--producer``) PUSHes a series of uint16 bslz4 frames as fast as 
   (``sim._fastsend``, pacing "max", a pool of 64 frames encoded at arm): ARINA binned 96x96,
   ARINA 192x192, QUADRO 512x512 (the scenarios of :mod:`benchmarks.scenarios`), stream format
   legacy for v1, cbor for v2. Armed and triggered over SIMPLON REST, as the device does.
-* ``python``: ``tests.stream_producer`` driven by a Python ``send_multipart`` loop (any size).
+* ``python``: ``tango_dectris_live.testing.stream_producer`` driven by a Python ``send_multipart``
+  loop (any size).
   For v1 (4 ZeroMQ parts per frame) that loop, not the receiver, is the bottleneck.
 
 The receiver takes the frames into shared-memory stacks; workers (spawned processes) decode each
@@ -43,13 +44,14 @@ from benchmarks.scenarios import (  # noqa: E402
 from sim.data import default_nav_shape  # noqa: E402
 from tango_dectris_live.receiver import (  # noqa: E402
     SeriesFinished, SeriesSummary, StackReady, StreamReceiver, decode_frames_into)
-from tests.stream_producer import StreamProducer, random_frames, v2_image  # noqa: E402
+from tango_dectris_live.testing.stream_producer import StreamProducer, random_frames, v2_image  # noqa: E402
 
 POOL = 64
 NUM_SLOTS = 32
 RECEIVE_HWM = 10_000
 RECEIVER_TIMEOUT_S = 30.0
-PRODUCERS = {"sim": "simulator fast path (sim._fastsend)", "python": "tests.stream_producer (Python loop)"}
+PRODUCERS = {"sim": "simulator fast path (sim._fastsend)",
+             "python": "tango_dectris_live.testing.stream_producer (Python loop)"}
 # The simulator's scenario for each frame size (model, binning/ROI, uint16).
 SIM_SCENARIOS = {"arina96": 96, "arina192": 192, "quadro512": 512}
 
@@ -177,7 +179,7 @@ def figures(size: int, frames: int, workers: int, started_at: float, timing: Ser
 
 
 # ---------------------------------------------------------------------------------------------
-# Producer "python": tests.stream_producer in a spawned process
+# Producer "python": tango_dectris_live.testing.stream_producer in a spawned process
 
 
 def produce(version: int, size: int, frames: int, series: int, port_queue, go, received) -> None:
@@ -305,7 +307,8 @@ def measure_size(producer: str, version: int, size: int, frames: int, worker_cou
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--producer", default="sim", choices=tuple(PRODUCERS),
-                        help="sim: the simulator's compiled fast path (default); python: tests.stream_producer")
+                        help="sim: the simulator's compiled fast path (default); "
+                             "python: tango_dectris_live.testing.stream_producer")
     parser.add_argument("--frames", type=int, default=100_000)
     parser.add_argument("--version", type=int, default=2, choices=(1, 2))
     parser.add_argument("--sizes", type=int, nargs="+", default=[96, 192, 512])

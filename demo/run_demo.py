@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,10 @@ import psutil
 import requests
 import tango
 
-from event_log import EventLog
 from result_images import NAN_COLOUR, write_png
 from sim.data import ScanDataGenerator
 from tango_dectris_live.device.embedded_db import EmbeddedTangoDatabase, stop_process
+from tango_dectris_live.testing import EventRecorder, result_attributes, stop_leftovers, wait_for
 
 DEVICE = "demo/dectris/1"
 INSTANCE = "demo"
@@ -45,6 +46,7 @@ ANALYSES = ("sum", "sumsig", "bf", "adf", "com", "last_frame")
 PROGRESS_ATTRIBUTES = ("series_id", "frames_expected", "frames_received", "frames_processed",
                        "frames_missing", "progress", "receive_rate", "process_rate", "backlog",
                        "acquisition_status")
+PEAK_ATTRIBUTES = ("receive_rate", "process_rate", "backlog")
 # The simulator's bright-field disk has radius width/8 = 24 px and moves up to 12 px with the object;
 # its halo is the ring 1.6..2.4 radii. The virtual detectors are sized to see both move.
 # outer before inner: the ring must stay inner < outer at every write
@@ -104,63 +106,47 @@ class Simulator:
             stop_process(self.proc)
 
 
-def stop_leftovers(started: list[psutil.Process], timeout: float = 15.0) -> list[str]:
-    """Wait for the processes this demo started (and theirs) to end; kill what does not, by pid."""
-    _, alive = psutil.wait_procs(started, timeout=timeout)
-    killed = []
-    for proc in alive:
-        try:
-            killed.append(f"{proc.pid} {' '.join(proc.cmdline())[:80]}")
-            proc.kill()
-        except psutil.NoSuchProcess:
-            continue
-    psutil.wait_procs(alive, timeout=5)
-    return killed
-
-
 # -- the client ---------------------------------------------------------------------------------
-
-def subscribe(proxy: tango.DeviceProxy, log: EventLog, results: list[str]) -> list[int]:
-    ids = [proxy.subscribe_event("State", tango.EventType.CHANGE_EVENT, log)]
-    for name in (*PROGRESS_ATTRIBUTES, *results):
-        ids.append(proxy.subscribe_event(name, tango.EventType.CHANGE_EVENT, log))
-    for name in results:
-        ids.append(proxy.subscribe_event(name, tango.EventType.DATA_READY_EVENT, log))
-    return ids
-
-
-def result_attributes(proxy: tango.DeviceProxy, analyses: tuple[str, ...]) -> list[str]:
-    """The result attributes of ``analyses``, from the device's own ``result_attributes`` listing."""
-    by_analysis = dict(line.split(": ", 1) for line in proxy.result_attributes)
-    return [result for name in analyses for result in by_analysis[name].split(", ")]
-
 
 def enum_index(proxy: tango.DeviceProxy, name: str, label: str) -> int:
     return list(proxy.get_attribute_config(name).enum_labels).index(label)
 
 
-def wait_for_state(log: EventLog, state: tango.DevState, timeout: float) -> None:
-    log.wait_until(lambda lg: lg.last_value.get("state") == state, timeout, f"State {state} event")
+def wait_for_state(events: EventRecorder, state: tango.DevState, timeout: float) -> None:
+    wait_for(lambda: (last := events.latest("State")) is not None and last.value == state, timeout,
+             f"State {state} event")
 
 
-def wait_for_final_results(log: EventLog, results: list[str], timeout: float) -> None:
+def is_final(events: EventRecorder, result: str) -> bool:
     """The device pushes a final change event (VALID or WARNING) and then data-ready per result."""
-    log.wait_until(lambda lg: all(lg.current.data_ready[r] >= 1 for r in results)
-                   and all(lg.last_quality.get(r) != tango.AttrQuality.ATTR_CHANGING for r in results),
-                   timeout, f"final result of {', '.join(results)}")
+    last = events.latest(result)
+    return bool(events.data_ready(result)) and last is not None and last.quality != tango.AttrQuality.ATTR_CHANGING
 
 
-def acquisition_figures(proxy: tango.DeviceProxy, log: EventLog, results: list[str], seconds: float,
+def wait_for_final_results(events: EventRecorder, results: list[str], timeout: float) -> None:
+    wait_for(lambda: all(is_final(events, name) for name in results), timeout,
+             f"final result of {', '.join(results)}", interval=0.01)
+
+
+def change_counts(events: EventRecorder, names: tuple[str, ...]) -> dict[str, int]:
+    """Change events per attribute since the phase began (attributes without any left out)."""
+    return {name.lower(): count for name in sorted(names, key=str.lower) if (count := events.change_count(name))}
+
+
+def acquisition_figures(proxy: tango.DeviceProxy, events: EventRecorder, results: list[str], seconds: float,
                         output: Path, prefix: str) -> dict:
     """What one acquisition gave: counters, rates, events per attribute, the images written."""
-    events = log.current
     counters = {name: proxy.read_attribute(name).value for name in
                 ("series_id", "frames_expected", "frames_received", "frames_processed", "frames_missing")}
     processed = int(counters["frames_processed"])
-    samples = events.processed_samples
+    samples = [int(value) for value in events.values("frames_processed")]
+    peak = {name: max(map(float, events.values(name)), default=0.0) for name in PEAK_ATTRIBUTES}
+    watched = ("State", *PROGRESS_ATTRIBUTES, *results)
+    intermediate = {name.lower(): count for name in sorted(watched, key=str.lower) if (count := sum(
+        event.quality == tango.AttrQuality.ATTR_CHANGING for event in events.changes(name)))}
     images = {}
     for name in results:
-        final = np.asarray(log.last_value[name], dtype=np.float64)
+        final = np.asarray(events.latest(name).value, dtype=np.float64)
         read_back = proxy.read_attribute(name)
         if not np.array_equal(final, np.asarray(read_back.value, dtype=np.float64), equal_nan=True):
             raise DemoFailure(f"{name}: the final change event differs from a read of the attribute")
@@ -171,21 +157,21 @@ def acquisition_figures(proxy: tango.DeviceProxy, log: EventLog, results: list[s
         **{k: int(v) for k, v in counters.items()},
         "seconds_start_to_final_event": round(seconds, 2),
         "frames_per_second_end_to_end": round(processed / seconds, 1) if seconds > 0 else None,
-        "peak_receive_rate": round(events.peak.get("receive_rate", 0.0), 1),
-        "peak_process_rate": round(events.peak.get("process_rate", 0.0), 1),
-        "peak_backlog_slots": int(events.peak.get("backlog", 0)),
-        "device_status": next((text for text in reversed(log.statuses) if text.startswith("series")),
-                              str(proxy.acquisition_status)),
-        "change_events": dict(sorted(events.change.items())),
-        "intermediate_result_events": dict(sorted(events.changing.items())),
-        "data_ready_events": dict(sorted(events.data_ready.items())),
-        "error_events": dict(sorted(events.errors.items())),
+        "peak_receive_rate": round(peak["receive_rate"], 1),
+        "peak_process_rate": round(peak["process_rate"], 1),
+        "peak_backlog_slots": int(peak["backlog"]),
+        "device_status": next((str(text) for text in reversed(events.values("acquisition_status"))
+                               if str(text).startswith("series")), str(proxy.acquisition_status)),
+        "change_events": change_counts(events, watched),
+        "intermediate_result_events": intermediate,
+        "data_ready_events": {name: count for name in sorted(results) if (count := len(events.data_ready(name)))},
+        "error_events": dict(sorted(Counter(text.split(": ", 1)[0].lower() for text in events.errors).items())),
         "frames_processed_events_increasing": all(a <= b for a, b in zip(samples, samples[1:])),
         "images": images,
     }
 
 
-def ground_truth_check(proxy: tango.DeviceProxy, simulator: Simulator, log: EventLog,
+def ground_truth_check(proxy: tango.DeviceProxy, simulator: Simulator, events: EventRecorder,
                        nav_shape: tuple[int, int], dropped: list[int]) -> dict:
     """Compare the integer results with the simulator's own ground truth of the frames it sent
     (``dropped``: frames it was told not to send, NaN in scan-shaped results)."""
@@ -198,8 +184,9 @@ def ground_truth_check(proxy: tango.DeviceProxy, simulator: Simulator, log: Even
     sent = np.setdiff1d(np.arange(count), dropped)
     expected_sumsig = truth.sum_per_frame(range(count)).astype(np.float64)
     expected_sumsig[dropped] = np.nan
-    sum_ok = np.array_equal(log.last_value["sum_image"], truth.sum_frames(sent).astype(np.float64))
-    sumsig_ok = np.array_equal(log.last_value["sumsig_image"], expected_sumsig.reshape(nav_shape), equal_nan=True)
+    sum_ok = np.array_equal(events.latest("sum_image").value, truth.sum_frames(sent).astype(np.float64))
+    sumsig_ok = np.array_equal(events.latest("sumsig_image").value, expected_sumsig.reshape(nav_shape),
+                               equal_nan=True)
     return {"sum_image_equals_ground_truth": bool(sum_ok), "sumsig_image_equals_ground_truth": bool(sumsig_ok)}
 
 
@@ -224,7 +211,7 @@ def print_figures(title: str, figures: dict) -> None:
             print(f"  {key}: {figures[key]}")
 
 
-def run_active_scan(proxy: tango.DeviceProxy, log: EventLog, results: list[str], simulator: Simulator,
+def run_active_scan(proxy: tango.DeviceProxy, events: EventRecorder, results: list[str], simulator: Simulator,
                     nav_shape: tuple[int, int], output: Path) -> dict:
     frames = nav_shape[0] * nav_shape[1]
     frame_time = float(proxy.frame_time)
@@ -233,13 +220,13 @@ def run_active_scan(proxy: tango.DeviceProxy, log: EventLog, results: list[str],
           f"{1 / frame_time:,.0f} frames/s (≈{frames * frame_time:.0f} s of exposure)")
     proxy.nav_shape = list(nav_shape)
     simulator.sim_config(pacing="frame_time", nav_shape=list(nav_shape))
-    log.begin_phase("active")
+    events.clear()
     started = time.monotonic()
     proxy.Start()
-    wait_for_final_results(log, results, timeout=frames * frame_time + 120)
+    wait_for_final_results(events, results, timeout=frames * frame_time + 120)
     seconds = time.monotonic() - started
-    wait_for_state(log, tango.DevState.ON, 30)
-    return acquisition_figures(proxy, log, results, seconds, output, "active")
+    wait_for_state(events, tango.DevState.ON, 30)
+    return acquisition_figures(proxy, events, results, seconds, output, "active")
 
 
 def diagonal_frames(nav_shape: tuple[int, int]) -> list[int]:
@@ -248,16 +235,16 @@ def diagonal_frames(nav_shape: tuple[int, int]) -> list[int]:
     return [k * columns + k for k in range(min(rows, columns))]
 
 
-def run_passive_acquisition(proxy: tango.DeviceProxy, log: EventLog, results: list[str], simulator: Simulator,
+def run_passive_acquisition(proxy: tango.DeviceProxy, events: EventRecorder, results: list[str], simulator: Simulator,
                             nav_shape: tuple[int, int], dropped: list[int], output: Path) -> dict:
     frames = nav_shape[0] * nav_shape[1]
     print(f"\nclient: PASSIVE: Listen; then a series of {frames} frames armed and triggered from outside "
           f"through the simulator's REST API, sent as fast as the simulator can; the simulator drops the "
           f"{len(dropped)} frames of the scan's diagonal (NaN, red in the scan images)")
-    log.begin_phase("passive")
+    events.clear()
     proxy.Listen()
-    log.wait_until(lambda lg: bool(lg.statuses) and lg.statuses[-1].startswith("listening"), 60,
-                   "'listening' acquisition_status event")
+    wait_for(lambda: (statuses := events.values("acquisition_status")) and statuses[-1].startswith("listening"),
+             60, "'listening' acquisition_status event")
     # Someone else (a vendor GUI, a Sardana macro) sets up and runs a series on the detector.
     simulator.sim_config(pacing="max", nav_shape=list(nav_shape), faults=[{"kind": "drop", "frames": dropped}])
     simulator.put("detector", "config", "ntrigger", 1)
@@ -265,12 +252,12 @@ def run_passive_acquisition(proxy: tango.DeviceProxy, log: EventLog, results: li
     started = time.monotonic()
     simulator.put("detector", "command", "arm")
     simulator.put("detector", "command", "trigger")
-    wait_for_final_results(log, results, timeout=120)
+    wait_for_final_results(events, results, timeout=120)
     seconds = time.monotonic() - started
     print("client: Stop (the device stops listening)")
     proxy.Stop()
-    wait_for_state(log, tango.DevState.ON, 30)
-    figures = acquisition_figures(proxy, log, results, seconds, output, "passive")
+    wait_for_state(events, tango.DevState.ON, 30)
+    figures = acquisition_figures(proxy, events, results, seconds, output, "passive")
     figures["status_after_stop"] = proxy.status()
     return figures
 
@@ -298,36 +285,35 @@ def run(output: Path, nav_shape: tuple[int, int], passive_shape: tuple[int, int]
         proxy = tango.DeviceProxy(f"tango://{db.tango_host}/{DEVICE}")
         proxy.set_timeout_millis(10000)
         results = result_attributes(proxy, ANALYSES)
-        log = EventLog()
-        subscription_ids = subscribe(proxy, log, results)
-        print(f"client: subscribed to State, {len(PROGRESS_ATTRIBUTES)} progress attributes and "
-              f"{len(results)} result attributes ({', '.join(results)})")
+        watched = ("State", *PROGRESS_ATTRIBUTES, *results)
+        with EventRecorder(proxy, changes=watched, data_ready=tuple(results)) as events:
+            print(f"client: subscribed to State, {len(PROGRESS_ATTRIBUTES)} progress attributes and "
+                  f"{len(results)} result attributes ({', '.join(results)})")
 
-        print("client: Initialize")
-        proxy.Initialize()
-        wait_for_state(log, tango.DevState.ON, 120)
-        proxy.trigger_mode = enum_index(proxy, "trigger_mode", "ints")
-        proxy.count_time = frame_time
-        proxy.frame_time = frame_time
-        proxy.stream_format = enum_index(proxy, "stream_format", "cbor")
-        proxy.analyses = list(ANALYSES)
-        for name, value in VIRTUAL_DETECTORS.items():
-            proxy.write_attribute(name, value)
-        proxy.result_event_rate = 10.0
-        print(f"client: analyses {list(proxy.analyses)}, beam centre from the detector "
-              f"({proxy.beam_center_x}, {proxy.beam_center_y}) px, "
-              + ", ".join(f"{k} {v:g} px" for k, v in VIRTUAL_DETECTORS.items()))
+            print("client: Initialize")
+            proxy.Initialize()
+            wait_for_state(events, tango.DevState.ON, 120)
+            proxy.trigger_mode = enum_index(proxy, "trigger_mode", "ints")
+            proxy.count_time = frame_time
+            proxy.frame_time = frame_time
+            proxy.stream_format = enum_index(proxy, "stream_format", "cbor")
+            proxy.analyses = list(ANALYSES)
+            for name, value in VIRTUAL_DETECTORS.items():
+                proxy.write_attribute(name, value)
+            proxy.result_event_rate = 10.0
+            print(f"client: analyses {list(proxy.analyses)}, beam centre from the detector "
+                  f"({proxy.beam_center_x}, {proxy.beam_center_y}) px, "
+                  + ", ".join(f"{k} {v:g} px" for k, v in VIRTUAL_DETECTORS.items()))
+            summary["subscription_events"] = change_counts(events, watched)  # the active scan clears them
 
-        active = run_active_scan(proxy, log, results, simulator, nav_shape, output)
-        active.update(ground_truth_check(proxy, simulator, log, nav_shape, dropped=[]))
-        print_figures("active scan", active)
-        dropped = diagonal_frames(passive_shape)
-        passive = run_passive_acquisition(proxy, log, results, simulator, passive_shape, dropped, output)
-        passive.update(ground_truth_check(proxy, simulator, log, passive_shape, dropped))
-        print_figures("passive acquisition", passive)
-        summary.update(active=active, passive=passive, subscription_events=dict(log.phases["subscribe"].change))
-        for subscription in subscription_ids:
-            proxy.unsubscribe_event(subscription)
+            active = run_active_scan(proxy, events, results, simulator, nav_shape, output)
+            active.update(ground_truth_check(proxy, simulator, events, nav_shape, dropped=[]))
+            print_figures("active scan", active)
+            dropped = diagonal_frames(passive_shape)
+            passive = run_passive_acquisition(proxy, events, results, simulator, passive_shape, dropped, output)
+            passive.update(ground_truth_check(proxy, simulator, events, passive_shape, dropped))
+            print_figures("passive acquisition", passive)
+            summary.update(active=active, passive=passive)
     finally:
         # A second Ctrl-C must not cut the clean-up short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)

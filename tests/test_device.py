@@ -1,38 +1,15 @@
 """The DectrisLive device against the simulator, in its own process (DeviceTestContext)."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import tango
 from tango import DevState
 from tango.test_context import DeviceTestContext
 
 from tango_dectris_live.device.dectris_live import DectrisLive
-
-from .waiting import wait_for
+from tango_dectris_live.testing import EventRecorder, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-class EventLog:
-    """Collects change events of one attribute from a subscription."""
-
-    def __init__(self) -> None:
-        self.values: list = []
-        self.errors: list = []
-        self._lock = threading.Lock()
-
-    def push_event(self, event) -> None:
-        with self._lock:
-            if event.err:
-                self.errors.append(event.errors)
-            else:
-                self.values.append(event.attr_value.value)
-
-    def snapshot(self) -> list:
-        with self._lock:
-            return list(self.values)
 
 
 @pytest.fixture
@@ -105,22 +82,16 @@ def test_side_effects_of_a_write_are_pushed_as_events(device):
     initialized(device)
     device.count_time = 0.001
     device.frame_time = 0.001
-    log = EventLog()
-    event_id = device.subscribe_event("frame_time", tango.EventType.CHANGE_EVENT, log)
-    try:
+    with EventRecorder(device, changes=("frame_time",)) as log:
         device.count_time = 0.5  # longer than frame_time: the DCU lengthens frame_time
         frame_time = device.frame_time
         assert frame_time >= 0.5
-        wait_for(lambda: any(v is not None and abs(v - frame_time) < 1e-12 for v in log.snapshot()),
+        wait_for(lambda: any(v is not None and abs(v - frame_time) < 1e-12 for v in log.values("frame_time")),
                  what="a frame_time change event with the DCU's new value")
-    finally:
-        device.unsubscribe_event(event_id)
 
 
 def test_commands_and_state_transitions_with_events(device):
-    log = EventLog()
-    event_id = device.subscribe_event("State", tango.EventType.CHANGE_EVENT, log)
-    try:
+    with EventRecorder(device, changes=("State",)) as log:
         initialized(device)
         device.trigger_mode = list(device.get_attribute_config("trigger_mode").enum_labels).index("ints")
         device.count_time = 0.01
@@ -135,12 +106,10 @@ def test_commands_and_state_transitions_with_events(device):
         assert second == first + 1
         assert device.Disarm() == second
         wait_state(device, DevState.ON)
-        states = wait_for(lambda: (s := log.snapshot()) and DevState.RUNNING in s and s[-1] == DevState.ON and s,
+        states = wait_for(lambda: (s := log.values("State")) and DevState.RUNNING in s and s[-1] == DevState.ON and s,
                           what="State events up to ON after the series")
         assert states[0] in (DevState.OFF, DevState.UNKNOWN)
         assert DevState.ON in states and DevState.RUNNING in states
-    finally:
-        device.unsubscribe_event(event_id)
 
 
 def test_cancel_and_abort_return_the_series(device):

@@ -1,5 +1,6 @@
-"""The layering of DESIGN.md: an arrow is "may import"; nothing below device/ imports tango;
-sim/ is an independent implementation and imports nothing from tango_dectris_live."""
+"""The layering of docs/design.md: an arrow is "may import"; nothing below device/ imports tango;
+sim/ is an independent implementation and imports nothing from tango_dectris_live. The compiled
+sources (.pyx, .pxd) obey the same rules as the Python beside them."""
 from __future__ import annotations
 
 import ast
@@ -17,10 +18,19 @@ ALLOWED = {
     "stream": set(),
     "receiver": {"stream"},
     "processing": {"receiver", "stream", "simplon"},
-    "device": {"processing", "receiver", "stream", "simplon"},
+    "component": {"processing", "receiver", "stream", "simplon"},
+    "device": {"component", "processing", "receiver", "stream", "simplon"},
+    # Client-side helpers of tests, demo and benchmarks: they talk to the device over Tango and to the
+    # receiver over ZeroMQ, so a bug in the product cannot hide behind a helper sharing its code;
+    # and being in ALLOWED, no product layer may import them.
+    "testing": set(),
 }
-TANGO_FREE = {"simplon", "stream", "receiver", "processing"}
-_CYTHON_IMPORT = re.compile(r"^\s*(?:from\s+([\w.]+)\s+c?import|c?import\s+([\w.]+))", re.M)
+TANGO_FREE = {"simplon", "stream", "receiver", "processing", "component"}
+SOURCE_SUFFIXES = (".py", ".pyx", ".pxd")
+# Cython: strings and comments first (a docstring may say "from pyzmq import ..."), then the imports.
+_CYTHON_NOISE = re.compile(r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"[^"\n]*"|\'[^\'\n]*\'|#[^\n]*')
+_CYTHON_FROM = re.compile(r"^[ \t]*from[ \t]+(\.*[\w.]*)[ \t]+c?import\b", re.M)
+_CYTHON_IMPORT = re.compile(r"^[ \t]*c?import[ \t]+([\w. \t,]+)", re.M)
 
 
 def _module_name(path: Path) -> str:
@@ -31,30 +41,45 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _resolve(module: str, level: int, package: list[str]) -> str:
+    """The absolute name of ``from <level dots><module> import``, written in ``package``."""
+    if not level:
+        return module
+    base = package[: len(package) - level + 1]
+    return ".".join(base + ([module] if module else []))
+
+
+def _cython_imports(text: str, package: list[str]) -> set[str]:
+    code = _CYTHON_NOISE.sub(lambda match: "\n" * match.group().count("\n"), text)
+    names = set()
+    for target in _CYTHON_FROM.findall(code):
+        module = target.lstrip(".")
+        names.add(_resolve(module, len(target) - len(module), package))
+    for targets in _CYTHON_IMPORT.findall(code):
+        names.update(item.split()[0] for item in targets.split(",") if item.strip())
+    return names
+
+
 def imported_modules(path: Path, module_name: str | None = None) -> set[str]:
-    """Absolute names of the modules a .py or .pyx file imports (relative imports resolved
-    against ``module_name``, by default the file's own dotted name)."""
+    """Absolute names of the modules a .py, .pyx or .pxd file imports or cimports (relative imports
+    resolved against ``module_name``, by default the file's own dotted name)."""
     text = path.read_text()
-    if path.suffix == ".pyx":
-        return {a or b for a, b in _CYTHON_IMPORT.findall(text)}
-    tree = ast.parse(text, filename=str(path))
     package = (module_name or _module_name(path)).split(".")
     if path.name != "__init__.py":
         package = package[:-1]
+    if path.suffix in (".pyx", ".pxd"):
+        return _cython_imports(text, package)
+    tree = ast.parse(text, filename=str(path))
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[: len(package) - node.level + 1]
-                module = ".".join(base + ([node.module] if node.module else []))
-                if node.module is None:
-                    names.update(f"{module}.{alias.name}" for alias in node.names)
-                else:
-                    names.add(module)
+            module = _resolve(node.module or "", node.level, package)
+            if node.level and node.module is None:
+                names.update(f"{module}.{alias.name}" for alias in node.names)
             else:
-                names.add(node.module or "")
+                names.add(module)
     return names
 
 
@@ -66,7 +91,7 @@ def _layer_of(module: str) -> str | None:
 
 
 def _sources(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix in (".py", ".pyx"))
+    return sorted(p for p in folder.rglob("*") if p.suffix in SOURCE_SUFFIXES)
 
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
@@ -89,6 +114,17 @@ def test_sim_is_independent_of_the_product():
     assert not offences, "\n".join(offences)
 
 
+def test_every_compiled_source_is_inside_a_checked_package():
+    """A .pyx or .pxd outside sim/ and the layers would escape the tests above."""
+    skipped = {".git", ".venv", "build", "dist"}
+    compiled = [p.relative_to(ROOT) for p in ROOT.rglob("*") if p.suffix in (".pyx", ".pxd")
+                and not skipped & set(p.relative_to(ROOT).parts)]
+    assert {"_receiver.pyx", "_stack_decode.pyx", "_pixel_sums.pyx", "_fastsend.pyx"} <= {p.name for p in compiled}
+    outside = [str(p) for p in compiled
+               if not (p.parts[0] == "sim" or (p.parts[0] == PKG and len(p.parts) > 2 and p.parts[1] in ALLOWED))]
+    assert not outside, f"compiled sources outside sim/ and the layers of {PKG}: {outside}"
+
+
 def test_the_checker_sees_a_violation(tmp_path):
     """The walker must catch relative and absolute upward imports (else the tests above prove nothing)."""
     probe = tmp_path / "probe.py"
@@ -97,3 +133,17 @@ def test_the_checker_sees_a_violation(tmp_path):
     assert f"{PKG}.device" in found
     assert f"{PKG}.processing" in found
     assert "tango" in found
+
+
+def test_the_checker_reads_cython_imports_and_skips_text(tmp_path):
+    probe = tmp_path / "probe.pyx"
+    probe.write_text('"""Docstring: from tango_dectris_live.device import nothing\nimport tango\n"""\n'
+                     "# from tango_dectris_live.component import nothing\n"
+                     "from libc.stdint cimport int64_t\n"
+                     "from ..processing._pixel_sums cimport (frame_sums,\n    other)\n"
+                     "cimport tango_dectris_live.device.dectris_live as device, numpy\n"
+                     "from . import sibling\n"
+                     'cdef extern from "pixel_kernels.h" nogil:\n    pass\n')
+    found = imported_modules(probe, module_name=f"{PKG}.receiver._probe")
+    assert found == {"libc.stdint", f"{PKG}.processing._pixel_sums", f"{PKG}.device.dectris_live", "numpy",
+                     f"{PKG}.receiver"}

@@ -12,8 +12,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from tango_dectris_live.receiver import StreamConnectError, StreamReceiver, decode_frames_into
-from tests.stream_producer import StreamProducer, collect_series, random_frames
-from tests.waiting import wait_for
+from tango_dectris_live.testing import wait_for
+from tango_dectris_live.testing.stream_producer import StreamProducer, collect_series, random_frames
 
 SHAPE = (16, 24)
 TRANSPORTS = ("zmtp", "libzmq")

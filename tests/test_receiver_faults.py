@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tango_dectris_live.receiver import StreamReceiver, decode_frames_into
-from tests.stream_producer import StreamProducer, collect_series, random_frames
+from tango_dectris_live.testing.stream_producer import StreamProducer, collect_series, random_frames
 
 SHAPE = (16, 24)
 

@@ -10,7 +10,8 @@ import pytest
 
 from tango_dectris_live.receiver import SeriesStarted, StreamReceiver, decode_frames_into
 from tango_dectris_live.stream import decode_frame, parse_v1_message
-from tests.stream_producer import FRAMINGS, StreamProducer, collect_series, random_frames, reframe
+from tango_dectris_live.testing.stream_producer import (FRAMINGS, StreamProducer, collect_series, random_frames,
+                                                       reframe)
 
 SHAPE = (16, 24)
 TRANSPORTS = ("zmtp", "libzmq")

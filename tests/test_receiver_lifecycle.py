@@ -18,7 +18,7 @@ from tango_dectris_live.receiver import (
 )
 from tango_dectris_live.receiver import _receiver
 from tango_dectris_live.stream import Algorithm
-from tests.stream_producer import StreamProducer, collect_series, random_frames
+from tango_dectris_live.testing.stream_producer import StreamProducer, collect_series, random_frames
 
 SHAPE = (16, 24)
 

@@ -1,4 +1,4 @@
-"""The compiled stack decoder (cython/stack_decode.pyx) against the per-frame Python reference."""
+"""The compiled stack decoder (receiver/_stack_decode.pyx) against the per-frame Python reference."""
 from __future__ import annotations
 
 import json
@@ -21,7 +21,7 @@ from tango_dectris_live.stream import (
     UnsupportedEncodingError,
     parse_v2_message,
 )
-from tests.stream_producer import StreamProducer, collect_series, compress, random_frames
+from tango_dectris_live.testing.stream_producer import StreamProducer, collect_series, compress, random_frames
 
 # Not a multiple of 8 pixels, and more than one 8 KiB bitshuffle block: exercises the last
 # partial block and the raw leftover bytes of the bitshuffle framing.

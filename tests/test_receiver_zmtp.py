@@ -14,8 +14,9 @@ import pytest
 
 from tango_dectris_live.receiver import StreamReceiver, decode_frames_into
 from tango_dectris_live.receiver import zmtp
-from tests.stream_producer import StreamProducer, collect_series, random_frames, v1_end, v1_header, v1_image
-from tests.waiting import wait_for
+from tango_dectris_live.testing import wait_for
+from tango_dectris_live.testing.stream_producer import (StreamProducer, collect_series, random_frames, v1_end,
+                                                       v1_header, v1_image)
 from tests.zmtp_peer import FakePushPeer, frame, greeting, message
 
 SHAPE = (16, 24)

@@ -1,6 +1,6 @@
 """Worker side: decode the frames of a stack straight from shared memory into an array.
 
-:func:`decode_frames_into` runs the compiled loop (``cython/stack_decode.pyx``) with the GIL
+:func:`decode_frames_into` runs the compiled loop (``_stack_decode.pyx``) with the GIL
 released: it hands each frame to dectris-compression's C decompressor, the shared memory as its
 source and ``out`` as its destination. Frames it does not handle (big-endian or half-float pixels,
 float pixels into another type) go through :func:`decode_frames_into_reference`'s per-frame Python
@@ -26,7 +26,7 @@ _decoders = threading.local()  # a StackDecoder owns a scratch buffer: one per t
 
 def decoder_functions() -> dict[str, int]:
     """Addresses of the C functions the compiled loop calls, from the dectris.compression
-    extension this process has loaded (see cython/stack_decode.pyx for why they are not linked
+    extension this process has loaded (see _stack_decode.pyx for why they are not linked
     at build time)."""
     return function_addresses(dectris.compression.__file__, _DECTRIS_FUNCTIONS,
                               "the compiled frame decoder was written for dectris-compression 0.4")

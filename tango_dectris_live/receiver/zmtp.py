@@ -7,7 +7,7 @@ four parts per v1 frame) that per-part work costs more CPU than decoding the fra
 (docs/performance.md). ZeroMQ's wire protocol, ZMTP 3 (https://rfc.zeromq.org/spec/23/), is
 simple for one PULL peer with the NULL mechanism, so with this transport the receiver thread
 reads the TCP socket itself, megabytes at a time, and the compiled loop (``StreamLoop.attach``,
-``cython/receiver.pyx``) takes the frames straight from its read buffer.
+``_receiver.pyx``) takes the frames straight from its read buffer.
 
 This module does what happens once per connection, in Python: the TCP connection, the greeting
 and the READY handshake (:func:`connect`). The libzmq transport stays for what ZMTP over TCP with

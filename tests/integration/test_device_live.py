@@ -23,9 +23,8 @@ from tango.test_context import DeviceTestContext
 from sim.server import SimulatorServer
 from tango_dectris_live.device.dectris_live import DectrisLive
 from tango_dectris_live.device.embedded_db import EmbeddedTangoDatabase
+from tango_dectris_live.testing import ChangeEvent, EventRecorder, wait_for
 
-from ..waiting import wait_for
-from .live_events import ChangeEvent, LiveEventLog
 from .live_reference import (RESULTS_OF_ANALYSIS, SCAN_SHAPED_RESULTS, VirtualDetectors, reference_results,
                              simulator_ground_truth)
 
@@ -97,7 +96,7 @@ def set_frame_time(proxy: tango.DeviceProxy, seconds: float) -> None:
     proxy.count_time = seconds * 0.9
 
 
-def final_results(log: LiveEventLog, names: tuple[str, ...], series_done: int = 1) -> dict[str, ChangeEvent]:
+def final_results(log: EventRecorder, names: tuple[str, ...], series_done: int = 1) -> dict[str, ChangeEvent]:
     """The final change event of each result, once ``series_done`` data-ready events arrived for
     each (the device pushes the final values first, then the data-ready events)."""
     wait_for(lambda: all(len(log.data_ready(name)) >= series_done for name in names), ACQUISITION_TIMEOUT,
@@ -105,7 +104,7 @@ def final_results(log: LiveEventLog, names: tuple[str, ...], series_done: int = 
     return {name: log.changes(name)[-1] for name in names}
 
 
-def fresh(log: LiveEventLog, names: tuple[str, ...]) -> LiveEventLog:
+def fresh(log: EventRecorder, names: tuple[str, ...]) -> EventRecorder:
     """Wait for the initial event a subscription delivers, then forget it: only what follows counts."""
     wait_for(lambda: all(log.changes(name) for name in names), 30, "the subscriptions' initial events")
     log.clear()
@@ -149,7 +148,7 @@ def publish_complete_results(proxy: tango.DeviceProxy, sim: SimulatorServer) -> 
     reset(proxy, sim)
     configure_simulator(sim, nav_shape=[2, 2])
     proxy.nav_shape = [2, 2]
-    with LiveEventLog(proxy, data_ready=ALL_RESULTS) as log:
+    with EventRecorder(proxy, data_ready=ALL_RESULTS) as log:
         proxy.Listen()
         wait_listening(proxy)
         arm_and_trigger_elsewhere(sim, 4)
@@ -188,7 +187,7 @@ def acquire_every_analysis(proxy: tango.DeviceProxy, sim: SimulatorServer, mode:
     reset(proxy, sim)
     configure_simulator(sim, nav_shape=list(nav_shape))
     proxy.nav_shape = list(nav_shape)
-    with LiveEventLog(proxy, changes=ALL_RESULTS, data_ready=ALL_RESULTS) as log:
+    with EventRecorder(proxy, changes=ALL_RESULTS, data_ready=ALL_RESULTS) as log:
         fresh(log, ALL_RESULTS)
         if mode == "active":
             proxy.Start()
@@ -314,7 +313,7 @@ def test_facility_analysis_from_an_entry_point(simulator, tmp_path, monkeypatch)
         configure_simulator(simulator, pacing="max", nav_shape=list(nav_shape))
         proxy.nav_shape = list(nav_shape)
         proxy.analyses = ["maxframe", "sumsig"]
-        with LiveEventLog(proxy, changes=("maxframe_peak",), data_ready=("maxframe_peak",)) as log:
+        with EventRecorder(proxy, changes=("maxframe_peak",), data_ready=("maxframe_peak",)) as log:
             fresh(log, ("maxframe_peak",))
             proxy.Start()
             final = final_results(log, ("maxframe_peak",))["maxframe_peak"]
@@ -333,7 +332,7 @@ def test_missing_frames_are_nan_at_their_scan_positions(device, arina):
     nav_shape, dropped = (6, 10), [5, 17]
     configure_simulator(arina, nav_shape=list(nav_shape), faults=[{"kind": "drop", "frames": dropped}])
     device.nav_shape = list(nav_shape)
-    with LiveEventLog(device, changes=ALL_RESULTS, data_ready=ALL_RESULTS) as log:
+    with EventRecorder(device, changes=ALL_RESULTS, data_ready=ALL_RESULTS) as log:
         fresh(log, ALL_RESULTS)
         device.Start()
         final = final_results(log, ALL_RESULTS)
@@ -357,7 +356,7 @@ def test_start_is_accepted_after_a_series_with_missing_frames(device, arina):
     configure_simulator(arina, nav_shape=list(nav_shape), faults=[{"kind": "drop", "frames": [1]}])
     device.nav_shape = list(nav_shape)
     device.analyses = ["sumsig"]
-    with LiveEventLog(device, data_ready=("sumsig_image",)) as log:
+    with EventRecorder(device, data_ready=("sumsig_image",)) as log:
         device.Start()
         wait_for(lambda: log.data_ready("sumsig_image"), ACQUISITION_TIMEOUT, "the series with a missing frame")
         wait_idle(device)
@@ -382,7 +381,7 @@ def test_stop_or_abort_mid_series_then_a_full_acquisition(device, arina, command
     device.frame_stack_size = 8  # processed stack by stack, not all at the end
     device.nav_shape = list(nav_shape)
     device.analyses = ["sumsig"]
-    with LiveEventLog(device, changes=("sumsig_image",), data_ready=("sumsig_image",)) as log:
+    with EventRecorder(device, changes=("sumsig_image",), data_ready=("sumsig_image",)) as log:
         fresh(log, ("sumsig_image",))
         previous = device.series_id
         device.Start()
@@ -410,7 +409,7 @@ def test_stop_or_abort_mid_series_then_a_full_acquisition(device, arina, command
     nav_shape = (6, 10)
     configure_simulator(arina, nav_shape=list(nav_shape))
     device.nav_shape = list(nav_shape)
-    with LiveEventLog(device, changes=("sum_image", "sumsig_image"), data_ready=("sumsig_image",)) as log:
+    with EventRecorder(device, changes=("sum_image", "sumsig_image"), data_ready=("sumsig_image",)) as log:
         fresh(log, ("sum_image", "sumsig_image"))
         device.Start()
         final_results(log, ("sumsig_image",))
@@ -430,7 +429,7 @@ def test_ten_passive_acquisitions_in_a_row_are_all_processed(device, arina):
     configure_simulator(arina, nav_shape=list(nav_shape))
     device.nav_shape = list(nav_shape)
     device.analyses = ["sumsig"]
-    with LiveEventLog(device, changes=("series_id", "sumsig_image"), data_ready=("sumsig_image",)) as log:
+    with EventRecorder(device, changes=("series_id", "sumsig_image"), data_ready=("sumsig_image",)) as log:
         fresh(log, ("series_id", "sumsig_image"))
         device.Listen()
         wait_listening(device)
@@ -458,7 +457,7 @@ def test_subscriber_sees_progress_grow_and_the_complete_final_result(device, ari
     device.nav_shape = list(nav_shape)
     device.analyses = ["sumsig"]
     progress_names = ("frames_processed", "progress")
-    with LiveEventLog(device, changes=(*progress_names, "sumsig_image"), data_ready=("sumsig_image",)) as log:
+    with EventRecorder(device, changes=(*progress_names, "sumsig_image"), data_ready=("sumsig_image",)) as log:
         fresh(log, (*progress_names, "sumsig_image"))
         device.Start()
         final = final_results(log, ("sumsig_image",))["sumsig_image"]

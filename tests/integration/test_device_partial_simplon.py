@@ -13,8 +13,7 @@ from sim.data import ScanDataGenerator
 from sim.encode import dtype_for_bit_depth
 from sim.server import SimulatorServer
 from tango_dectris_live.device.dectris_live import DectrisLive
-
-from ..waiting import wait_for
+from tango_dectris_live.testing import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

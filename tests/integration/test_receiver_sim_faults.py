@@ -29,8 +29,7 @@ from tango_dectris_live.receiver import (
 )
 from tango_dectris_live.simplon import DetectorClient
 from tango_dectris_live.stream import StreamFormatError
-
-from ..waiting import wait_for
+from tango_dectris_live.testing import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.parametrize("simulator", ["ARINA"], indirect=True)]
 

@@ -8,8 +8,7 @@ import requests
 from sim.data import ScanDataGenerator, default_nav_shape
 from sim.encode import dtype_for_bit_depth
 from tango_dectris_live.receiver import StreamReceiver, decode_frames_into
-
-from ..stream_producer import collect_series
+from tango_dectris_live.testing.stream_producer import collect_series
 
 pytestmark = pytest.mark.integration
 

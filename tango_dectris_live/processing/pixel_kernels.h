@@ -1,10 +1,10 @@
-/* Exact integer pixel sums and mask-weighted sums for cython/pixel_sums.pyx, written in C so that the compiler can
+/* Exact integer pixel sums and mask-weighted sums for _pixel_sums.pyx, written in C so that the compiler can
  * build them once per instruction set: with GCC or Clang on x86-64 Linux every kernel is compiled
  * for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and the baseline, and the loader picks the one the CPU
  * runs (an ifunc).
  * Elsewhere they are plain portable C.
  *
- * Callers guarantee the accumulators cannot overflow (pixel_sums.pyx documents how).
+ * Callers guarantee the accumulators cannot overflow (_pixel_sums.pyx documents how).
  */
 #ifndef TDL_PIXEL_KERNELS_H
 #define TDL_PIXEL_KERNELS_H

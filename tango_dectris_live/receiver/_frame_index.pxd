@@ -1,5 +1,5 @@
-# The frame index of a frame stack: written by the receiver (receiver.pyx), read by the decoder
-# (stack_decode.pyx). One definition, so that the two sides cannot drift apart.
+# The frame index of a frame stack: written by the receiver (_receiver.pyx), read by the decoder
+# (_stack_decode.pyx). One definition, so that the two sides cannot drift apart.
 from libc.stdint cimport int32_t, int64_t
 
 # One index record per frame of a stack (numpy dtype FRAME_RECORD_DTYPE in framestack.py).

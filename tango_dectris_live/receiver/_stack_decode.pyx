@@ -14,7 +14,7 @@ every read by the blob size it is given, so a damaged frame cannot make it read 
 Both C functions (``compression_decompress_buffer``, and ``LZ4_decompress_safe`` for the v1 raw
 LZ4 block, which has no framing) are the ones the dectris.compression extension has already loaded,
 called through addresses resolved with ctypes (``decoder_functions()`` in decode.py) rather than
-linked at build time, like libzmq in receiver.pyx: no library path or header at build time, and one
+linked at build time, like libzmq in _receiver.pyx: no library path or header at build time, and one
 copy of each library per process.
 
 An earlier version decoded the bit-shuffled blocks itself with bitshuffle's exported LZ4 and
@@ -34,7 +34,8 @@ ctypedef int (*lz4_decompress_safe_fn)(const char*, char*, int, int) noexcept no
 # returns the decompressed size, or SIZE_MAX when the data are damaged; dst_size 0 asks for the size.
 ctypedef size_t (*dectris_decompress_fn)(int, char*, size_t, const char*, size_t, size_t) noexcept nogil
 
-from frame_index cimport ENC_BSLZ4, ENC_BSZSTD, ENC_LZ4_HDF5, ENC_LZ4_RAW, ENC_NONE, FrameRecord
+from tango_dectris_live.receiver._frame_index cimport (ENC_BSLZ4, ENC_BSZSTD, ENC_LZ4_HDF5, ENC_LZ4_RAW, ENC_NONE,
+                                                    FrameRecord)
 
 FRAME_RECORD_BYTES = sizeof(FrameRecord)
 

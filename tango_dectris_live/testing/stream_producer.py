@@ -1,7 +1,8 @@
-"""A small test-only DCU stand-in: builds stream v1 and v2 messages and PUSHes them.
+"""A small DCU stand-in for tests and benchmarks: builds stream v1 and v2 messages and PUSHes them.
 
 Independent of the receiver's code: the messages are built from SIMPLON.md with json, cbor2,
-bitshuffle and lz4, so a receiver bug cannot hide behind a shared helper.
+bitshuffle and lz4 and nothing of ``tango_dectris_live`` is imported (the layering test checks it),
+so a receiver bug cannot hide behind a shared helper.
 """
 from __future__ import annotations
 

@@ -78,7 +78,8 @@ cdef enum:
 # A message within this many seconds means a stream is flowing (the receiver may nap, see run())
 cdef double COALESCE_WINDOW = 0.001
 
-from frame_index cimport ENC_BSLZ4, ENC_BSZSTD, ENC_LZ4_HDF5, ENC_LZ4_RAW, ENC_NONE, FrameRecord
+from tango_dectris_live.receiver._frame_index cimport (ENC_BSLZ4, ENC_BSZSTD, ENC_LZ4_HDF5, ENC_LZ4_RAW, ENC_NONE,
+                                                    FrameRecord)
 
 FRAME_RECORD_BYTES = sizeof(FrameRecord)
 
