@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,12 +81,22 @@ class _SessionPool:
             session = self._idle.pop() if self._idle else requests.Session()
         try:
             yield session
-        finally:
-            with self._lock:
-                if self._closed:
-                    session.close()
-                else:
-                    self._idle.append(session)
+        except requests.ConnectionError:
+            # Its kept-alive connection is broken (a DCU restart resets it): not back to the pool.
+            session.close()
+            raise
+        with self._lock:
+            if self._closed:
+                session.close()
+            else:
+                self._idle.append(session)
+
+    def forget_idle(self) -> None:
+        """Close the kept-alive connections not in use (they may lead to a DCU that restarted)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for session in idle:
+            session.close()
 
     def close(self) -> None:
         with self._lock:
@@ -399,8 +410,7 @@ class DetectorClient:
             headers["Content-Type"] = "application/json"
         where = f"{self.host}:{self.port}"
         try:
-            with self._sessions.session() as session:
-                response = session.request(method, url, data=body, headers=headers, timeout=timeout)
+            response = self._send(method, url, body, headers, timeout)
         except requests.Timeout as error:
             raise DcuTimeoutError(
                 f"the DCU at {where} did not answer {method} {call} within {timeout:g} s ({error})"
@@ -415,6 +425,23 @@ class DetectorClient:
         if not 200 <= response.status_code < 300:
             raise self._request_error(response, method, url, call, has_value=value is not _NO_BODY)
         return response
+
+    def _send(self, method: str, url: str, body: str | None, headers: dict[str, str],
+              timeout: float) -> requests.Response:
+        """One HTTP exchange. A read (GET) whose connection the DCU reset -- a kept-alive one to a
+        DCU that restarted, or one that a DCU coming up drops -- is tried again on new
+        connections, a few times over a fraction of a second; a command (PUT) never is: it may
+        have reached the DCU."""
+        for attempt in range(_GET_ATTEMPTS):
+            try:
+                with self._sessions.session() as session:
+                    return session.request(method, url, data=body, headers=headers, timeout=timeout)
+            except requests.ConnectionError as error:
+                if method != "GET" or attempt == _GET_ATTEMPTS - 1 or not _was_reset(error):
+                    raise
+                self._sessions.forget_idle()  # they lead to the same place
+                time.sleep(_GET_RETRY_PAUSE_S * attempt)
+        raise AssertionError("unreachable")
 
     def _request_error(
         self, response: requests.Response, method: str, url: str, call: str, *, has_value: bool
@@ -502,6 +529,22 @@ def _says_not_provided(status: int, dcu_message: str) -> bool:
     """A 4xx/5xx that means "no such key or command here" rather than a failure: 501, or a body
     worded so (LiberTEM-live's sim answers 500 "Parameter photon_energy not implemented.")."""
     return status == 501 or bool(_NOT_PROVIDED_WORDING.search(dcu_message))
+
+
+_GET_ATTEMPTS = 3
+_GET_RETRY_PAUSE_S = 0.1
+
+
+def _was_reset(error: BaseException) -> bool:
+    """Whether the connection was reset or dropped by the DCU (not refused: nobody listening)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+            return True
+        if type(cause).__name__ in ("RemoteDisconnected", "ProtocolError"):
+            return True
+        cause = cause.__context__ or cause.__cause__
+    return False
 
 
 def _root_cause(error: BaseException) -> str:
