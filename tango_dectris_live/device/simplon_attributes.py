@@ -14,26 +14,7 @@ import tango
 
 from ..simplon.parameters import ParameterInfo
 
-# Keys clients can rely on: created from the DCU's metadata like every other key, but listed here
-# so that a DCU without ``keys`` listings (older firmware, other simulators) still gets them.
-CORE_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("detector", "config"): (
-        "count_time", "frame_time", "nimages", "ntrigger", "trigger_mode", "photon_energy",
-        "threshold_energy", "compression", "roi_mode", "bit_depth_image", "x_pixels_in_detector",
-        "y_pixels_in_detector", "description", "beam_center_x", "beam_center_y",
-    ),
-    ("detector", "status"): ("state", "temperature", "humidity"),
-    ("stream", "config"): ("mode", "format", "header_detail", "header_appendix", "image_appendix"),
-    ("stream", "status"): ("state", "dropped"),
-    ("filewriter", "config"): ("mode", "name_pattern", "nimages_per_file"),
-    ("monitor", "config"): ("mode",),
-}
-
-# Keys the DCU answers but does not list (SIMPLON.md §1.1 quirks).
-UNLISTED_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("detector", "config"): ("wavelength",),
-    ("detector", "status"): ("error",),
-}
+from ..component.catalogue import CORE_KEYS, UNLISTED_KEYS  # noqa: F401 - where they used to be
 
 _DETECTOR_STATUS_RENAMES = {"state": "detector_state", "error": "detector_error"}
 

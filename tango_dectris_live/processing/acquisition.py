@@ -7,9 +7,13 @@ to stop). It is Tango-free: the device turns its commands into calls here and pu
 ``on_update`` hands it (progress while data arrives, at most ``event_rate`` times per second, and
 one final update per series that is never skipped).
 
-Threads: a *session* thread per acquisition (arms, triggers, waits for the series, publishes the
-final result) and a *publisher* thread (rate-limited intermediate updates). Commands from any
-thread only set flags and send the DCU its cancel/abort; they never wait for the pipeline.
+Threads: a *session* thread per acquisition (arms, triggers, waits for the series) and one
+*publisher* thread, the only one that calls ``on_update``: rate-limited intermediate results and
+progress, and the final result and end of each session, which the session thread hands it and
+waits for. Commands from any thread only set flags and send the DCU its cancel/abort; they never
+wait for the pipeline. The SIMPLON side of a series is :class:`~.series_control.SeriesControl`;
+what it runs on (receiver, frame source, worker pool) comes from a pipeline factory
+(:class:`~.pipeline_factory.StreamPipelineFactory`, or in-memory frames in tests).
 """
 from __future__ import annotations
 
@@ -17,25 +21,27 @@ import enum
 import logging
 import math
 import os
+import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 
-from tango_dectris_live.receiver import (CONNECTIONS, TRANSPORTS, FrameStackLayout, StreamConnectError,
-                                         StreamReceiver)
+from tango_dectris_live.receiver import (CONNECTIONS, TRANSPORTS, FrameStackLayout, RateMeter, StreamConnectError,
+                                         StreamReceiver)  # noqa: F401 - StreamReceiver: the type of _receiver
 from tango_dectris_live.simplon.client import DetectorClient
-from tango_dectris_live.simplon.errors import SimplonError, UnknownParameterError
+from tango_dectris_live.simplon.errors import SimplonError
 
 from .analyses import AnalysisParameters, AnalysisRegistry
-from .limits import (MachineLimits, check_beam_center, check_nav_shape, check_radii, check_tuning,
+from .limits import (MAX_SERIES_TIMEOUT, MachineLimits, check_beam_center, check_choice, check_event_rate,
+                     check_nav_shape, check_radii, check_series_timeout, check_tuning, check_whole_numbers,
                      check_workers)
 from .live_dataset import ReceiverFrameSource
+from .pipeline_factory import StreamPipelineFactory
 from .runner import LiveRunner, SeriesRun
+from .series_control import EXTERNAL_TRIGGER_MODES, SeriesControl, StreamGeometry
 from .snapshot import ResultSnapshot, RunState
 
 log = logging.getLogger(__name__)
@@ -48,9 +54,6 @@ _CANCEL_GRACE = 2.0  # after a Stop, how long the DCU's own end of series may ta
 HEADER_TIMEOUT = 10.0
 FRAME_TIMEOUT_INTERNAL = 10.0  # + 10 frame times
 FRAME_TIMEOUT_EXTERNAL = 60.0  # + the series' duration at the frame time
-MAX_SERIES_TIMEOUT = 86400.0
-_BIT_DEPTH_DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
-_STREAM_FORMAT_VERSIONS = {"legacy": 1, "cbor": 2}
 
 
 class AcquisitionMode(str, enum.Enum):
@@ -74,10 +77,8 @@ class PipelineSettings:
     frames_per_partition: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("workers", "num_slots", "bytes_per_frame", "frame_stack_size", "frames_per_partition"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"{name} must be a whole number >= 0 (0: automatic), got {value!r}")
+        check_whole_numbers(workers=self.workers)
+        check_tuning(self.num_slots, self.bytes_per_frame, self.frame_stack_size, self.frames_per_partition)
 
     def resolved(self, frame_shape: tuple[int, int], dtype: str) -> PipelineSettings:
         """Concrete values for frames of ``frame_shape``/``dtype``: what is 0 gets its default."""
@@ -94,15 +95,6 @@ class PipelineSettings:
 def default_workers() -> int:
     """Two workers at least (decode runs in parallel with the merge), one core left for the receiver."""
     return max(2, min(16, (os.cpu_count() or 2) - 1))
-
-
-@dataclass(frozen=True)
-class StreamGeometry:
-    """What the receiver must be built for: stream version, frame shape, pixel type."""
-
-    version: int
-    frame_shape: tuple[int, int]
-    dtype: str
 
 
 @dataclass(frozen=True)
@@ -159,25 +151,6 @@ class AcquisitionUpdate:
 UpdateCallback = Callable[[AcquisitionUpdate], None]
 
 
-class _RateMeter:
-    """Frames per second over the last few seconds, from (time, total) samples."""
-
-    def __init__(self, window: float = 2.0) -> None:
-        self._window = window
-        self._samples: deque[tuple[float, int]] = deque()
-
-    def add(self, total: int, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        self._samples.append((now, total))
-        while len(self._samples) > 2 and now - self._samples[0][0] > self._window:
-            self._samples.popleft()
-        (t0, n0), (t1, n1) = self._samples[0], self._samples[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
-
-    def reset(self) -> None:
-        self._samples.clear()
-
-
 class BottleneckMeter:
     """Reads the receiver's telemetry for the part of the pipeline that cannot keep up.
 
@@ -220,24 +193,24 @@ class LiveAcquisition:
                  registry: AnalysisRegistry | None = None, settings: PipelineSettings = PipelineSettings(),
                  event_rate: float = 10.0, on_update: UpdateCallback | None = None,
                  series_timeout: float = 0.0, worker_start_method: str = "spawn",
-                 transport: str = "auto", connection: str = "per_series") -> None:
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+                 transport: str = "auto", connection: str = "per_series",
+                 pipeline_factory: Any = None) -> None:
         self.connection = connection  # validated by the setter below
-        self.transport = transport  # StreamReceiver's transport (auto: zmtp for tcp://, libzmq fallback)
+        # StreamReceiver's transport (auto: zmtp for tcp://, libzmq fallback)
+        self.transport = check_choice("StreamTransport", transport, TRANSPORTS)
         self.detector = detector
-        self.stream_host = stream_host
-        self.stream_ports = dict(stream_ports)
+        self.control = SeriesControl(detector)
+        self.pipeline_factory = pipeline_factory if pipeline_factory is not None else \
+            StreamPipelineFactory(stream_host, stream_ports, worker_start_method)
         self.registry = registry if registry is not None else AnalysisRegistry.discover()
         self.settings = settings
         self.on_update = on_update
         self._series_timeout = 0.0
         self.series_timeout = series_timeout
-        self._worker_start_method = worker_start_method
         self._event_rate = 10.0
         self.event_rate = event_rate
         self._lock = threading.RLock()
-        self._publish_lock = threading.Lock()
+        self._publish_requests: queue.SimpleQueue[_PublishRequest] = queue.SimpleQueue()
         self._mode = AcquisitionMode.IDLE
         self._session: threading.Thread | None = None
         self._stop = threading.Event()
@@ -256,7 +229,7 @@ class LiveAcquisition:
         self._trigger_mode = ""
         self._published_processed = -1
         self._published_progress: AcquisitionProgress | None = None
-        self._process_meter = _RateMeter()
+        self._process_meter = RateMeter()
         self._bottleneck = BottleneckMeter()
         self._series_started_at = 0.0
         self._series_completed = 0
@@ -277,9 +250,7 @@ class LiveAcquisition:
 
     @event_rate.setter
     def event_rate(self, rate: float) -> None:
-        if not (math.isfinite(rate) and 0.1 <= rate <= 100.0):
-            raise ValueError(f"result_event_rate must be between 0.1 and 100 events per second, got {rate}")
-        self._event_rate = float(rate)
+        self._event_rate = check_event_rate(rate)
 
     @property
     def connection(self) -> str:
@@ -290,9 +261,7 @@ class LiveAcquisition:
 
     @connection.setter
     def connection(self, policy: str) -> None:
-        if policy not in CONNECTIONS:
-            raise ValueError(f"stream_connection must be one of {', '.join(CONNECTIONS)}, got {policy!r}")
-        self._connection = policy
+        self._connection = check_choice("stream_connection", policy, CONNECTIONS)
 
     @property
     def series_timeout(self) -> float:
@@ -302,10 +271,7 @@ class LiveAcquisition:
 
     @series_timeout.setter
     def series_timeout(self, seconds: float) -> None:
-        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and 0 <= seconds <= MAX_SERIES_TIMEOUT):
-            raise ValueError(f"series_timeout must be 0 (automatic) or up to {MAX_SERIES_TIMEOUT:g} seconds, "
-                             f"got {seconds!r}")
-        self._series_timeout = float(seconds)
+        self._series_timeout = check_series_timeout(seconds)
 
     def header_timeout(self) -> float:
         return self._series_timeout or HEADER_TIMEOUT
@@ -315,7 +281,7 @@ class LiveAcquisition:
         if self._series_timeout:
             return self._series_timeout
         frame_time = frame_time if math.isfinite(frame_time) and frame_time > 0 else 0.0
-        if trigger_mode in ("exts", "exte"):
+        if trigger_mode in EXTERNAL_TRIGGER_MODES:
             return min(MAX_SERIES_TIMEOUT, FRAME_TIMEOUT_EXTERNAL + frame_time * max(1, count))
         return FRAME_TIMEOUT_INTERNAL + 10 * frame_time
 
@@ -359,7 +325,7 @@ class LiveAcquisition:
             return
         self._stop.set()
         if self._mode == AcquisitionMode.ACTIVE:
-            self._tell_detector("cancel", self.detector.cancel)
+            self.control.tell("cancel", self.detector.cancel)
 
     def abort(self) -> None:
         """At once: the DCU aborts (active mode), pending frames are dropped; results so far are published."""
@@ -367,7 +333,7 @@ class LiveAcquisition:
             return
         self._abort.set()
         if self._mode == AcquisitionMode.ACTIVE:
-            self._tell_detector("abort", self.detector.abort)
+            self.control.tell("abort", self.detector.abort)
         run = self._run
         if run is not None:
             run.abort()
@@ -505,7 +471,7 @@ class LiveAcquisition:
             self._recover()
         finally:
             self._mode = AcquisitionMode.IDLE
-            self._publish_progress(force=True)
+            self._request_publish()
 
     def _recover(self) -> None:
         """After a failed acquisition: the series processing ended, the receiver idle, a broken
@@ -532,20 +498,20 @@ class LiveAcquisition:
                     runner.close()
                     self._runner = None
         if self._armed_series is not None:
-            self._tell_detector("abort", self.detector.abort, quiet_when_idle=True)
+            self.control.tell("abort", self.detector.abort, quiet_when_idle=True)
             self._armed_series = None
 
     def _run_active(self, request: AcquisitionRequest) -> None:
-        nav_shape = request.nav_shape or self._detector_scan_shape()
-        trigger_mode = self._detector_trigger_mode()
+        nav_shape = request.nav_shape or self.control.scan_shape()
+        trigger_mode = self.control.trigger_mode()
         self._trigger_mode = trigger_mode
-        self._configure_scan(nav_shape, trigger_mode)
+        self.control.configure_scan(nav_shape, trigger_mode)
         source = self._prepare_pipeline()
-        parameters = self._with_detector_beam_centre(request.parameters)
+        parameters = self.control.with_beam_centre(request.parameters)
         if self._stop.is_set() or self._abort.is_set():
             self._message = "stopped before arming"
             return
-        self._frame_time = self._detector_frame_time()
+        self._frame_time = self.control.frame_time()
         self._receiver.timeout = self.header_timeout()
         self._mark_errors()
         # Connected (and the connection alive) before the DCU sends the header at arm.
@@ -568,11 +534,11 @@ class LiveAcquisition:
         self._follow(run)
         triggering.join()
         if trigger_errors:
-            self._tell_detector("disarm", self.detector.disarm, quiet_when_idle=True)
+            self.control.tell("disarm", self.detector.disarm, quiet_when_idle=True)
             self._armed_series = None
             raise trigger_errors[0]
         if not self._abort.is_set():
-            self._tell_detector("disarm", self.detector.disarm, quiet_when_idle=True)
+            self.control.tell("disarm", self.detector.disarm, quiet_when_idle=True)
         self._armed_series = None
 
     def _run_passive(self, request: AcquisitionRequest) -> None:
@@ -582,12 +548,12 @@ class LiveAcquisition:
         try:
             while not (self._stop.is_set() or self._abort.is_set()):
                 self._message = "listening: waiting for a series armed by someone else"
-                self._trigger_mode = self._detector_trigger_mode()
-                self._frame_time = self._detector_frame_time()
+                self._trigger_mode = self.control.trigger_mode()
+                self._frame_time = self.control.frame_time()
                 # passive: the bound on the silence between frames, from the DCU's settings now
                 self._receiver.timeout = self.frame_timeout(self._trigger_mode, self._frame_time,
-                                                            self._detector_image_count())
-                parameters = self._with_detector_beam_centre(request.parameters)
+                                                            self.control.image_count())
+                parameters = self.control.with_beam_centre(request.parameters)
                 run = self._process(source, request, parameters, request.nav_shape, None)
                 self._follow(run)
         finally:
@@ -600,10 +566,9 @@ class LiveAcquisition:
         self._received_at_start = self._receiver.stats().frames_received
         self._process_meter.reset()
         self._series_started_at = time.monotonic()
-        with self._publish_lock:
-            self._published_processed = -1
-            self._run = self._runner.process(source, request.analyses, parameters, nav_shape, series,
-                                             frames_per_partition=settings.frames_per_partition)
+        self._published_processed = -1  # before the run: the publisher may look at any moment
+        self._run = self._runner.process(source, request.analyses, parameters, nav_shape, series,
+                                         frames_per_partition=settings.frames_per_partition)
         return self._run
 
     def _follow(self, run: SeriesRun) -> None:
@@ -666,9 +631,7 @@ class LiveAcquisition:
                                 f"(series_timeout), ended with {self._final_received} of "
                                 f"{final.frames_expected} frames received; {self._rejected_text()}")
             self._message = f"no data: {self._last_error}"
-        with self._publish_lock:
-            self._publish(AcquisitionUpdate(self.progress(), final, final=True))
-            self._published_processed = final.frames_processed
+        self._request_publish(final)
         if self._mode == AcquisitionMode.PASSIVE:
             self._mark_errors()  # the next series' rejected messages count from here
 
@@ -696,121 +659,26 @@ class LiveAcquisition:
             text += f"; error: {final.error}"
         return text
 
-    # ---- detector side ----------------------------------------------------------------------------
-
-    def _detector_trigger_mode(self) -> str:
-        try:
-            return str(self.detector.get_value("detector", "config", "trigger_mode"))
-        except UnknownParameterError:
-            return "ints"
-
-    def _detector_frame_time(self) -> float:
-        try:
-            return float(self.detector.get_value("detector", "config", "frame_time"))
-        except (UnknownParameterError, TypeError, ValueError):
-            return 0.0
-
-    def _detector_image_count(self) -> int:
-        try:
-            return int(np.prod(self._detector_scan_shape()))
-        except (UnknownParameterError, TypeError, ValueError):
-            return 0
-
-    def _detector_scan_shape(self) -> tuple[int, ...]:
-        nimages = int(self.detector.get_value("detector", "config", "nimages"))
-        ntrigger = int(self.detector.get_value("detector", "config", "ntrigger"))
-        return (ntrigger, nimages) if ntrigger > 1 and nimages > 1 else (max(1, nimages * ntrigger),)
-
-    def _configure_scan(self, nav_shape: tuple[int, ...], trigger_mode: str) -> None:
-        """One image per scan position: ints/exts take them in one trigger, inte/exte one per trigger."""
-        count = int(np.prod(nav_shape))
-        if trigger_mode in ("inte", "exte"):
-            nimages, ntrigger = 1, count
-        else:
-            nimages, ntrigger = count, 1
-        # Written only when they differ: a DCU that refuses writes (a replay of a recording
-        # accepts only the recorded values) still runs a scan of the size it already has.
-        for key, value in (("ntrigger", ntrigger), ("nimages", nimages)):
-            try:
-                current = int(self.detector.get_value("detector", "config", key))
-            except (UnknownParameterError, TypeError, ValueError):
-                current = None
-            if current != value:
-                try:
-                    self.detector.write("detector", key, value)
-                except SimplonError as error:
-                    raise SimplonError(f"cannot set the scan of {list(nav_shape)} positions "
-                                       f"({key} = {value}, the DCU has {current}): {error}") from error
-
     def _trigger(self, trigger_mode: str, nav_shape: tuple[int, ...], errors: list[BaseException]) -> None:
+        """The trigger thread of an active series: a refused trigger ends the series (reported by
+        the session thread once it ended); under a Stop/Abort it is expected."""
+        stopped = lambda: self._stop.is_set() or self._abort.is_set()  # noqa: E731
         try:
-            if trigger_mode == "ints":
-                self.detector.trigger()
-            elif trigger_mode == "inte":
-                count_time = float(self.detector.get_value("detector", "config", "count_time"))
-                for _ in range(int(np.prod(nav_shape))):
-                    if self._stop.is_set() or self._abort.is_set():
-                        return
-                    self.detector.trigger(count_time=count_time)
+            self.control.trigger(trigger_mode, nav_shape, stopped)
         except SimplonError as error:
-            if not (self._stop.is_set() or self._abort.is_set()):
-                errors.append(error)  # reported by the session thread once the series ended
+            if not stopped():
+                errors.append(error)
                 self._abort.set()
-            # else: a Stop/Abort cancelled the series under a running trigger, as expected
-            return
-
-    def _tell_detector(self, what: str, call: Callable[[], Any], quiet_when_idle: bool = False) -> None:
-        try:
-            call()
-        except SimplonError as error:
-            # The series may already be over (the DCU refuses cancel/disarm when idle): not a failure.
-            if not quiet_when_idle:
-                log.info("detector %s during the acquisition: %s", what, error)
-
-    def _with_detector_beam_centre(self, parameters: AnalysisParameters) -> AnalysisParameters:
-        """The beam centre defaults to the detector's beam_center_x/y (when it has them)."""
-        if parameters.beam_centre is not None:
-            return parameters
-        try:
-            x = float(self.detector.get_value("detector", "config", "beam_center_x"))
-            y = float(self.detector.get_value("detector", "config", "beam_center_y"))
-        except (UnknownParameterError, TypeError, ValueError):
-            return parameters
-        if not (math.isfinite(x) and math.isfinite(y)) or (x == 0 and y == 0):
-            return parameters  # unset on the DCU: the frame centre is the better guess
-        return replace(parameters, beam_centre=(y, x))
-
-    def stream_geometry(self) -> StreamGeometry:
-        """Stream version, frame shape and pixel type, as the DCU is configured now."""
-        try:
-            stream_format = str(self.detector.get_value("stream", "config", "format"))
-        except UnknownParameterError:
-            stream_format = "legacy"  # SIMPLON 1.6 and older firmware: stream v1 only
-        version = _STREAM_FORMAT_VERSIONS.get(stream_format)
-        if version is None:
-            raise ValueError(f"stream/config/format is {stream_format!r}; the receiver knows "
-                             f"{', '.join(_STREAM_FORMAT_VERSIONS)}")
-        width = int(self.detector.get_value("detector", "config", "x_pixels_in_detector"))
-        height = int(self.detector.get_value("detector", "config", "y_pixels_in_detector"))
-        try:
-            bit_depth = int(self.detector.get_value("detector", "config", "bit_depth_image"))
-        except UnknownParameterError:
-            bit_depth = 16
-        return StreamGeometry(version, (height, width), _BIT_DEPTH_DTYPES.get(bit_depth, "uint32"))
-
-    def _enable_stream(self) -> None:
-        try:
-            mode = str(self.detector.get_value("stream", "config", "mode"))
-        except UnknownParameterError:
-            return  # a DCU without a stream mode key streams always
-        if mode != "enabled":
-            self.detector.write("stream", "mode", "enabled")
 
     # ---- pipeline ---------------------------------------------------------------------------------
 
+    def stream_geometry(self) -> StreamGeometry:
+        """Stream version, frame shape and pixel type, as the DCU is configured now."""
+        return self.control.stream_geometry()
+
     def _prepare_pipeline(self) -> ReceiverFrameSource:
-        self._enable_stream()
-        geometry = self.stream_geometry()
+        self.control.enable_stream()
+        geometry = self.control.stream_geometry()
         settings = self.settings.resolved(geometry.frame_shape, geometry.dtype)
         self._resolved_settings = settings
         with self._lock:
@@ -820,15 +688,12 @@ class LiveAcquisition:
             if self._receiver is None or self._receiver_key != key or not self._receiver.running:
                 if self._receiver is not None:
                     self._receiver.stop()
-                port = self.stream_ports[geometry.version]
-                self._receiver = StreamReceiver(
-                    f"tcp://{self.stream_host}:{port}", stream_version=geometry.version,
-                    frame_shape=geometry.frame_shape, dtype=geometry.dtype, num_slots=settings.num_slots,
-                    frame_stack_size=settings.frame_stack_size, bytes_per_frame=settings.bytes_per_frame,
-                    timeout=self.header_timeout(), transport=self.transport,
-                    connection=self._connection).start()
+                self._receiver = self.pipeline_factory.receiver(
+                    geometry, num_slots=settings.num_slots, frame_stack_size=settings.frame_stack_size,
+                    bytes_per_frame=settings.bytes_per_frame, timeout=self.header_timeout(),
+                    transport=self.transport, connection=self._connection)
                 self._receiver_key = key
-                self._source = ReceiverFrameSource(self._receiver)
+                self._source = self.pipeline_factory.source(self._receiver)
             return self._source
 
     def _ensure_runner(self, workers: int) -> LiveRunner:
@@ -842,39 +707,58 @@ class LiveAcquisition:
         self._runner = None  # a pool that fails to start must not leave a closed one behind
         if runner is not None:
             runner.close()
-        self._runner = LiveRunner(workers, self.registry, start_method=self._worker_start_method)
+        self._runner = self.pipeline_factory.runner(workers, self.registry)
         return self._runner
 
-    # ---- publishing -------------------------------------------------------------------------------
+    # ---- publishing: one thread, the publisher ---------------------------------------------------
+
+    def _request_publish(self, final: ResultSnapshot | None = None) -> None:
+        """From the session thread: have the publisher publish ``final`` (None: the progress,
+        forced), and wait until it did, so that :meth:`wait` returns after the last update."""
+        request = _PublishRequest(final)
+        self._publish_requests.put(request)
+        while not request.done.wait(0.5):
+            if not self._publisher.is_alive():
+                return  # closed meanwhile: nobody is told any more
 
     def _publish_loop(self) -> None:
-        while not self._closing.wait(1.0 / self._event_rate):
+        """Intermediate results at most ``event_rate`` times per second while a series runs,
+        progress when it changed, and the session's final updates when it asks."""
+        while not self._closing.is_set():
             try:
-                self._publish_intermediate()
+                request = self._publish_requests.get(timeout=1.0 / self._event_rate)
+            except queue.Empty:
+                request = None
+            try:
+                if request is None:
+                    self._publish_intermediate()
+                elif request.final is not None:
+                    self._publish(AcquisitionUpdate(self.progress(), request.final, final=True))
+                    self._published_processed = request.final.frames_processed
+                else:
+                    self._publish_progress(force=True)
             except Exception:  # noqa: BLE001 - a failing client callback must not end publishing
                 log.exception("publishing live results failed")
+            finally:
+                if request is not None:
+                    request.done.set()
 
     def _publish_intermediate(self) -> None:
-        with self._publish_lock:
-            run = self._run
-            if run is None or run.ended:
-                self._publish_progress_locked(force=False)
-                return
-            _, processed = run.counters()
-            if processed == self._published_processed:
-                self._publish_progress_locked(force=False)
-                return
-            snapshot = run.snapshot()
-            if run.ended:
-                return  # the session thread publishes the final result itself
-            self._published_processed = snapshot.frames_processed
-            self._publish(AcquisitionUpdate(self.progress(), snapshot, final=False))
+        run = self._run
+        if run is None or run.ended:
+            self._publish_progress(force=False)
+            return
+        _, processed = run.counters()
+        if processed == self._published_processed:
+            self._publish_progress(force=False)
+            return
+        snapshot = run.snapshot()
+        if run.ended:
+            return  # the final result comes as the session's request
+        self._published_processed = snapshot.frames_processed
+        self._publish(AcquisitionUpdate(self.progress(), snapshot, final=False))
 
     def _publish_progress(self, force: bool) -> None:
-        with self._publish_lock:
-            self._publish_progress_locked(force)
-
-    def _publish_progress_locked(self, force: bool) -> None:
         progress = self.progress()
         if force or progress != self._published_progress:
             self._publish(AcquisitionUpdate(progress, None, final=False))
@@ -883,3 +767,11 @@ class LiveAcquisition:
         self._published_progress = update.progress
         if self.on_update is not None:
             self.on_update(update)
+
+
+@dataclass
+class _PublishRequest:
+    """A final result (or, None, a forced progress update) for the publisher thread."""
+
+    final: ResultSnapshot | None
+    done: threading.Event = field(default_factory=threading.Event)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -19,6 +18,7 @@ import numpy as np
 from libertem import masks
 from libertem.udf.base import UDF
 
+from .limits import SettingRefused, check_beam_center, check_radii
 from .udfs import CompiledCoMUDF, CompiledMasksUDF, ExactSumSigUDF, ExactSumUDF, LastFrameUDF
 
 ENTRY_POINT_GROUP = "tango_dectris_live.analyses"
@@ -35,8 +35,9 @@ class UnknownAnalysisError(ValueError):
             f"available: {', '.join(self.available)}")
 
 
-class InvalidAnalysisParameters(ValueError):
-    """Analysis parameters that cannot describe a detector region (negative radius, ...)."""
+# Analysis parameters that cannot describe a detector region (negative radius, ...): the limits'
+# own error, so that each rule has one definition (processing/limits.py).
+InvalidAnalysisParameters = SettingRefused
 
 
 class AnalysisFactoryError(RuntimeError):
@@ -58,16 +59,17 @@ class AnalysisParameters:
     frame_shape: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("bf_radius", "adf_inner_radius", "adf_outer_radius"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise InvalidAnalysisParameters(f"{name} must be a finite radius >= 0 pixels, got {value}")
-        if self.adf_inner_radius >= self.adf_outer_radius:
-            raise InvalidAnalysisParameters(
-                f"adf_inner_radius ({self.adf_inner_radius}) must be smaller than "
-                f"adf_outer_radius ({self.adf_outer_radius})")
-        if self.beam_centre is not None and not all(math.isfinite(c) for c in self.beam_centre):
-            raise InvalidAnalysisParameters(f"beam_centre must be finite (y, x) pixels, got {self.beam_centre}")
+        # the rules that need no frame; against the frame they are checked before a series starts
+        check_radii(self.bf_radius, self.adf_inner_radius, self.adf_outer_radius)
+        if self.beam_centre is not None:
+            check_beam_center((self.beam_centre[1], self.beam_centre[0]))
+
+    def with_beam_center_xy(self, center_xy: tuple[float, float] | None) -> AnalysisParameters:
+        """These parameters with the beam centre given as [x, y] (the detector's and the device's
+        convention); the analyses work in (y, x), array order."""
+        if center_xy is None:
+            return dataclasses.replace(self, beam_centre=None)
+        return dataclasses.replace(self, beam_centre=(float(center_xy[1]), float(center_xy[0])))
 
     def resolved(self, frame_shape: tuple[int, int]) -> AnalysisParameters:
         """These parameters for frames of ``frame_shape``: the beam centre defaults to the frame's centre."""

@@ -72,10 +72,16 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+def check_whole_numbers(**values: int) -> None:
+    """Tuning values: whole numbers >= 0, where 0 means automatic."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise SettingRefused(f"{name} must be a whole number >= 0 (0: automatic), got {value!r}")
+
+
 def check_workers(workers: int, limits: MachineLimits) -> int:
     """``workers`` (0: automatic) against the cores and the file descriptors left."""
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
-        raise SettingRefused(f"workers must be a whole number >= 0 (0: automatic), got {workers!r}")
+    check_whole_numbers(workers=workers)
     workers = int(workers)
     most = WORKERS_PER_CORE * limits.cores
     if workers > most:
@@ -156,11 +162,8 @@ def check_tuning(num_slots: int, bytes_per_frame: int, frame_stack_size: int, fr
                  limits: MachineLimits | None = None) -> None:
     """The frame-stack tuning (0: automatic) against its own bounds and, when the frame is known,
     against the frame's size and the shared memory."""
-    values = {"num_slots": num_slots, "bytes_per_frame": bytes_per_frame, "frame_stack_size": frame_stack_size,
-              "frames_per_partition": frames_per_partition}
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise SettingRefused(f"{name} must be a whole number >= 0 (0: automatic), got {value!r}")
+    check_whole_numbers(num_slots=num_slots, bytes_per_frame=bytes_per_frame, frame_stack_size=frame_stack_size,
+                        frames_per_partition=frames_per_partition)
     if num_slots and not 2 <= num_slots <= MAX_NUM_SLOTS:
         raise SettingRefused(f"num_slots = {num_slots} refused: 2 to {MAX_NUM_SLOTS} (one slot fills while "
                              f"another is processed); 0 chooses for you")
@@ -190,3 +193,32 @@ def check_tuning(num_slots: int, bytes_per_frame: int, frame_stack_size: int, fr
                 f"frame stacks of {layout.num_slots} slots x {layout.frame_stack_size} frames x "
                 f"{layout.bytes_per_frame:,} B = {_mib(layout.total_bytes)} refused: more than "
                 f"{_mib(allowed)} (half the available memory, or what /dev/shm has free)")
+
+
+MIN_EVENT_RATE, MAX_EVENT_RATE = 0.1, 100.0
+MAX_SERIES_TIMEOUT = 86400.0
+
+
+def check_event_rate(rate: float) -> float:
+    """Result events per second while data arrives."""
+    if not (isinstance(rate, (int, float, np.floating)) and math.isfinite(rate)
+            and MIN_EVENT_RATE <= rate <= MAX_EVENT_RATE):
+        raise SettingRefused(f"result_event_rate must be between {MIN_EVENT_RATE:g} and {MAX_EVENT_RATE:g} "
+                             f"events per second, got {rate}")
+    return float(rate)
+
+
+def check_series_timeout(seconds: float) -> float:
+    """0 (automatic) or a bound in seconds on a series' silence."""
+    if not (isinstance(seconds, (int, float, np.floating)) and math.isfinite(seconds)
+            and 0 <= seconds <= MAX_SERIES_TIMEOUT):
+        raise SettingRefused(f"series_timeout must be 0 (automatic) or up to {MAX_SERIES_TIMEOUT:g} seconds, "
+                             f"got {seconds!r}")
+    return float(seconds)
+
+
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    """A setting with a fixed set of values (stream transport, stream connection)."""
+    if value not in allowed:
+        raise SettingRefused(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value

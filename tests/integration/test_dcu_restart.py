@@ -20,9 +20,7 @@ from tango.test_context import DeviceTestContext
 from sim.data import ScanDataGenerator
 from sim.encode import dtype_for_bit_depth
 from tango_dectris_live.device.dectris_live import DectrisLive
-
-from ..waiting import wait_for
-from .live_events import LiveEventLog
+from tango_dectris_live.testing import EventRecorder, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -96,7 +94,7 @@ def initialize(proxy: tango.DeviceProxy) -> None:
 def exact_acquisition(proxy: tango.DeviceProxy, sim: SimulatorProcess) -> None:
     sim.sim_config(pacing="max", nav_shape=list(NAV))
     proxy.nav_shape = list(NAV)
-    with LiveEventLog(proxy, data_ready=("sum_image",)) as log:
+    with EventRecorder(proxy, data_ready=("sum_image",)) as log:
         proxy.Start()
         wait_for(lambda: log.data_ready("sum_image"), TIMEOUT, f"the final result ({proxy.status()})")
     count = int(np.prod(NAV))

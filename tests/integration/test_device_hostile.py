@@ -14,9 +14,8 @@ from tango.test_context import DeviceTestContext
 
 from sim.server import SimulatorServer
 from tango_dectris_live.device.dectris_live import DectrisLive
+from tango_dectris_live.testing import EventRecorder, wait_for
 
-from ..waiting import wait_for
-from .live_events import LiveEventLog
 from .live_reference import simulator_ground_truth
 from .test_device_live import configure_simulator, set_frame_time, wait_idle
 
@@ -49,7 +48,7 @@ def exact_acquisition(proxy: tango.DeviceProxy, sim: SimulatorServer) -> None:
     """A normal active acquisition: every frame processed and sum/sumsig equal to the ground truth."""
     configure_simulator(sim, pacing="max", faults=[], nav_shape=list(NAV))
     proxy.nav_shape = list(NAV)
-    with LiveEventLog(proxy, data_ready=("sum_image",)) as log:
+    with EventRecorder(proxy, data_ready=("sum_image",)) as log:
         wait_for(lambda: proxy.state() == DevState.ON, TIMEOUT, f"State ON before Start ({proxy.status()})")
         proxy.Start()
         wait_for(lambda: log.data_ready("sum_image"), TIMEOUT, f"the final result ({proxy.status()})")

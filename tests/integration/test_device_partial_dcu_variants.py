@@ -19,9 +19,8 @@ from tango.test_context import DeviceTestContext
 
 from sim.server import SimulatorServer
 from tango_dectris_live.device.dectris_live import DectrisLive
+from tango_dectris_live.testing import EventRecorder, wait_for
 
-from ..waiting import wait_for
-from .live_events import LiveEventLog
 from .live_reference import simulator_ground_truth
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -91,7 +90,7 @@ def test_status_says_what_the_dcu_lacks(variant):
 def test_active_acquisitions_are_exact(variant):
     _name, sim, proxy = variant
     for _ in range(2):
-        with LiveEventLog(proxy, data_ready=("sum_image",)) as log:
+        with EventRecorder(proxy, data_ready=("sum_image",)) as log:
             wait_for(lambda: proxy.state() == DevState.ON, TIMEOUT, f"State ON ({proxy.status()})")
             proxy.Start()
             wait_for(lambda: log.data_ready("sum_image"), TIMEOUT, f"the final result ({proxy.status()})")
@@ -102,7 +101,7 @@ def test_active_acquisitions_are_exact(variant):
 def test_passive_acquisition_is_exact(variant):
     _name, sim, proxy = variant
     base = f"{sim.rest_url}/detector/api/1.8.0"
-    with LiveEventLog(proxy, data_ready=("sum_image",)) as log:
+    with EventRecorder(proxy, data_ready=("sum_image",)) as log:
         proxy.Listen()
         wait_for(lambda: proxy.acquisition_status.startswith("listening"), TIMEOUT, "listening")
         _put(f"{base}/command/arm")

@@ -23,10 +23,8 @@ from tango.test_context import DeviceTestContext
 
 from sim.zmqdump import write_zmqdump
 from tango_dectris_live.device.dectris_live import DectrisLive
+from tango_dectris_live.testing import EventRecorder, wait_for
 from tests.test_sim_stream_v1 import make_series, stream_under_test
-
-from ..waiting import wait_for
-from .live_events import LiveEventLog
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -133,7 +131,7 @@ def test_status_names_what_the_dcu_does_not_provide(proxy):
 def test_active_acquisitions_in_a_row_are_exact(proxy, libertem_dcu):
     truth = libertem_dcu[2]
     for _ in range(2):
-        with LiveEventLog(proxy, data_ready=("sum_image",)) as log:
+        with EventRecorder(proxy, data_ready=("sum_image",)) as log:
             wait_for(lambda: proxy.state() == DevState.ON, TIMEOUT, f"State ON ({proxy.status()})")
             proxy.Start()
             wait_for(lambda: log.data_ready("sum_image"), TIMEOUT, f"the final result ({proxy.status()})")
@@ -144,7 +142,7 @@ def test_active_acquisitions_in_a_row_are_exact(proxy, libertem_dcu):
 
 def test_passive_acquisition_of_a_series_armed_elsewhere_is_exact(proxy, libertem_dcu):
     api, _zmq_port, truth = libertem_dcu
-    with LiveEventLog(proxy, data_ready=("sum_image",)) as log:
+    with EventRecorder(proxy, data_ready=("sum_image",)) as log:
         proxy.Listen()
         wait_for(lambda: proxy.acquisition_status.startswith("listening"), TIMEOUT, "listening")
         _put(f"http://127.0.0.1:{api}/detector/api/1.8.0/command/arm")

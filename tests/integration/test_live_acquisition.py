@@ -14,8 +14,7 @@ from tango_dectris_live.processing.acquisition import (AcquisitionBusyError, Acq
 from tango_dectris_live.processing.analyses import UnknownAnalysisError
 from tango_dectris_live.processing.snapshot import RunState
 from tango_dectris_live.simplon.client import DetectorClient
-
-from ..waiting import wait_for
+from tango_dectris_live.testing import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -215,7 +214,7 @@ def test_unknown_analysis_and_bad_settings_are_refused_before_anything_runs(live
         acquisition.event_rate = 0
     with pytest.raises(ValueError, match="workers"):
         PipelineSettings(workers=-1)
-    with pytest.raises(ValueError, match="transport must be one of auto, zmtp, libzmq, got 'udp'"):
+    with pytest.raises(ValueError, match="StreamTransport must be one of auto, zmtp, libzmq, got 'udp'"):
         LiveAcquisition(acquisition.detector, "127.0.0.1", {1: 1, 2: 2}, transport="udp")
     assert not acquisition.busy
 
@@ -288,19 +287,17 @@ def _exact_active(simulator, acquisition, updates) -> None:
 def test_a_start_whose_workers_cannot_start_leaves_the_acquisition_usable(live, monkeypatch):
     """The worker pool fails to start (as with too few file descriptors): the Start fails with the
     reason, the detector is not armed, and the next Start builds a new pool and is exact."""
-    from tango_dectris_live.processing import acquisition as acquisition_module
     from tango_dectris_live.processing.runner import WorkerStartError
 
     simulator, acquisition, updates = live
     _put(simulator, "stream", "config", "format", "legacy")
-    real_runner = acquisition_module.LiveRunner
     attempts = []
 
     def failing_runner(*args, **kwargs):
         attempts.append(args)
         raise WorkerStartError("could not start 3 worker processes (1 started): Too many open files")
 
-    monkeypatch.setattr(acquisition_module, "LiveRunner", failing_runner)
+    monkeypatch.setattr(acquisition.pipeline_factory, "runner", failing_runner)
     previous = acquisition.settings
     acquisition.settings = PipelineSettings(workers=3, frame_stack_size=8)  # another pool size
     try:
@@ -309,7 +306,7 @@ def test_a_start_whose_workers_cannot_start_leaves_the_acquisition_usable(live, 
         assert attempts and "Too many open files" in acquisition.last_error
         assert simulator.detector.state == "idle"  # never armed
     finally:
-        monkeypatch.setattr(acquisition_module, "LiveRunner", real_runner)
+        monkeypatch.undo()
         acquisition.settings = previous
     _exact_active(simulator, acquisition, updates)
 

@@ -7,8 +7,7 @@ import tango
 from tango import DevState
 
 from tango_dectris_live.device.embedded_db import EmbeddedTangoDatabase
-
-from ..waiting import wait_for
+from tango_dectris_live.testing import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

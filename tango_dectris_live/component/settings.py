@@ -1,0 +1,135 @@
+"""The live-processing settings of a detector: one immutable value, checked as a whole.
+
+Every change makes a new :class:`LiveSettings` through :meth:`LiveSettings.changed`, which checks
+the rules the change touches (the rules themselves live in :mod:`tango_dectris_live.processing.limits`,
+one definition each) and refuses with :class:`~tango_dectris_live.processing.limits.SettingRefused`
+naming the limit.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tango_dectris_live.processing.acquisition import AcquisitionRequest, PipelineSettings
+from tango_dectris_live.processing.analyses import AnalysisParameters
+from tango_dectris_live.processing.limits import (MachineLimits, SettingRefused, check_beam_center, check_choice,
+                                                  check_event_rate, check_nav_shape, check_radii,
+                                                  check_series_timeout, check_tuning, check_workers)
+from tango_dectris_live.receiver import CONNECTIONS, TRANSPORTS
+
+TUNING = ("workers", "num_slots", "bytes_per_frame", "frame_stack_size", "frames_per_partition")
+RADII = ("bf_radius", "adf_inner_radius", "adf_outer_radius")
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """What to compute and how. ``beam_center`` is [x, y] in pixels (the detector's convention),
+    None: the detector's own beam centre; ``nav_shape`` None: from the detector (active) or
+    inferred (passive); tuning 0: automatic."""
+
+    analyses: tuple[str, ...] = ("sum", "sumsig")
+    nav_shape: tuple[int, ...] | None = None
+    beam_center: tuple[float, float] | None = None
+    bf_radius: float = AnalysisParameters.bf_radius
+    adf_inner_radius: float = AnalysisParameters.adf_inner_radius
+    adf_outer_radius: float = AnalysisParameters.adf_outer_radius
+    workers: int = 0
+    num_slots: int = 0
+    bytes_per_frame: int = 0
+    frame_stack_size: int = 0
+    frames_per_partition: int = 0
+    event_rate: float = 10.0
+    series_timeout: float = 0.0
+    transport: str = "auto"
+    connection: str = "per_series"
+
+    @property
+    def radii(self) -> tuple[float, float, float]:
+        return self.bf_radius, self.adf_inner_radius, self.adf_outer_radius
+
+    def pipeline(self) -> PipelineSettings:
+        return PipelineSettings(**{name: getattr(self, name) for name in TUNING})
+
+    def analysis_parameters(self) -> AnalysisParameters:
+        return AnalysisParameters(bf_radius=self.bf_radius, adf_inner_radius=self.adf_inner_radius,
+                                  adf_outer_radius=self.adf_outer_radius).with_beam_center_xy(self.beam_center)
+
+    def request(self) -> AcquisitionRequest:
+        return AcquisitionRequest(self.analyses, self.analysis_parameters(), self.nav_shape)
+
+    def changed(self, context: SettingsContext, **changes: Any) -> LiveSettings:
+        """A new value with ``changes``, each rule they touch checked; unknown names are refused."""
+        unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(self)})
+        if unknown:
+            raise SettingRefused(f"no live setting named {', '.join(unknown)}")
+        new = dataclasses.replace(self, **_normalised(changes))
+        new.check(context, touched=set(changes))
+        return new
+
+    def check(self, context: SettingsContext, touched: set[str] | None = None) -> None:
+        """Check the rules of the ``touched`` settings (all by default) against this machine and,
+        when the context knows it, the detector's frame."""
+        touched = {field.name for field in dataclasses.fields(self)} if touched is None else touched
+        machine = context.machine() if touched & {"workers", "nav_shape", "analyses", *TUNING} else None
+        frame = context.frame_shape() if touched & {"beam_center", *RADII} else None
+        if "analyses" in touched:
+            context.check_analyses(self.analyses)
+        if touched & {"nav_shape", "analyses"}:
+            check_nav_shape(self.nav_shape, context.result_count(self.analyses), machine)
+        if touched & set(RADII):
+            try:
+                check_radii(*self.radii, frame)
+            except SettingRefused as refused:
+                if "must be smaller than" not in str(refused):
+                    raise
+                raise SettingRefused(f"{refused}: to move the annulus outwards write adf_outer_radius first, "
+                                     f"inwards adf_inner_radius first") from refused
+        if "beam_center" in touched:
+            check_beam_center(self.beam_center, frame)
+        if "workers" in touched:
+            check_workers(self.workers, machine)
+        if touched & set(TUNING):
+            check_tuning(self.num_slots, self.bytes_per_frame, self.frame_stack_size, self.frames_per_partition,
+                         limits=machine)
+        if "event_rate" in touched:
+            check_event_rate(self.event_rate)
+        if "series_timeout" in touched:
+            check_series_timeout(self.series_timeout)
+        if "transport" in touched:
+            check_choice("StreamTransport", self.transport, TRANSPORTS)
+        if "connection" in touched:
+            check_choice("stream_connection", self.connection, CONNECTIONS)
+
+
+@dataclass(frozen=True)
+class SettingsContext:
+    """What the checks need from outside the settings: the analyses registry's answers, this
+    machine's resources, the detector's frame (None when the DCU cannot tell now: then the
+    frame rules are checked at Start)."""
+
+    check_analyses: Callable[[tuple[str, ...]], None]
+    result_count: Callable[[tuple[str, ...]], int]
+    frame_shape: Callable[[], tuple[int, int] | None] = lambda: None
+    machine: Callable[[], MachineLimits] = MachineLimits.of_this_machine
+
+
+def _normalised(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Client values (lists, numpy scalars, empty for 'none') in the types LiveSettings holds."""
+    out: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name == "analyses":
+            value = tuple(str(v) for v in value)
+        elif name == "nav_shape":
+            value = tuple(int(v) for v in value) if value is not None and len(value) else None
+        elif name == "beam_center":
+            value = tuple(float(v) for v in value) if value is not None and len(value) else None
+        elif name in RADII or name in ("event_rate", "series_timeout"):
+            value = float(value)
+        elif name in TUNING:
+            value = int(value)
+        elif name in ("transport", "connection"):
+            value = str(value)
+        out[name] = value
+    return out

@@ -1,0 +1,145 @@
+"""The SIMPLON side of a live series: what the DCU is set to (trigger mode, scan size, frame time,
+stream geometry), setting the scan, enabling the stream, triggering, and the detector's beam
+centre. One object per detector, Tango-free, used by the acquisition session."""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tango_dectris_live.simplon.client import DetectorClient
+from tango_dectris_live.simplon.errors import SimplonError, UnknownParameterError
+
+from .analyses import AnalysisParameters
+
+log = logging.getLogger(__name__)
+
+_BIT_DEPTH_DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
+_STREAM_FORMAT_VERSIONS = {"legacy": 1, "cbor": 2}
+EXTERNAL_TRIGGER_MODES = ("exts", "exte")
+ONE_IMAGE_PER_TRIGGER_MODES = ("inte", "exte")
+
+
+@dataclass(frozen=True)
+class StreamGeometry:
+    """What the receiver must be built for: stream version, frame shape, pixel type."""
+
+    version: int
+    frame_shape: tuple[int, int]
+    dtype: str
+
+
+class SeriesControl:
+    """The DCU as a series needs it; ``detector`` is the DCU client (or a fake in tests)."""
+
+    def __init__(self, detector: DetectorClient) -> None:
+        self.detector = detector
+
+    def trigger_mode(self) -> str:
+        try:
+            return str(self.detector.get_value("detector", "config", "trigger_mode"))
+        except UnknownParameterError:
+            return "ints"
+
+    def frame_time(self) -> float:
+        try:
+            return float(self.detector.get_value("detector", "config", "frame_time"))
+        except (UnknownParameterError, TypeError, ValueError):
+            return 0.0
+
+    def scan_shape(self) -> tuple[int, ...]:
+        """The scan the DCU is set for: (ntrigger, nimages), or one line."""
+        nimages = int(self.detector.get_value("detector", "config", "nimages"))
+        ntrigger = int(self.detector.get_value("detector", "config", "ntrigger"))
+        return (ntrigger, nimages) if ntrigger > 1 and nimages > 1 else (max(1, nimages * ntrigger),)
+
+    def image_count(self) -> int:
+        try:
+            return int(np.prod(self.scan_shape()))
+        except (UnknownParameterError, TypeError, ValueError):
+            return 0
+
+    def configure_scan(self, nav_shape: tuple[int, ...], trigger_mode: str) -> None:
+        """One image per scan position: ints/exts take them in one trigger, inte/exte one per trigger."""
+        count = int(np.prod(nav_shape))
+        if trigger_mode in ONE_IMAGE_PER_TRIGGER_MODES:
+            nimages, ntrigger = 1, count
+        else:
+            nimages, ntrigger = count, 1
+        # Written only when they differ: a DCU that refuses writes (a replay of a recording
+        # accepts only the recorded values) still runs a scan of the size it already has.
+        for key, value in (("ntrigger", ntrigger), ("nimages", nimages)):
+            try:
+                current = int(self.detector.get_value("detector", "config", key))
+            except (UnknownParameterError, TypeError, ValueError):
+                current = None
+            if current != value:
+                try:
+                    self.detector.write("detector", key, value)
+                except SimplonError as error:
+                    raise SimplonError(f"cannot set the scan of {list(nav_shape)} positions "
+                                       f"({key} = {value}, the DCU has {current}): {error}") from error
+
+    def trigger(self, trigger_mode: str, nav_shape: tuple[int, ...], stopped: Callable[[], bool]) -> None:
+        """The software triggers of a series (none with external triggers); an ints trigger
+        returns when the series is done. ``stopped``: whether to give up (Stop/Abort)."""
+        if trigger_mode == "ints":
+            self.detector.trigger()
+        elif trigger_mode == "inte":
+            count_time = float(self.detector.get_value("detector", "config", "count_time"))
+            for _ in range(int(np.prod(nav_shape))):
+                if stopped():
+                    return
+                self.detector.trigger(count_time=count_time)
+
+    def tell(self, what: str, call: Callable[[], Any], quiet_when_idle: bool = False) -> None:
+        """A command that may find the series already over (the DCU refuses cancel/disarm when
+        idle): not a failure, logged unless ``quiet_when_idle``."""
+        try:
+            call()
+        except SimplonError as error:
+            if not quiet_when_idle:
+                log.info("detector %s during the acquisition: %s", what, error)
+
+    def with_beam_centre(self, parameters: AnalysisParameters) -> AnalysisParameters:
+        """The beam centre defaults to the detector's beam_center_x/y (when it has them)."""
+        if parameters.beam_centre is not None:
+            return parameters
+        try:
+            x = float(self.detector.get_value("detector", "config", "beam_center_x"))
+            y = float(self.detector.get_value("detector", "config", "beam_center_y"))
+        except (UnknownParameterError, TypeError, ValueError):
+            return parameters
+        if not (math.isfinite(x) and math.isfinite(y)) or (x == 0 and y == 0):
+            return parameters  # unset on the DCU: the frame centre is the better guess
+        return parameters.with_beam_center_xy((x, y))
+
+    def stream_geometry(self) -> StreamGeometry:
+        """Stream version, frame shape and pixel type, as the DCU is configured now."""
+        try:
+            stream_format = str(self.detector.get_value("stream", "config", "format"))
+        except UnknownParameterError:
+            stream_format = "legacy"  # SIMPLON 1.6 and older firmware: stream v1 only
+        version = _STREAM_FORMAT_VERSIONS.get(stream_format)
+        if version is None:
+            raise ValueError(f"stream/config/format is {stream_format!r}; the receiver knows "
+                             f"{', '.join(_STREAM_FORMAT_VERSIONS)}")
+        width = int(self.detector.get_value("detector", "config", "x_pixels_in_detector"))
+        height = int(self.detector.get_value("detector", "config", "y_pixels_in_detector"))
+        try:
+            bit_depth = int(self.detector.get_value("detector", "config", "bit_depth_image"))
+        except UnknownParameterError:
+            bit_depth = 16
+        return StreamGeometry(version, (height, width), _BIT_DEPTH_DTYPES.get(bit_depth, "uint32"))
+
+    def enable_stream(self) -> None:
+        try:
+            mode = str(self.detector.get_value("stream", "config", "mode"))
+        except UnknownParameterError:
+            return  # a DCU without a stream mode key streams always
+        if mode != "enabled":
+            self.detector.write("stream", "mode", "enabled")
