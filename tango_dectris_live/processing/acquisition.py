@@ -46,7 +46,9 @@ from .snapshot import ResultSnapshot, RunState
 
 log = logging.getLogger(__name__)
 
-_POLL = 0.05  # seconds between two looks at a running series from the session thread
+# The session thread waits on events (Stop, Abort, the series' start, a receiver error, the
+# run's end); this only bounds the wait should an event ever be missed.
+_SAFETY_WAKE = 2.0
 _CANCEL_GRACE = 2.0  # after a Stop, how long the DCU's own end of series may take to arrive
 # Automatic series timeout (series_timeout 0): the DCU sends the header at arm, whatever the
 # trigger mode, so it gets a short bound; frames then get a bound from the frame time (internal
@@ -215,6 +217,9 @@ class LiveAcquisition:
         self._session: threading.Thread | None = None
         self._stop = threading.Event()
         self._abort = threading.Event()
+        # set by whatever the session thread following a series must look at: a Stop or Abort,
+        # the series' start, a receiver error, the run's end
+        self._wakeup = threading.Event()
         self._closing = threading.Event()
         self._receiver: StreamReceiver | None = None
         self._receiver_key: tuple | None = None
@@ -324,6 +329,7 @@ class LiveAcquisition:
         if not self.busy:
             return
         self._stop.set()
+        self._wakeup.set()
         if self._mode == AcquisitionMode.ACTIVE:
             self.control.tell("cancel", self.detector.cancel)
 
@@ -332,6 +338,7 @@ class LiveAcquisition:
         if not self.busy:
             return
         self._abort.set()
+        self._wakeup.set()
         if self._mode == AcquisitionMode.ACTIVE:
             self.control.tell("abort", self.detector.abort)
         run = self._run
@@ -567,8 +574,10 @@ class LiveAcquisition:
         self._process_meter.reset()
         self._series_started_at = time.monotonic()
         self._published_processed = -1  # before the run: the publisher may look at any moment
+        source.on_error = self._wakeup.set
         self._run = self._runner.process(source, request.analyses, parameters, nav_shape, series,
-                                         frames_per_partition=settings.frames_per_partition)
+                                         frames_per_partition=settings.frames_per_partition,
+                                         on_change=self._wakeup.set)
         return self._run
 
     def _follow(self, run: SeriesRun) -> None:
@@ -577,7 +586,10 @@ class LiveAcquisition:
         receiver_cancelled = False
         series_seen = False
         errors_before = self._source.errors_seen
-        while not run.ended:
+        while True:
+            self._wakeup.clear()  # before looking: what happens from here on wakes the wait below
+            if run.ended:
+                break
             if not series_seen and self._mode == AcquisitionMode.ACTIVE and run.series is None:
                 header_error = self._missing_header_error(errors_before)
                 if header_error is not None:
@@ -615,7 +627,10 @@ class LiveAcquisition:
                     # not come in time. End the series here with what arrived.
                     self._receiver.cancel()
                     receiver_cancelled = True
-            run.wait_until_ended(_POLL)
+            # until something happens; after a Stop, at the latest when the grace is over
+            grace_left = None if stop_seen_at is None or receiver_cancelled else \
+                max(0.0, _CANCEL_GRACE - (time.monotonic() - stop_seen_at))
+            self._wakeup.wait(_SAFETY_WAKE if grace_left is None else min(grace_left, _SAFETY_WAKE))
         final = run.wait()
         if final.series is None:
             return

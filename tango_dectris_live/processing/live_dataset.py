@@ -75,6 +75,7 @@ class ReceiverFrameSource:
         self.receiver_errors: list[tuple[str, str]] = []  # the latest 100 (kind, message)
         self.errors_seen = 0  # all of them, ever
         self.last_summary: SeriesSummary | None = None  # of the last series that ended
+        self.on_error: Callable[[], None] = lambda: None  # told of each receiver error recorded
 
     def next_event(self, timeout: float) -> SourceEvent | None:
         event = self._receiver.next_event(timeout)
@@ -82,6 +83,7 @@ class ReceiverFrameSource:
             # the receiver counts these itself and keeps going; keep the latest for the status
             self.receiver_errors = [*self.receiver_errors[-99:], (event.kind, event.message)]
             self.errors_seen += 1
+            self.on_error()
             return None
         if isinstance(event, SeriesFinished):
             self.last_summary = event.summary

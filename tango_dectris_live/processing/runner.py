@@ -26,7 +26,7 @@ import queue
 import threading
 import traceback
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple, Union
+from typing import Any, Callable, Iterable, NamedTuple, Union
 
 import cloudpickle
 import numpy as np
@@ -417,8 +417,10 @@ class SeriesRun:
 
     def __init__(self, runner: LiveRunner, run_id: int, source: FrameSource, analyses: list[str],
                  parameters: AnalysisParameters, nav_shape: tuple[int, ...] | None, series: int | None,
-                 frames_per_partition: int | None = None):
+                 frames_per_partition: int | None = None, on_change: Callable[[], None] | None = None):
         self._runner = runner
+        # told when the series starts and when the run ends (whoever follows the run waits on it)
+        self._on_change = on_change if on_change is not None else (lambda: None)
         self._frames_per_partition = frames_per_partition
         self._pool = runner.pool
         self._run_id = run_id
@@ -531,6 +533,7 @@ class SeriesRun:
         finally:
             self._pool.cancel_series()
             self._ended.set()
+            self._on_change()
 
     def _process_series(self) -> None:
         started = self._wait_for_series_start()
@@ -539,6 +542,7 @@ class SeriesRun:
             return
         self._series = started.series
         self._state = RunState.RUNNING
+        self._on_change()
         header = started.header
         frame_shape = header.shape
         dtype = np.dtype(header.dtype).str if header.dtype is not None else None
@@ -718,7 +722,8 @@ class LiveRunner:
     def process(self, source: FrameSource, analyses: Iterable[str],
                 parameters: AnalysisParameters = AnalysisParameters(),
                 nav_shape: tuple[int, ...] | None = None, series: int | None = None,
-                frames_per_partition: int | None = None) -> SeriesRun:
+                frames_per_partition: int | None = None,
+                on_change: Callable[[], None] | None = None) -> SeriesRun:
         """Start processing the next series of ``source`` (or series ``series``) in the background.
 
         ``frames_per_partition``: a worker decodes and processes a stack this many frames at a
@@ -732,7 +737,7 @@ class LiveRunner:
         self.pool.check_alive()
         self._current = SeriesRun(self, next(self._run_ids), source, names, parameters,
                                   tuple(nav_shape) if nav_shape is not None else None, series,
-                                  frames_per_partition)
+                                  frames_per_partition, on_change)
         return self._current.start()
 
     @property
