@@ -19,6 +19,7 @@ from tango_dectris_live.processing.runner import LiveRunner
 from tango_dectris_live.receiver import ReceiverStats, SeriesFinished, SeriesSummary
 from tango_dectris_live.simplon.errors import DcuRequestError, UnknownParameterError
 from tango_dectris_live.simplon.parameters import ParameterInfo
+from tango_dectris_live.testing import wait_for
 
 from .processing_fakes import ArrayFrameSource
 
@@ -238,8 +239,4 @@ class FakeDcu:
 
 
 def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+    wait_for(condition, timeout, what, interval=0.01)

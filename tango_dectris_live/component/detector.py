@@ -127,7 +127,8 @@ class LiveDetector:
         self.acquisition = acquisition_factory(
             self.client, address.stream_host or address.host, dict(address.stream_ports), registry=self.registry,
             settings=settings.pipeline(), event_rate=settings.event_rate, series_timeout=settings.series_timeout,
-            on_update=self._acquisition_updated, transport=settings.transport, connection=settings.connection)
+            on_update=self._acquisition_updated, transport=settings.transport, connection=settings.connection,
+            result_counts={name: len(names) for name, names in self._result_names.items()})
 
     # ---- life cycle ---------------------------------------------------------------------------
 

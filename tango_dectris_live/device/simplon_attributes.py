@@ -14,8 +14,6 @@ import tango
 
 from ..simplon.parameters import ParameterInfo
 
-from ..component.catalogue import CORE_KEYS, UNLISTED_KEYS  # noqa: F401 - where they used to be
-
 _DETECTOR_STATUS_RENAMES = {"state": "detector_state", "error": "detector_error"}
 
 # 2-D values (flatfield, pixel mask) are megabytes and not parameters a scientist sets from a GUI.

@@ -196,7 +196,7 @@ class LiveAcquisition:
                  event_rate: float = 10.0, on_update: UpdateCallback | None = None,
                  series_timeout: float = 0.0, worker_start_method: str = "spawn",
                  transport: str = "auto", connection: str = "per_series",
-                 pipeline_factory: Any = None) -> None:
+                 pipeline_factory: Any = None, result_counts: Mapping[str, int] | None = None) -> None:
         self.connection = connection  # validated by the setter below
         # StreamReceiver's transport (auto: zmtp for tcp://, libzmq fallback)
         self.transport = check_choice("StreamTransport", transport, TRANSPORTS)
@@ -239,7 +239,9 @@ class LiveAcquisition:
         self._series_started_at = 0.0
         self._series_completed = 0
         self._armed_series: int | None = None  # armed by us and not yet disarmed (active mode)
-        self._result_counts: dict[str, int] = {}
+        # results per analysis; found by a trial run on blank frames unless the owner knows them
+        self._result_counts: dict[str, int] = dict(result_counts or {})
+        self._start_geometry: StreamGeometry | None = None  # read by the Start/Listen that checked it
         self._errors_at_arm: dict[str, int] = {}
         self._messages_at_arm = 0
         self._frame_time = 0.0
@@ -455,6 +457,7 @@ class LiveAcquisition:
             raise SimplonError(f"cannot start: the detector's frame size and stream format could not be "
                                f"read from the DCU: {error}") from error
         request = self.check_request(request, self.settings, geometry)
+        self._start_geometry = geometry
         with self._lock:
             if self.busy:
                 raise AcquisitionBusyError(f"a {self._mode.value} acquisition is running; Stop or Abort it first")
@@ -693,7 +696,7 @@ class LiveAcquisition:
 
     def _prepare_pipeline(self) -> ReceiverFrameSource:
         self.control.enable_stream()
-        geometry = self.control.stream_geometry()
+        geometry = self._start_geometry or self.control.stream_geometry()
         settings = self.settings.resolved(geometry.frame_shape, geometry.dtype)
         self._resolved_settings = settings
         with self._lock:
