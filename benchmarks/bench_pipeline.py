@@ -45,13 +45,19 @@ class TimedFrameSource:
         self.first_stack_at: float | None = None
         self.series_ended_at: float | None = None  # time.monotonic(): the receiver had the last frame
 
-    def next_event(self, timeout: float):
+    def next_event(self, timeout: float | None):
         event = self._inner.next_event(timeout)
         if isinstance(event, StackReady) and self.first_stack_at is None:
             self.first_stack_at = time.perf_counter()
         elif isinstance(event, SeriesFinished) and event.ended_at:
             self.series_ended_at = event.ended_at
         return event
+
+    def post(self, event) -> None:
+        self._inner.post(event)
+
+    def put_back(self, events) -> None:
+        self._inner.put_back(events)
 
     def release(self, stack) -> None:
         self._inner.release(stack)

@@ -7,6 +7,7 @@ back by memory map -- the role the receiver's shared memory plays live.
 """
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -63,15 +64,24 @@ class ArrayFrameSource:
     def __init__(self, folder: Path):
         self._folder = Path(folder)
         self._events: queue.Queue[SourceEvent] = queue.Queue()
+        self._unread: collections.deque[object] = collections.deque()
         self._lock = threading.Lock()
         self.outstanding: set[ArrayStack] = set()
         self.released: list[ArrayStack] = []
 
-    def next_event(self, timeout: float) -> SourceEvent | None:
+    def next_event(self, timeout: float | None) -> SourceEvent | None:
+        if self._unread:
+            return self._unread.popleft()
         try:
             return self._events.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def post(self, event: object) -> None:
+        self._events.put(event)
+
+    def put_back(self, events: list[object]) -> None:
+        self._unread.extendleft(reversed(events))
 
     def release(self, stack: ArrayStack) -> None:
         with self._lock:

@@ -65,7 +65,7 @@ class InMemoryStream(ArrayFrameSource):
         return ReceiverStats(frames_received=self.frames_received, bytes_received=0, messages_received=0,
                              frames_missing=0, duplicates=0, transport="in-memory")
 
-    def next_event(self, timeout: float):
+    def next_event(self, timeout: float | None):
         event = super().next_event(timeout)
         summary = getattr(event, "summary", None)
         if summary is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+import collections
 from typing import Any, Callable, Iterator, Protocol, Union
 
 import numpy as np
@@ -57,8 +58,18 @@ class FrameSource(Protocol):
 
     decode_frames_into: StackDecoder
 
-    def next_event(self, timeout: float) -> SourceEvent | None:
-        """The next event, or None when nothing happened within ``timeout`` seconds."""
+    def next_event(self, timeout: float | None) -> SourceEvent | Any | None:
+        """The next event (or one that was posted), or None when nothing happened within
+        ``timeout`` seconds (None: wait until something happens)."""
+
+    def post(self, event: Any) -> None:
+        """Put the consumer's own event on the same queue (a run's Stop/Abort, the workers'
+        outcomes), so that one thread waits on one queue for everything."""
+
+    def put_back(self, events: list[Any]) -> None:
+        """Events read but not the reader's (the next series' start and stacks, which came while
+        a run waited for its last outcomes): the next :meth:`next_event` calls return them
+        first, in their order."""
 
     def release(self, stack: FrameStack) -> None:
         """Give a stack back once every frame of it has been processed (or dropped)."""
@@ -76,8 +87,11 @@ class ReceiverFrameSource:
         self.errors_seen = 0  # all of them, ever
         self.last_summary: SeriesSummary | None = None  # of the last series that ended
         self.on_error: Callable[[], None] = lambda: None  # told of each receiver error recorded
+        self._unread: collections.deque[Any] = collections.deque()  # the consumer's thread only
 
-    def next_event(self, timeout: float) -> SourceEvent | None:
+    def next_event(self, timeout: float | None) -> SourceEvent | Any | None:
+        if self._unread:
+            return self._unread.popleft()
         event = self._receiver.next_event(timeout)
         if isinstance(event, ReceiverError):
             # the receiver counts these itself and keeps going; keep the latest for the status
@@ -88,6 +102,12 @@ class ReceiverFrameSource:
         if isinstance(event, SeriesFinished):
             self.last_summary = event.summary
         return event
+
+    def post(self, event: Any) -> None:
+        self._receiver.post(event)
+
+    def put_back(self, events: list[Any]) -> None:
+        self._unread.extendleft(reversed(events))
 
     def release(self, stack: FrameStack) -> None:
         self._receiver.release(stack)

@@ -14,7 +14,8 @@ with each UDF's own ``merge``, in dispatch order, into buffers allocated from a
 Main process and workers talk in the messages below (frozen dataclasses, pickled through the
 queues): :class:`BeginSeries` and :class:`ProcessStack` to a worker, ``None`` to stop it;
 :class:`StackDone`, :class:`StackFailed` or :class:`StackSkipped` back for every
-:class:`ProcessStack`; :class:`Wake` from the main process to its own result collector.
+:class:`ProcessStack`. On the run's own queue (the frame source's), besides the receiver's events:
+:class:`RunControl`, :class:`WorkersLost`, and the outcomes; :class:`Wake` ends a run's bridge.
 """
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ _TILE_BYTES = 1 << 20  # tiles of whole frames, about 1 MiB each, unless the UDF
 _MAX_TILE_BYTES = 64 << 20
 _NO_RUN = -1
 _MIN_PART_FRAMES = 16  # a stack is split for idle workers into parts of at least this many frames
-_POLL = 0.05  # seconds: how promptly stop/abort are noticed while waiting
+# while no outcome comes, the bridge checks this often that the workers are alive (a dead worker
+# answers nothing); outcomes themselves are forwarded the moment they come
+_LIVENESS_CHECK = 0.5
 
 
 class WorkerStartError(RuntimeError):
@@ -124,7 +127,25 @@ class StackSkipped:
 
 @dataclass(frozen=True)
 class Wake:
-    """From the main process to its own result collector: look at the run's state now."""
+    """From a run to its own bridge thread, through the pool's result queue: the run is over."""
+
+    run_id: int
+
+
+@dataclass(frozen=True)
+class RunControl:
+    """On the run's queue: :meth:`SeriesRun.stop` (``abort`` False) or :meth:`SeriesRun.abort`."""
+
+    run_id: int
+    abort: bool
+
+
+@dataclass(frozen=True)
+class WorkersLost:
+    """On the run's queue, from its bridge: a worker process died; the run fails."""
+
+    run_id: int
+    error: WorkerFailed
 
 
 StackOutcome = Union[StackDone, StackFailed, StackSkipped]
@@ -412,7 +433,11 @@ class WorkerPool:
 class SeriesRun:
     """The processing of one series; created by :meth:`LiveRunner.process`.
 
-    Runs in a background thread; :meth:`snapshot` may be called at any moment from any thread.
+    One thread consumes one queue, the frame source's: the receiver's events (series start,
+    stacks, series end), the workers' outcomes (forwarded from the pool's result queue by a
+    bridge thread, the only thread that waits on a process queue) and this run's Stop/Abort. It
+    dispatches, releases slots and merges in that order; nothing polls. :meth:`snapshot` may be
+    called at any moment from any thread.
     """
 
     def __init__(self, runner: LiveRunner, run_id: int, source: FrameSource, analyses: list[str],
@@ -429,28 +454,34 @@ class SeriesRun:
         self._parameters = parameters
         self._nav_shape = nav_shape
         self._wanted_series = series
+        # set by stop()/abort() from any thread: read by the consumer on every event, so that a
+        # queue full of stacks is dropped at once rather than after the control event's turn
         self._stop = threading.Event()
         self._abort = threading.Event()
         self._ended = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the results and counters, against snapshot()/counters()
         self._state = RunState.WAITING
         self._error: str | None = None
         self._series: int | None = None
+        self._started: SeriesStarted | None = None
         self._scan: ScanShape | None = None
         self._selected: list[SelectedAnalysis] = []
         self._done: np.ndarray = np.zeros(0, bool)
         self._frames_processed = 0
         self._frames_out_of_scan = 0
         self._dropped = np.zeros(0, np.int64)
+        self._finished = False  # the series' end came
         self._stacks_merged = 0
         self._stale_stacks = 0
-        self._in_flight: dict[int, tuple[Any, int]] = {}  # seq -> (stack or the part of it, worker)
-        self._flight_lock = threading.Lock()  # _in_flight and the pool's per-worker counts
-        self._dispatch_closed = False  # no more stacks will be dispatched (under _flight_lock)
-        self._collector_error: WorkerFailed | None = None
+        # the consumer thread's own: seq -> (stack or the part of it, worker)
+        self._in_flight: dict[int, tuple[Any, int]] = {}
+        self._dispatch_closed = False  # no more stacks will be dispatched
         self._pending: dict[int, StackOutcome] = {}  # outcomes waiting for earlier ones (by seq)
         self._next_merge = 0
         self._seq = itertools.count()
+        self._bridge: threading.Thread | None = None
+        # read while the last outcomes came, not this run's: the next run's (see _take)
+        self._not_ours: list[Any] = []
         self._thread = threading.Thread(target=self._run, name=f"series-run-{run_id}", daemon=True)
 
     # -- control ---------------------------------------------------------------------------
@@ -462,10 +493,13 @@ class SeriesRun:
     def stop(self) -> None:
         """Graceful: take no more stacks, finish those already taken, then a final snapshot."""
         self._stop.set()
+        self._source.post(RunControl(self._run_id, abort=False))
 
     def abort(self) -> None:
         """Drop every stack not processed yet; results merged so far stay in the snapshot."""
         self._abort.set()
+        self._pool.cancel_series()  # the workers skip what is queued from now on
+        self._source.post(RunControl(self._run_id, abort=True))
 
     def wait(self, timeout: float | None = None) -> ResultSnapshot:
         """The final snapshot once the run has ended; TimeoutError if it has not within ``timeout``."""
@@ -519,88 +553,144 @@ class SeriesRun:
                 frames_dropped=int(self._dropped.size), frames_out_of_scan=self._frames_out_of_scan,
                 stacks_merged=self._stacks_merged, error=self._error)
 
-    # -- the run thread ----------------------------------------------------------------------
+    # -- the consumer thread -----------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            self._process_series()
-        except Exception as error:  # the run ends FAILED with the reason; the runner stays usable
+            while not self._complete():
+                event = self._source.next_event(None)
+                try:
+                    self._take(event)
+                except Exception as error:  # the run ends FAILED with the reason; what is in flight drains
+                    log.exception("live processing of series %s failed", self._series)
+                    self._fail(f"{type(error).__name__}: {error}")
+            self._source.put_back(self._not_ours)
+            self._finish()
+        except Exception as error:  # noqa: BLE001 - the source itself failed: nothing more will come
             log.exception("live processing of series %s failed", self._series)
-            self._error = f"{type(error).__name__}: {error}"
-            self._abort.set()
-            self._pool.cancel_series()
+            self._error = self._error or f"{type(error).__name__}: {error}"
             self._state = RunState.FAILED
         finally:
             self._pool.cancel_series()
+            self._end_bridge()
             self._ended.set()
             self._on_change()
 
-    def _process_series(self) -> None:
-        started = self._wait_for_series_start()
+    def _complete(self) -> bool:
+        """The run is over: no series will start (stopped while waiting), or no stack will be
+        dispatched any more and every dispatched one has come back."""
+        if self._series is None:
+            return self._stop.is_set() or self._abort.is_set()
+        return self._dispatch_closed and not self._in_flight
+
+    def _take(self, event: Any) -> None:
+        if self._dispatch_closed and self._is_later_series(event):
+            self._not_ours.append(event)  # the next run's: its series started while this one drains
+            return
+        match event:
+            case StackReady(handle=stack):
+                self._take_stack(stack)
+            case StackDone() | StackFailed() | StackSkipped() if event.run_id == self._run_id:
+                self._take_outcome(event)
+            case SeriesStarted() if self._series is None and self._wanted_series in (None, event.series):
+                self._begin(event)
+            case SeriesFinished(summary=summary) if self._series is not None and summary.series == self._series:
+                self._dropped = np.asarray(summary.missing_frames, np.int64)
+                self._finished = True
+                self._dispatch_closed = True
+            case WorkersLost(run_id=run_id, error=error) if run_id == self._run_id:
+                self._fail(str(error))
+                self._in_flight.clear()  # their stacks died with the worker
+            case StackDone() | StackFailed() | StackSkipped():
+                log.warning("result of an unknown run/stack (%s, %s) ignored", event.run_id, event.seq)
+            case _:
+                pass  # another run's control, a series not wanted, None: look at the flags below
+        if (self._stop.is_set() or self._abort.is_set()) and self._series is not None:
+            self._dispatch_closed = True
+
+    def _is_later_series(self, event: Any) -> bool:
+        """A receiver event of a series that is not this run's, or of this run's series started anew."""
+        match event:
+            case SeriesStarted():
+                return True
+            case StackReady(handle=stack) | SeriesFinished(summary=stack):
+                return stack.series != self._series or bool(self._not_ours)
+        return False
+
+    def _begin(self, started: SeriesStarted) -> None:
+        self._started = started
+        self._series = started.series
+        self._state = RunState.RUNNING
+        self._bridge = threading.Thread(target=self._forward_outcomes, name=f"series-outcomes-{self._run_id}",
+                                        daemon=True)
+        self._bridge.start()
+        self._on_change()
+
+    def _take_stack(self, stack: Any) -> None:
+        if (self._series is None or stack.series != self._series or self._dispatch_closed
+                or self._stop.is_set() or self._abort.is_set()):
+            self._source.release(stack)
+            self._stale_stacks += 1
+            return
+        if not self._selected:
+            header = self._started.header
+            try:
+                self._set_up(header.shape or tuple(stack.shape),
+                             np.dtype(header.dtype).str if header.dtype is not None else stack.dtype)
+            except Exception:
+                self._source.release(stack)  # the run fails; its slot must not stay taken
+                raise
+        self._dispatch(stack)
+
+    def _fail(self, error: str) -> None:
+        self._error = self._error or error.splitlines()[0]
+        self._abort.set()
+        self._pool.cancel_series()
+        self._dispatch_closed = True
+
+    def _finish(self) -> None:
+        started = self._started
         if started is None:
             self._state = RunState.ABORTED if self._abort.is_set() else RunState.STOPPED
             return
-        self._series = started.series
-        self._state = RunState.RUNNING
-        self._on_change()
         header = started.header
-        frame_shape = header.shape
-        dtype = np.dtype(header.dtype).str if header.dtype is not None else None
-        finished = False
-        # results are taken by their own thread: a slot goes back to the receiver the moment
-        # its stack is processed, not when the next stack happens to arrive
-        collector = threading.Thread(target=self._collect_results, name=f"series-results-{self._run_id}",
-                                     daemon=True)
-        collector.start()
-        try:
-            while not finished:
-                if self._abort.is_set() or self._stop.is_set() or self._collector_error is not None:
-                    break
-                event = self._source.next_event(_POLL)
-                if isinstance(event, StackReady):
-                    stack = event.handle
-                    if stack.series != self._series:
-                        self._source.release(stack)
-                        self._stale_stacks += 1
-                        continue
-                    if not self._selected:
-                        self._set_up(started, frame_shape or tuple(stack.shape), dtype or stack.dtype)
-                    self._dispatch(stack)
-                elif isinstance(event, SeriesFinished) and event.series == self._series:
-                    self._dropped = np.asarray(event.summary.missing_frames, np.int64)
-                    finished = True
-        finally:
-            if self._abort.is_set():
-                self._pool.cancel_series()
-            with self._flight_lock:
-                self._dispatch_closed = True
-            self._pool.results.put(Wake())  # the collector re-checks now
-            collector.join()
-        if self._collector_error is not None:
-            raise self._collector_error
-        if not self._selected and frame_shape is not None and dtype is not None:
-            self._set_up(started, frame_shape, dtype)  # a series without any frame: all missing
+        if not self._selected and header.shape is not None and header.dtype is not None:
+            self._set_up(header.shape, np.dtype(header.dtype).str)  # a series without any frame: all missing
         with self._lock:
             if self._error:
                 self._state = RunState.FAILED
             elif self._abort.is_set():
                 self._state = RunState.ABORTED
             else:
-                self._state = RunState.FINISHED if finished else RunState.STOPPED
+                self._state = RunState.FINISHED if self._finished else RunState.STOPPED
 
-    def _wait_for_series_start(self) -> SeriesStarted | None:
-        """The start of the wanted series; stale stacks of earlier series are given back."""
-        while not (self._stop.is_set() or self._abort.is_set()):
-            event = self._source.next_event(_POLL)
-            if isinstance(event, SeriesStarted) and self._wanted_series in (None, event.series):
-                return event
-            if isinstance(event, StackReady):
-                self._source.release(event.handle)
-                self._stale_stacks += 1
-        return None
+    def _forward_outcomes(self) -> None:
+        """The bridge: the workers' outcomes from the pool's process queue onto the run's queue,
+        until the consumer says the run is over; a dead worker ends it (the run fails)."""
+        while True:
+            try:
+                message = self._pool.results.get(timeout=_LIVENESS_CHECK)
+            except queue.Empty:
+                try:
+                    self._pool.check_alive()
+                except WorkerFailed as error:
+                    self._source.post(WorkersLost(self._run_id, error))
+                    return
+                continue
+            if isinstance(message, Wake):
+                if message.run_id == self._run_id:
+                    return
+                continue
+            self._source.post(message)
 
-    def _set_up(self, started: SeriesStarted, frame_shape: tuple[int, int], dtype: str) -> None:
-        scan = resolve_scan_shape(started.header.number_of_images, self._nav_shape)
+    def _end_bridge(self) -> None:
+        bridge = self._bridge
+        if bridge is not None and bridge.is_alive():
+            self._pool.results.put(Wake(self._run_id))
+            bridge.join()
+
+    def _set_up(self, frame_shape: tuple[int, int], dtype: str) -> None:
+        scan = resolve_scan_shape(self._started.header.number_of_images, self._nav_shape)
         frame_shape = tuple(int(n) for n in frame_shape)
         raw_dtype = np.dtype(dtype)
         selected = self._runner.registry.build(self._analysis_names, self._parameters, frame_shape)
@@ -619,7 +709,8 @@ class SeriesRun:
             dtype_groups=list(groups.items()), tile_depth=max(1, tile_bytes(udfs) // frame_bytes),
             decode_frames_into=self._source.decode_frames_into,
             frames_per_partition=self._frames_per_partition or 1 << 30)
-        self._pool.begin_series(spec)
+        if not self._abort.is_set():
+            self._pool.begin_series(spec)
         with self._lock:
             self._dataset = dataset
             self._scan = scan
@@ -631,50 +722,23 @@ class SeriesRun:
         arrives while processing keeps up (the detector's own rate, and a series' last, partly
         filled stack) is done by every worker at once instead of by one while the others wait.
         A busy pool gets whole stacks: fewer, larger pieces cost less per frame."""
-        with self._flight_lock:
-            parts = max(1, min(self._pool.idle(), stack.frames // _MIN_PART_FRAMES))
-            for part in range(parts):
-                seq = next(self._seq)
-                begin, end = stack.frames * part // parts, stack.frames * (part + 1) // parts
-                worker = self._pool.dispatch(self._run_id, seq, stack, begin, end)
-                self._in_flight[seq] = (stack, worker)
+        parts = max(1, min(self._pool.idle(), stack.frames // _MIN_PART_FRAMES))
+        for part in range(parts):
+            seq = next(self._seq)
+            begin, end = stack.frames * part // parts, stack.frames * (part + 1) // parts
+            worker = self._pool.dispatch(self._run_id, seq, stack, begin, end)
+            self._in_flight[seq] = (stack, worker)
 
-    def _collect_results(self) -> None:
-        """The collector thread: partial results in, slots released, merged in order, until
-        dispatching has ended and nothing is in flight. A dead worker ends it (the run fails)."""
-        try:
-            while True:
-                with self._flight_lock:
-                    if self._dispatch_closed and not self._in_flight:
-                        return
-                try:
-                    message = self._pool.results.get(timeout=_POLL)
-                except queue.Empty:
-                    self._pool.check_alive()
-                    continue
-                self._take_outcome(message)
-        except WorkerFailed as error:
-            self._collector_error = error
-            self._abort.set()
-            with self._flight_lock:
-                self._in_flight.clear()  # their stacks died with the worker
-
-    def _take_outcome(self, message: StackOutcome | Wake) -> None:
-        if isinstance(message, Wake):
-            return
-        run_id, seq = message.run_id, message.seq
-        with self._flight_lock:
-            taken = self._in_flight.pop(seq, None) if run_id == self._run_id else None
-            if taken is not None:
-                self._pool.completed(taken[1])
-                # its slot goes back once no other part of it is in flight (a few entries at most)
-                stack_done = all(other is not taken[0] for other, _ in self._in_flight.values())
+    def _take_outcome(self, message: StackOutcome) -> None:
+        taken = self._in_flight.pop(message.seq, None)
         if taken is None:
-            log.warning("result of an unknown run/stack (%s, %s) ignored", run_id, seq)
+            log.warning("result of an unknown stack (%s, %s) ignored", message.run_id, message.seq)
             return
-        if stack_done:
+        self._pool.completed(taken[1])
+        # its slot goes back once no other part of it is in flight (a few entries at most)
+        if all(other is not taken[0] for other, _ in self._in_flight.values()):
             self._source.release(taken[0])
-        self._pending[seq] = message
+        self._pending[message.seq] = message
         self._merge_pending()
 
     def _merge_pending(self) -> None:
@@ -683,10 +747,8 @@ class SeriesRun:
             self._next_merge += 1
             match outcome:
                 case StackFailed(error=error):
-                    self._error = self._error or error.splitlines()[0]
                     log.error("analysis failed in a worker: %s", error)
-                    self._abort.set()
-                    self._pool.cancel_series()
+                    self._fail(error)
                 case StackDone(runs=runs, out_of_scan=out_of_scan) if not self._abort.is_set():
                     self._merge(runs, out_of_scan)
                 case StackDone() | StackSkipped():

@@ -33,13 +33,14 @@ import enum
 import logging
 import os
 import queue
+import select
 import socket as _socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import zmq
@@ -223,6 +224,16 @@ class _Series:
     dtype: np.dtype | None
     encoding: str = "none"
     python_errors: dict[str, int] = field(default_factory=dict)
+
+
+_HUNG_UP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+
+def _peer_closed(connection: _socket.socket) -> bool:
+    """The peer closed its end (or the connection failed), whatever is still queued to read."""
+    poller = select.poll()
+    poller.register(connection.fileno(), select.POLLIN | _HUNG_UP)
+    return any(mask & _HUNG_UP for _, mask in poller.poll(0))
 
 
 class StreamReceiver:
@@ -480,6 +491,11 @@ class StreamReceiver:
             self._stacks.mark(event.handle.slot, SlotState.IN_USE, expected=(SlotState.READY,))
         return event
 
+    def post(self, event: Any) -> None:
+        """Queue a consumer's own event among the receiver's (see :meth:`next_event`): whoever
+        consumes the events waits on one queue for them and for its own."""
+        self._events.put(event)
+
     def __iter__(self) -> Iterator[ReceiverEvent]:
         """Events until the receiver stops."""
         while True:
@@ -609,7 +625,9 @@ class StreamReceiver:
         except OSError as error:
             self._drop_connection(error.strerror or type(error).__name__)
             return
-        if not peeked:
+        if not peeked or _peer_closed(connection):
+            # queued bytes do not mean alive: a DCU that was killed after sending them closed
+            # the connection behind them, and the header of the next arm will not come over it
             self._drop_connection("closed by the DCU while idle")
 
     def _want_connection(self) -> None:
