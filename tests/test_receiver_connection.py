@@ -197,3 +197,22 @@ def test_connection_policy_is_checked():
         for bad in (0, -1.0, "5", True):
             with pytest.raises(ValueError, match="positive timeout"):
                 receiver.connect(bad)
+
+
+def test_always_idle_connection_with_unread_messages_is_dropped_when_the_dcu_restarts():
+    """The DCU sent something while the receiver was idle (unread in its socket) and was then
+    killed: the queued bytes must not make connect() trust the dead connection, or the header the
+    restarted DCU sends at the next arm goes nowhere."""
+    frames = random_frames(3, SHAPE, seed=11)
+    producer = StreamProducer(1)
+    port = producer.port
+    with StreamReceiver(producer.endpoint, frame_shape=SHAPE, frame_stack_size=4, transport="zmtp") as receiver:
+        receiver.connect()
+        producer.send_all(producer.series(1, frames))  # idle: stays unread in the receiver's socket
+        producer.close()  # the DCU is killed
+        with StreamProducer(1, port=port) as back:
+            receiver.connect()
+            assert receiver.stats().disconnects == 1, "the dead connection was kept"
+            receiver.arm(2)
+            back.send_all(back.series(2, frames))
+            _assert_complete(receiver, 2, frames)

@@ -116,6 +116,8 @@ class LiveDetector:
         # set before the acquisition exists: its publisher thread reports from the start
         self._progress = AcquisitionProgress(mode=AcquisitionMode.IDLE, message="idle")
         self._lock = threading.Lock()
+        self._compose_lock = threading.Lock()
+        self._compose_wanted = False
         self._catalogue: ParameterCatalogue | None = None
         self._catalogue_reader: threading.Thread | None = None
         self._condition = DeviceCondition(DeviceState.UNKNOWN, f"connecting to the DCU at {address.host}:{address.port}")
@@ -279,7 +281,7 @@ class LiveDetector:
             # Reading ~100 parameters takes longer than a Tango client waits for a command, and
             # this may run in one (Initialize): read in the background, State INIT meanwhile.
             self._read_catalogue_in_background()
-        self._compose(health)
+        self._compose()
 
     def _reconnected(self) -> None:
         if self.address.api_version is None:
@@ -319,9 +321,26 @@ class LiveDetector:
                 (update.progress.mode, update.progress.message, update.progress.hint):
             self._compose()
 
-    def _compose(self, health: DetectorHealth | None = None) -> None:
-        """State and Status from the DCU's health, the parameters read so far and the live processing."""
-        health = self.supervisor.health if health is None else health
+    def _compose(self) -> None:
+        """State and Status from the DCU's health, the parameters read so far and the live processing.
+
+        Commands, the supervisor and the publisher compose from their own threads, one at a time,
+        each from what is current then: otherwise a composition read before a change could be
+        published after the one that shows it (a Start's RUNNING after its session ended). A thread
+        that finds another composing leaves the work to it (the other composes once more before it
+        lets go) rather than wait: a Tango command holds the device's monitor, which the composing
+        thread may need to push its events."""
+        self._compose_wanted = True
+        while self._compose_wanted and self._compose_lock.acquire(blocking=False):
+            try:
+                while self._compose_wanted:
+                    self._compose_wanted = False
+                    self._compose_now()
+            finally:
+                self._compose_lock.release()
+
+    def _compose_now(self) -> None:
+        health = self.supervisor.health
         catalogue = self._catalogue
         if health.dcu_state not in (None, "na") and (catalogue is None or not catalogue.complete):
             self._publish(DeviceCondition(DeviceState.INIT, "reading the detector's parameters from the DCU"))

@@ -687,6 +687,7 @@ class LiveAcquisition:
             if not stopped():
                 errors.append(error)
                 self._abort.set()
+                self._wakeup.set()  # the session thread ends the series now
 
     # ---- pipeline ---------------------------------------------------------------------------------
 

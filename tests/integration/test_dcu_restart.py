@@ -127,8 +127,11 @@ def test_exact_acquisition_right_after_the_dcu_restarts(dcu, when, connection):
         if when == "mid_series":
             sim.sim_config(pacing="frame_time", nav_shape=[64, 64])
             proxy.nav_shape = [64, 64]
+            first_series = proxy.series_id
             proxy.Start()
-            wait_for(lambda: proxy.frames_received > 0, 30, f"frames arriving ({proxy.status()})")
+            # frames of the new series (frames_received still counts the last one's until it starts)
+            wait_for(lambda: proxy.series_id != first_series and proxy.frames_received > 0, 30,
+                     f"frames arriving ({proxy.status()})")
         sim = restart(dcu, proxy)
         initialize(proxy)
         wait_for(lambda: "Live processing (idle)" in proxy.status(), 60,
