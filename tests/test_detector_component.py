@@ -10,7 +10,7 @@ import pytest
 
 from tango_dectris_live.component import (CommandRefused, DetectorAddress, DeviceCondition, DeviceState,
                                           LiveDetector, LiveSettings)
-from tango_dectris_live.processing.acquisition import LiveAcquisition
+from tango_dectris_live.processing.acquisition import LiveAcquisition, PipelineSettings
 from tango_dectris_live.processing.limits import SettingRefused
 
 from .session_fakes import FakeDcu, InMemoryPipelineFactory, InMemoryStream, wait_until
@@ -55,7 +55,7 @@ def component(tmp_path_factory):
     listener = Listener()
     factory = functools.partial(LiveAcquisition, pipeline_factory=InMemoryPipelineFactory(stream))
     detector = LiveDetector(DetectorAddress("fake-dcu", poll_period=0.05), listener, client=dcu,
-                            settings=LiveSettings(workers=1), acquisition_factory=factory)
+                            settings=LiveSettings(tuning=PipelineSettings(workers=1)), acquisition_factory=factory)
     detector.start()
     try:
         yield detector, dcu, listener
@@ -85,7 +85,7 @@ def test_settings_are_checked_as_a_whole_and_reported(component):
         detector.change_settings(workers=100000)
     with pytest.raises(ValueError, match="unknown analysis"):
         detector.change_settings(analyses=["sum", "no_such_thing"])
-    assert detector.settings == LiveSettings(workers=1)  # nothing refused was taken
+    assert detector.settings == LiveSettings(tuning=PipelineSettings(workers=1))  # nothing refused was taken
     settings = detector.change_settings(adf_outer_radius=20.0, adf_inner_radius=13.0, nav_shape=[3, 4])
     assert settings.radii == (4.0, 13.0, 20.0) and settings.nav_shape == (3, 4)
     assert listener.settings[-1] == settings

@@ -35,11 +35,7 @@ class LiveSettings:
     bf_radius: float = AnalysisParameters.bf_radius
     adf_inner_radius: float = AnalysisParameters.adf_inner_radius
     adf_outer_radius: float = AnalysisParameters.adf_outer_radius
-    workers: int = 0
-    num_slots: int = 0
-    bytes_per_frame: int = 0
-    frame_stack_size: int = 0
-    frames_per_partition: int = 0
+    tuning: PipelineSettings = PipelineSettings()  # changed by its fields' names (TUNING)
     event_rate: float = 10.0
     series_timeout: float = 0.0
     transport: str = "auto"
@@ -50,7 +46,11 @@ class LiveSettings:
         return self.bf_radius, self.adf_inner_radius, self.adf_outer_radius
 
     def pipeline(self) -> PipelineSettings:
-        return PipelineSettings(**{name: getattr(self, name) for name in TUNING})
+        return self.tuning
+
+    def value(self, name: str) -> Any:
+        """A setting by the name :meth:`changed` takes (a tuning one as well as the others)."""
+        return getattr(self.tuning if name in TUNING else self, name)
 
     def analysis_parameters(self) -> AnalysisParameters:
         return AnalysisParameters(bf_radius=self.bf_radius, adf_inner_radius=self.adf_inner_radius,
@@ -61,17 +61,21 @@ class LiveSettings:
 
     def changed(self, context: SettingsContext, **changes: Any) -> LiveSettings:
         """A new value with ``changes``, each rule they touch checked; unknown names are refused."""
-        unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(self)})
+        unknown = sorted(set(changes) - _NAMES)
         if unknown:
             raise SettingRefused(f"no live setting named {', '.join(unknown)}")
-        new = dataclasses.replace(self, **_normalised(changes))
+        normalised = _normalised(changes)
+        tuning = {name: normalised.pop(name) for name in TUNING if name in normalised}
+        if tuning:
+            normalised["tuning"] = dataclasses.replace(self.tuning, **tuning)
+        new = dataclasses.replace(self, **normalised)
         new.check(context, touched=set(changes))
         return new
 
     def check(self, context: SettingsContext, touched: set[str] | None = None) -> None:
         """Check the rules of the ``touched`` settings (all by default) against this machine and,
         when the context knows it, the detector's frame."""
-        touched = {field.name for field in dataclasses.fields(self)} if touched is None else touched
+        touched = set(_NAMES) if touched is None else touched
         machine = context.machine() if touched & {"workers", "nav_shape", "analyses", *TUNING} else None
         frame = context.frame_shape() if touched & {"beam_center", *RADII} else None
         if "analyses" in touched:
@@ -88,11 +92,12 @@ class LiveSettings:
                                      f"inwards adf_inner_radius first") from refused
         if "beam_center" in touched:
             check_beam_center(self.beam_center, frame)
+        tuning = self.tuning
         if "workers" in touched:
-            check_workers(self.workers, machine)
+            check_workers(tuning.workers, machine)
         if touched & set(TUNING):
-            check_tuning(self.num_slots, self.bytes_per_frame, self.frame_stack_size, self.frames_per_partition,
-                         limits=machine)
+            check_tuning(tuning.num_slots, tuning.bytes_per_frame, tuning.frame_stack_size,
+                         tuning.frames_per_partition, limits=machine)
         if "event_rate" in touched:
             check_event_rate(self.event_rate)
         if "series_timeout" in touched:
@@ -101,6 +106,9 @@ class LiveSettings:
             check_choice("StreamTransport", self.transport, TRANSPORTS)
         if "connection" in touched:
             check_choice("stream_connection", self.connection, CONNECTIONS)
+
+
+_NAMES = frozenset({field.name for field in dataclasses.fields(LiveSettings)} - {"tuning"} | set(TUNING))
 
 
 @dataclass(frozen=True)

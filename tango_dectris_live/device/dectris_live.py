@@ -22,7 +22,8 @@ from tango.server import Device, command, device_property
 from ..component.catalogue import ParameterCatalogue
 from ..component.detector import CommandRefused, DetectorAddress, DeviceCondition, DeviceState, LiveDetector
 from ..component.settings import RADII, LiveSettings
-from ..processing.acquisition import AcquisitionBusyError, AcquisitionMode, AcquisitionProgress, AcquisitionUpdate
+from ..processing.acquisition import (AcquisitionBusyError, AcquisitionMode, AcquisitionProgress, AcquisitionUpdate,
+                                      PipelineSettings)
 from ..processing.analyses import UnknownAnalysisError
 from ..processing.limits import SettingRefused
 from ..processing.snapshot import ResultSnapshot
@@ -215,8 +216,9 @@ class DectrisLive(Device):
             analyses=tuple(self.Analyses) or defaults.analyses,
             nav_shape=tuple(int(n) for n in self.NavShape) or None,
             beam_center=(float(self.BeamCenter[0]), float(self.BeamCenter[1])) if len(self.BeamCenter) == 2 else None,
-            **radii, workers=self.Workers, num_slots=self.NumSlots, bytes_per_frame=self.BytesPerFrame,
-            frame_stack_size=self.FrameStackSize, frames_per_partition=self.FramesPerPartition,
+            **radii, tuning=PipelineSettings(
+                workers=self.Workers, num_slots=self.NumSlots, bytes_per_frame=self.BytesPerFrame,
+                frame_stack_size=self.FrameStackSize, frames_per_partition=self.FramesPerPartition),
             transport=self.StreamTransport, connection=self.StreamConnection)
 
     # -- what the component reports ---------------------------------------------------------
@@ -335,7 +337,7 @@ class DectrisLive(Device):
             self.add_attribute(attr, r_meth=self._read_setting, w_meth=self._write_setting)
 
     def _read_setting(self, attr: tango.Attribute) -> None:
-        value = getattr(self._detector.settings, LIVE_SETTINGS[attr.get_name()].field)
+        value = self._detector.settings.value(LIVE_SETTINGS[attr.get_name()].field)
         attr.set_value(list(value or ()) if isinstance(LIVE_SETTINGS[attr.get_name()].dtype, tuple) else value)
 
     def _write_setting(self, attr: tango.WAttribute) -> None:
