@@ -19,7 +19,7 @@ from tango.test_context import DeviceTestContext
 
 from sim.server import SimulatorServer
 from tango_dectris_live.device.dectris_live import DectrisLive
-from tango_dectris_live.testing import EventRecorder, wait_for
+from tango_dectris_live.testing import acquire, EventRecorder, wait_for
 
 from .live_reference import simulator_ground_truth
 
@@ -90,11 +90,7 @@ def test_status_says_what_the_dcu_lacks(variant):
 def test_active_acquisitions_are_exact(variant):
     _name, sim, proxy = variant
     for _ in range(2):
-        with EventRecorder(proxy, data_ready=("sum_image",)) as log:
-            wait_for(lambda: proxy.state() == DevState.ON, TIMEOUT, f"State ON ({proxy.status()})")
-            proxy.Start()
-            wait_for(lambda: log.data_ready("sum_image"), TIMEOUT, f"the final result ({proxy.status()})")
-        wait_for(lambda: proxy.state() == DevState.ON, TIMEOUT, f"State ON again ({proxy.status()})")
+        acquire(proxy, TIMEOUT)
         assert_exact(proxy, sim)
 
 

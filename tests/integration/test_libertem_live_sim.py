@@ -23,7 +23,7 @@ from tango.test_context import DeviceTestContext
 
 from sim.zmqdump import write_zmqdump
 from tango_dectris_live.device.dectris_live import DectrisLive
-from tango_dectris_live.testing import EventRecorder, wait_for
+from tango_dectris_live.testing import acquire, EventRecorder, wait_for
 from tests.test_sim_stream_v1 import make_series, stream_under_test
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -131,11 +131,7 @@ def test_status_names_what_the_dcu_does_not_provide(proxy):
 def test_active_acquisitions_in_a_row_are_exact(proxy, libertem_dcu):
     truth = libertem_dcu[2]
     for _ in range(2):
-        with EventRecorder(proxy, data_ready=("sum_image",)) as log:
-            wait_for(lambda: proxy.state() == DevState.ON, TIMEOUT, f"State ON ({proxy.status()})")
-            proxy.Start()
-            wait_for(lambda: log.data_ready("sum_image"), TIMEOUT, f"the final result ({proxy.status()})")
-        wait_for(lambda: proxy.state() == DevState.ON, TIMEOUT, f"State ON again ({proxy.status()})")
+        acquire(proxy, TIMEOUT)
         assert_exact(proxy, truth)
         assert proxy.messages_rejected == 0, list(proxy.rejected_by_reason)
 
