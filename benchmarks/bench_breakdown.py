@@ -557,6 +557,8 @@ def main() -> None:
                         help="wait for State ON by polling State every 1 ms (as bench_start_turnaround) "
                              "or by its change event")
     parser.add_argument("--analyses", nargs="+", default=["sum", "sumsig"])
+    parser.add_argument("--config-reuse", type=float, default=0.0,
+                        help="the device's config_reuse (s): DCU settings read for one Start serve the next")
     parser.add_argument("--timeline", action="store_true", help="also print one acquisition's raw timeline "
                                                                 "per series length")
     parser.add_argument("--py-spy", metavar="OUT", default=None,
@@ -570,6 +572,7 @@ def main() -> None:
     multiprocessing.set_start_method("forkserver", force=True)
     with ExitStack() as stack:
         bench = Bench(stack, args.wait, args.analyses)
+        bench.proxy.config_reuse = args.config_reuse
         stack.callback(bench.close)
         print(f"device pid {bench.device_pid}, {os.cpu_count()} CPUs, wait for ON: {args.wait}")
         if args.py_spy:

@@ -123,6 +123,7 @@ def scan(args: argparse.Namespace) -> list[tuple[int, list[float], float]]:
         with DeviceTestContext(DectrisLive, properties=properties, process=True, timeout=60) as proxy:
             wait_until(lambda: proxy.state() == DevState.ON, 120, "State ON", 0.01)
             write_if_changed(proxy, "analyses", args.analyses)
+            proxy.config_reuse = args.config_reuse
             names = dict(line.split(": ", 1) for line in proxy.result_attributes)
             results = [name for analysis in args.analyses for name in names[analysis].split(", ")]
             scanner = Scanner(proxy, results, args.wait, args.poll_interval)
@@ -147,7 +148,8 @@ def print_figures(args: argparse.Namespace, figures: list[tuple[int, list[tuple[
                   header: bool) -> None:
     if header:
         print(f"step scan: {args.points} points, count_time {args.count_time * 1e3:g} ms, pacing {args.pacing}, "
-              f"wait {args.wait}, analyses {'+'.join(args.analyses)}, geometry {args.geometry}")
+              f"wait {args.wait}, analyses {'+'.join(args.analyses)}, geometry {args.geometry}, "
+              f"config_reuse {args.config_reuse:g} s")
         print("per point, ms: Start -> results read (median, p90, max, mean; points over 100 ms); medians of "
               "Start -> final result event and -> State ON")
         print(f"{'frames/point':>12} {'points/s':>9} {'median':>7} {'p90':>7} {'max':>7} {'mean':>7} {'>100ms':>6} "
@@ -173,6 +175,8 @@ def main() -> None:
                         help="State ON by change event, or by reading State every --poll-interval")
     parser.add_argument("--poll-interval", type=float, default=0.001, help="seconds (--wait poll)")
     parser.add_argument("--analyses", nargs="+", default=["sum", "sumsig"])
+    parser.add_argument("--config-reuse", type=float, default=0.0,
+                        help="the device's config_reuse (s): DCU settings read for one point serve the next")
     parser.add_argument("--geometry", choices=("arina96", "default"), default="arina96",
                         help="ARINA binned 96x96 uint16, or the simulator's ARINA default")
     parser.add_argument("--no-check", dest="check", action="store_false",

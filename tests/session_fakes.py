@@ -201,6 +201,13 @@ class FakeDcu:
         self.stream.begin(self.series_id, self.frames_of(self.series_id))
         return self.series_id
 
+    def trigger_timeout(self, count_time: float | None = None, *, frame_time: float | None = None,
+                        nimages: int | None = None, start_delay: float | None = None) -> float:
+        return 10.0
+
+    def recent_value(self, module: str, key: str, max_age: float) -> Any:
+        return self.get_value(module, "config", key)
+
     def trigger(self, count_time: float | None = None, timeout: float | None = None) -> None:
         self.commands.append("trigger")
         if self.refuse_trigger:

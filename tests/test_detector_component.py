@@ -90,6 +90,10 @@ def test_settings_are_checked_as_a_whole_and_reported(component):
     assert settings.radii == (4.0, 13.0, 20.0) and settings.nav_shape == (3, 4)
     assert listener.settings[-1] == settings
     assert detector.change_settings(nav_shape=[]).nav_shape is None
+    with pytest.raises(SettingRefused, match="config_reuse must be 0"):
+        detector.change_settings(config_reuse=-1)
+    assert detector.change_settings(config_reuse=2.5).config_reuse == 2.5 == detector.acquisition.config_reuse
+    assert detector.change_settings(config_reuse=0).config_reuse == 0 == detector.acquisition.config_reuse
 
 
 def test_a_whole_acquisition_through_the_component(component):

@@ -480,7 +480,7 @@ def test_version_discovery_falls_back_to_the_url_without_slash(fake_dcu) -> None
         assert client.api_version == "1.6.0"
 
 
-def test_simplon_imports_only_requests_and_the_standard_library() -> None:
+def test_simplon_imports_only_urllib3_and_the_standard_library() -> None:
     import ast
     import sys
     from pathlib import Path
@@ -497,7 +497,7 @@ def test_simplon_imports_only_requests_and_the_standard_library() -> None:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                assert top == "requests" or top in sys.stdlib_module_names, f"{source.name} imports {name}"
+                assert top == "urllib3" or top in sys.stdlib_module_names, f"{source.name} imports {name}"
 
 
 def test_write_skips_images_and_keys_that_cannot_be_read(fake_dcu) -> None:
@@ -511,3 +511,20 @@ def test_write_skips_images_and_keys_that_cannot_be_read(fake_dcu) -> None:
     requested = [(method, path) for method, path, _ in fake.requests]
     assert ("GET", f"{V18}/config/difference_mode") in requested  # tried, 404, left out
     assert ("GET", f"{V18}/config/flatfield") not in requested  # a detector-sized image: never re-read
+
+
+def test_recent_values_are_reused_until_a_write_or_initialize(fake_dcu) -> None:
+    fake = fake_dcu({
+        ("GET", f"{V18}/config/nimages"): (200, '{"value": 7, "value_type": "uint", "access_mode": "rw"}'),
+        ("PUT", f"{V18}/config/nimages"): (200, '["nimages"]'),
+        ("PUT", f"{V18}/command/initialize"): (200, ""),
+    })
+    reads = lambda: fake.requests.count(("GET", f"{V18}/config/nimages", b""))  # noqa: E731
+    with DetectorClient("127.0.0.1", fake.port, api_version="1.8.0") as client:
+        assert client.recent_value("detector", "nimages", 60) == 7 and reads() == 1
+        assert client.recent_value("detector", "nimages", 60) == 7 and reads() == 1  # reused
+        assert client.recent_value("detector", "nimages", 0) == 7 and reads() == 2  # 0: always read
+        client.write("detector", "nimages", 7, validate=False)  # re-reads what it changed
+        assert reads() == 3 and client.recent_value("detector", "nimages", 60) == 7 and reads() == 3
+        client.initialize()
+        assert client.recent_value("detector", "nimages", 60) == 7 and reads() == 4

@@ -274,3 +274,17 @@ def test_an_activity_event_is_not_overwritten_by_a_slower_poll(stateless_dcu):
     command.join(10)
     assert applied[-1] is DetectorCondition.BUSY
     assert supervisor.health.condition is DetectorCondition.BUSY
+
+
+def test_with_state_our_own_ending_command_is_published_at_once():
+    """A poll read 'ready' during an acquisition; our disarm succeeded: the detector is idle now,
+    not at the next poll a second later (a step scan would wait that second at every point)."""
+    dcu = ScriptedDcuWithoutState()
+    dcu.dcu_state = "ready"
+    supervisor = DetectorSupervisor(dcu)
+    assert supervisor.refresh().condition is DetectorCondition.BUSY
+    dcu.dcu_state = "idle"  # the DCU after our disarm; no poll has read it yet
+    dcu.announce("disarm")
+    assert (supervisor.health.condition, supervisor.health.dcu_state) == (DetectorCondition.IDLE, "idle")
+    dcu.announce("arm", "trigger_started", "series_started")  # the polls tell these
+    assert supervisor.health.dcu_state == "idle" and supervisor.dcu_reports_state

@@ -129,6 +129,7 @@ class LiveDetector:
         self.acquisition = acquisition_factory(
             self.client, address.stream_host or address.host, dict(address.stream_ports), registry=self.registry,
             settings=settings.pipeline(), event_rate=settings.event_rate, series_timeout=settings.series_timeout,
+            config_reuse=settings.config_reuse,
             on_update=self._acquisition_updated, transport=settings.transport, connection=settings.connection,
             result_counts={name: len(names) for name, names in self._result_names.items()})
 
@@ -188,6 +189,7 @@ class LiveDetector:
             self._settings = new
         self.acquisition.event_rate = new.event_rate
         self.acquisition.series_timeout = new.series_timeout
+        self.acquisition.config_reuse = new.config_reuse
         self.acquisition.connection = new.connection
         self._listener.settings_changed(new)
         return new

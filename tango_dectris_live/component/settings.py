@@ -16,7 +16,8 @@ from tango_dectris_live.processing.acquisition import AcquisitionRequest, Pipeli
 from tango_dectris_live.processing.analyses import AnalysisParameters
 from tango_dectris_live.processing.limits import (MachineLimits, SettingRefused, check_beam_center, check_choice,
                                                   check_event_rate, check_nav_shape, check_radii,
-                                                  check_series_timeout, check_tuning, check_workers)
+                                                  check_config_reuse, check_series_timeout, check_tuning,
+                                                  check_workers)
 from tango_dectris_live.receiver import CONNECTIONS, TRANSPORTS
 
 TUNING = ("workers", "num_slots", "bytes_per_frame", "frame_stack_size", "frames_per_partition")
@@ -38,6 +39,7 @@ class LiveSettings:
     tuning: PipelineSettings = PipelineSettings()  # changed by its fields' names (TUNING)
     event_rate: float = 10.0
     series_timeout: float = 0.0
+    config_reuse: float = 0.0
     transport: str = "auto"
     connection: str = "per_series"
 
@@ -102,6 +104,8 @@ class LiveSettings:
             check_event_rate(self.event_rate)
         if "series_timeout" in touched:
             check_series_timeout(self.series_timeout)
+        if "config_reuse" in touched:
+            check_config_reuse(self.config_reuse)
         if "transport" in touched:
             check_choice("StreamTransport", self.transport, TRANSPORTS)
         if "connection" in touched:
@@ -133,7 +137,7 @@ def _normalised(changes: Mapping[str, Any]) -> dict[str, Any]:
             value = tuple(int(v) for v in value) if value is not None and len(value) else None
         elif name == "beam_center":
             value = tuple(float(v) for v in value) if value is not None and len(value) else None
-        elif name in RADII or name in ("event_rate", "series_timeout"):
+        elif name in RADII or name in ("event_rate", "series_timeout", "config_reuse"):
             value = float(value)
         elif name in TUNING:
             value = int(value)

@@ -70,6 +70,11 @@ LIVE_SETTINGS = {
         "frame, before it ends with a 'no data' error naming what was received and rejected (State back to ON). "
         "0: automatic (10 s for the header; between frames 10 s + 10 frame times, or with external triggers "
         "60 s + the series' duration at the frame time)", unit="s"),
+    "config_reuse": LiveAttribute(
+        "config_reuse", tango.DevDouble, "Seconds a DCU setting read for one Start may serve the next Starts "
+        "instead of being read again (a step scan then reads them once: ~10 GETs fewer per point). A change "
+        "through this device is always seen; one made by another client only once the value is older than "
+        "this. 0 (default): read at every Start. Passive mode always reads", unit="s"),
     "stream_connection": LiveAttribute(
         "connection", tango.DevString, "When the device is connected to the DCU's stream: per_series (only while a "
         "series is armed or listened for; other consumers get whole series while the device is idle) or always. "

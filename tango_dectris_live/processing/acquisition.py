@@ -35,9 +35,9 @@ from tango_dectris_live.simplon.client import DetectorClient
 from tango_dectris_live.simplon.errors import SimplonError
 
 from .analyses import AnalysisParameters, AnalysisRegistry
-from .limits import (MAX_SERIES_TIMEOUT, MachineLimits, check_beam_center, check_choice, check_event_rate,
-                     check_nav_shape, check_radii, check_series_timeout, check_tuning, check_whole_numbers,
-                     check_workers)
+from .limits import (MAX_SERIES_TIMEOUT, MachineLimits, check_beam_center, check_choice, check_config_reuse,
+                     check_event_rate, check_nav_shape, check_radii, check_series_timeout, check_tuning,
+                     check_whole_numbers, check_workers)
 from .live_dataset import ReceiverFrameSource
 from .pipeline_factory import StreamPipelineFactory
 from .runner import LiveRunner, SeriesRun
@@ -194,7 +194,7 @@ class LiveAcquisition:
     def __init__(self, detector: DetectorClient, stream_host: str, stream_ports: Mapping[int, int], *,
                  registry: AnalysisRegistry | None = None, settings: PipelineSettings = PipelineSettings(),
                  event_rate: float = 10.0, on_update: UpdateCallback | None = None,
-                 series_timeout: float = 0.0, worker_start_method: str = "spawn",
+                 series_timeout: float = 0.0, worker_start_method: str = "spawn", config_reuse: float = 0.0,
                  transport: str = "auto", connection: str = "per_series",
                  pipeline_factory: Any = None, result_counts: Mapping[str, int] | None = None) -> None:
         self.connection = connection  # validated by the setter below
@@ -209,6 +209,8 @@ class LiveAcquisition:
         self.on_update = on_update
         self._series_timeout = 0.0
         self.series_timeout = series_timeout
+        self._config_reuse = 0.0
+        self.config_reuse = config_reuse
         self._event_rate = 10.0
         self.event_rate = event_rate
         self._lock = threading.RLock()
@@ -279,6 +281,17 @@ class LiveAcquisition:
     @series_timeout.setter
     def series_timeout(self, seconds: float) -> None:
         self._series_timeout = check_series_timeout(seconds)
+
+    @property
+    def config_reuse(self) -> float:
+        """Seconds a DCU setting this client read (or wrote and re-read) may serve a Start again
+        instead of a new GET; 0: read at every Start. A change through this device is always
+        seen; one by another client only once the value is older than this."""
+        return self._config_reuse
+
+    @config_reuse.setter
+    def config_reuse(self, seconds: float) -> None:
+        self._config_reuse = check_config_reuse(seconds)
 
     def header_timeout(self) -> float:
         return self._series_timeout or HEADER_TIMEOUT
@@ -451,6 +464,9 @@ class LiveAcquisition:
         return replace(request, nav_shape=nav_shape)
 
     def _begin(self, mode: AcquisitionMode, request: AcquisitionRequest) -> None:
+        # active: the DCU's settings read for the last Start may serve again (config_reuse; a
+        # step scan then reads them once, not at every point); passive: someone else sets them
+        self.control.reuse_for = self._config_reuse if mode == AcquisitionMode.ACTIVE else 0.0
         try:
             geometry = self.stream_geometry()
         except SimplonError as error:
@@ -682,7 +698,7 @@ class LiveAcquisition:
         the session thread once it ended); under a Stop/Abort it is expected."""
         stopped = lambda: self._stop.is_set() or self._abort.is_set()  # noqa: E731
         try:
-            self.control.trigger(trigger_mode, nav_shape, stopped)
+            self.control.trigger(trigger_mode, nav_shape, stopped, self._frame_time)
         except SimplonError as error:
             if not stopped():
                 errors.append(error)

@@ -217,6 +217,18 @@ def check_series_timeout(seconds: float) -> float:
     return float(seconds)
 
 
+MAX_CONFIG_REUSE = 60.0
+
+
+def check_config_reuse(seconds: float) -> float:
+    """0 (read the DCU's settings at every Start) or how long a value read may serve again."""
+    if not (isinstance(seconds, (int, float, np.floating)) and math.isfinite(seconds)
+            and 0 <= seconds <= MAX_CONFIG_REUSE):
+        raise SettingRefused(f"config_reuse must be 0 (read at every Start) or up to {MAX_CONFIG_REUSE:g} "
+                             f"seconds, got {seconds!r}")
+    return float(seconds)
+
+
 def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
     """A setting with a fixed set of values (stream transport, stream connection)."""
     if value not in allowed:

@@ -625,6 +625,10 @@ class SeriesRun:
                                         daemon=True)
         self._bridge.start()
         self._on_change()
+        header = started.header
+        if header.shape is not None and header.dtype is not None and not self._abort.is_set():
+            # the workers build the series' UDFs while its first frames are still on their way
+            self._set_up(header.shape, np.dtype(header.dtype).str)
 
     def _take_stack(self, stack: Any) -> None:
         if (self._series is None or stack.series != self._series or self._dispatch_closed

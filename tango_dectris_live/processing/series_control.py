@@ -36,25 +36,31 @@ class StreamGeometry:
 class SeriesControl:
     """The DCU as a series needs it; ``detector`` is the DCU client (or a fake in tests)."""
 
-    def __init__(self, detector: DetectorClient) -> None:
+    def __init__(self, detector: DetectorClient, reuse_for: float = 0.0) -> None:
         self.detector = detector
+        # config values read at most this many seconds ago are not read again (0: always read);
+        # the acquisition sets it per mode (see LiveAcquisition.CONFIG_REUSE_S)
+        self.reuse_for = reuse_for
+
+    def _value(self, module: str, key: str) -> Any:
+        return self.detector.recent_value(module, key, self.reuse_for)
 
     def trigger_mode(self) -> str:
         try:
-            return str(self.detector.get_value("detector", "config", "trigger_mode"))
+            return str(self._value("detector", "trigger_mode"))
         except UnknownParameterError:
             return "ints"
 
     def frame_time(self) -> float:
         try:
-            return float(self.detector.get_value("detector", "config", "frame_time"))
+            return float(self._value("detector", "frame_time"))
         except (UnknownParameterError, TypeError, ValueError):
             return 0.0
 
     def scan_shape(self) -> tuple[int, ...]:
         """The scan the DCU is set for: (ntrigger, nimages), or one line."""
-        nimages = int(self.detector.get_value("detector", "config", "nimages"))
-        ntrigger = int(self.detector.get_value("detector", "config", "ntrigger"))
+        nimages = int(self._value("detector", "nimages"))
+        ntrigger = int(self._value("detector", "ntrigger"))
         return (ntrigger, nimages) if ntrigger > 1 and nimages > 1 else (max(1, nimages * ntrigger),)
 
     def image_count(self) -> int:
@@ -74,7 +80,7 @@ class SeriesControl:
         # accepts only the recorded values) still runs a scan of the size it already has.
         for key, value in (("ntrigger", ntrigger), ("nimages", nimages)):
             try:
-                current = int(self.detector.get_value("detector", "config", key))
+                current = int(self._value("detector", key))
             except (UnknownParameterError, TypeError, ValueError):
                 current = None
             if current != value:
@@ -84,13 +90,22 @@ class SeriesControl:
                     raise SimplonError(f"cannot set the scan of {list(nav_shape)} positions "
                                        f"({key} = {value}, the DCU has {current}): {error}") from error
 
-    def trigger(self, trigger_mode: str, nav_shape: tuple[int, ...], stopped: Callable[[], bool]) -> None:
+    def trigger(self, trigger_mode: str, nav_shape: tuple[int, ...], stopped: Callable[[], bool],
+                frame_time: float = 0.0) -> None:
         """The software triggers of a series (none with external triggers); an ints trigger
-        returns when the series is done. ``stopped``: whether to give up (Stop/Abort)."""
+        returns when the series is done. ``stopped``: whether to give up (Stop/Abort);
+        ``frame_time``: as read for this series (0: not known, read again)."""
         if trigger_mode == "ints":
-            self.detector.trigger()
+            # the series' own figures: the timeout needs no second reading of them
+            try:
+                start_delay = float(self._value("detector", "trigger_start_delay") or 0.0)
+            except UnknownParameterError:  # older firmware has no trigger_start_delay
+                start_delay = 0.0
+            timeout = self.detector.trigger_timeout(frame_time=frame_time or None, nimages=int(np.prod(nav_shape)),
+                                                    start_delay=start_delay)
+            self.detector.trigger(timeout=timeout)
         elif trigger_mode == "inte":
-            count_time = float(self.detector.get_value("detector", "config", "count_time"))
+            count_time = float(self._value("detector", "count_time"))
             for _ in range(int(np.prod(nav_shape))):
                 if stopped():
                     return
@@ -110,8 +125,8 @@ class SeriesControl:
         if parameters.beam_centre is not None:
             return parameters
         try:
-            x = float(self.detector.get_value("detector", "config", "beam_center_x"))
-            y = float(self.detector.get_value("detector", "config", "beam_center_y"))
+            x = float(self._value("detector", "beam_center_x"))
+            y = float(self._value("detector", "beam_center_y"))
         except (UnknownParameterError, TypeError, ValueError):
             return parameters
         if not (math.isfinite(x) and math.isfinite(y)) or (x == 0 and y == 0):
@@ -121,24 +136,24 @@ class SeriesControl:
     def stream_geometry(self) -> StreamGeometry:
         """Stream version, frame shape and pixel type, as the DCU is configured now."""
         try:
-            stream_format = str(self.detector.get_value("stream", "config", "format"))
+            stream_format = str(self._value("stream", "format"))
         except UnknownParameterError:
             stream_format = "legacy"  # SIMPLON 1.6 and older firmware: stream v1 only
         version = _STREAM_FORMAT_VERSIONS.get(stream_format)
         if version is None:
             raise ValueError(f"stream/config/format is {stream_format!r}; the receiver knows "
                              f"{', '.join(_STREAM_FORMAT_VERSIONS)}")
-        width = int(self.detector.get_value("detector", "config", "x_pixels_in_detector"))
-        height = int(self.detector.get_value("detector", "config", "y_pixels_in_detector"))
+        width = int(self._value("detector", "x_pixels_in_detector"))
+        height = int(self._value("detector", "y_pixels_in_detector"))
         try:
-            bit_depth = int(self.detector.get_value("detector", "config", "bit_depth_image"))
+            bit_depth = int(self._value("detector", "bit_depth_image"))
         except UnknownParameterError:
             bit_depth = 16
         return StreamGeometry(version, (height, width), _BIT_DEPTH_DTYPES.get(bit_depth, "uint32"))
 
     def enable_stream(self) -> None:
         try:
-            mode = str(self.detector.get_value("stream", "config", "mode"))
+            mode = str(self._value("stream", "mode"))
         except UnknownParameterError:
             return  # a DCU without a stream mode key streams always
         if mode != "enabled":

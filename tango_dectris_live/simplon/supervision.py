@@ -53,6 +53,9 @@ _INFERRED_STATE_AFTER = {
     "series_ended": "idle",
 }
 
+# The state a DCU is in once a command of ours that ends a series succeeded (SIMPLON 1.8).
+_STATE_AFTER_OWN_COMMAND = {"initialize": "idle", "disarm": "idle", "abort": "idle"}
+
 NO_STATE_NOTE = ("the DCU reports no state: detector/status/state not provided; state inferred from "
                  "this device's commands and the stream")
 
@@ -198,14 +201,22 @@ class DetectorSupervisor:
 
     def _on_activity(self, event: str) -> None:
         """An activity event of the client: infer the state, and on a DCU without state publish
-        the health at once (a newer read than any poll in flight, so no poll overwrites it)."""
+        the health at once (a newer read than any poll in flight, so no poll overwrites it).
+
+        On a DCU with a state, a command of ours that ended a series tells the state it left the
+        DCU in just as well: published at once too, or a poll read just before the command (ready,
+        acquire) would show the detector busy until the next poll, a second later."""
         with self._lock:
             self._infer_state(event)
-            if self._dcu_reports_state is not False or not self._reachable:
+            reports = self._dcu_reports_state
+            if not self._reachable or (reports is not False and event not in _STATE_AFTER_OWN_COMMAND):
                 return  # the DCU's own state (or its absence) is what the polls publish
             self._reads_started += 1
             read = self._reads_started
-        self._publish(self._inferred_health(), read)
+        if reports is False:
+            self._publish(self._inferred_health(), read)
+        else:
+            self._publish(self._health_from_state(_STATE_AFTER_OWN_COMMAND[event]), read)
 
     def _infer_state(self, event: str) -> None:
         """Called with the lock held."""
