@@ -17,15 +17,16 @@ ALLOWED = {
     "simplon": set(),
     "stream": set(),
     "receiver": {"stream"},
-    "processing": {"receiver", "stream", "simplon"},
-    "component": {"processing", "receiver", "stream", "simplon"},
-    "device": {"component", "processing", "receiver", "stream", "simplon"},
+    "saving": {"receiver", "stream"},
+    "processing": {"receiver", "stream", "simplon", "saving"},
+    "component": {"processing", "receiver", "stream", "simplon", "saving"},
+    "device": {"component", "processing", "receiver", "stream", "simplon", "saving"},
     # Client-side helpers of tests, demo and benchmarks: they talk to the device over Tango and to the
     # receiver over ZeroMQ, so a bug in the product cannot hide behind a helper sharing its code;
     # and being in ALLOWED, no product layer may import them.
     "testing": set(),
 }
-TANGO_FREE = {"simplon", "stream", "receiver", "processing", "component"}
+TANGO_FREE = {"simplon", "stream", "receiver", "saving", "processing", "component"}
 SOURCE_SUFFIXES = (".py", ".pyx", ".pxd")
 # Cython: strings and comments first (a docstring may say "from pyzmq import ..."), then the imports.
 _CYTHON_NOISE = re.compile(r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"[^"\n]*"|\'[^\'\n]*\'|#[^\n]*')
