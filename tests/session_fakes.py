@@ -205,6 +205,9 @@ class FakeDcu:
                         nimages: int | None = None, start_delay: float | None = None) -> float:
         return 10.0
 
+    def known_config(self) -> dict[str, tuple[Any, str | None]]:
+        return {f"{module}/{key}": (value, None) for (module, key), value in self.config.items()}
+
     def recent_value(self, module: str, key: str, max_age: float) -> Any:
         return self.get_value(module, "config", key)
 

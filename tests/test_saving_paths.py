@@ -70,8 +70,12 @@ def test_a_symlink_out_of_the_base_is_refused_before_anything_is_created_there(t
     base, outside = tmp_path / "base", tmp_path / "outside"
     base.mkdir()
     outside.mkdir()
-    (base / "link").symlink_to(outside)
+    with pytest.raises(UnsafePathError, match="outside the base directory"):
+        (base / "link").symlink_to(outside)
+        SavingLocation.create(str(base), "link/sub", "x.h5")  # refused when set
+    (base / "link").unlink()
     location = SavingLocation.create(str(base), "link/sub", "x.h5")
+    (base / "link").symlink_to(outside)  # made after the setting was taken
     with pytest.raises(UnsafePathError, match="outside the base directory"):
         location.reserve(1, WHEN)
     assert list(outside.iterdir()) == []

@@ -22,6 +22,7 @@ from tango_dectris_live.processing.acquisition import (AcquisitionMode, Acquisit
                                                        LiveAcquisition)
 from tango_dectris_live.processing.analyses import AnalysisRegistry
 from tango_dectris_live.processing.limits import SettingRefused
+from tango_dectris_live.processing.series_saving import SeriesSaving
 from tango_dectris_live.processing.snapshot import ResultSnapshot
 from tango_dectris_live.simplon.client import DetectorClient
 from tango_dectris_live.simplon.errors import SimplonError, UnknownParameterError
@@ -99,7 +100,7 @@ class LiveDetector:
     def __init__(self, address: DetectorAddress, listener: DetectorListener, *,
                  settings: LiveSettings = LiveSettings(), registry: AnalysisRegistry | None = None,
                  client: DetectorClient | None = None,
-                 acquisition_factory: AcquisitionFactory = LiveAcquisition) -> None:
+                 acquisition_factory: AcquisitionFactory = LiveAcquisition, saving_base_directory: str = "") -> None:
         self.address = address
         self._listener = listener
         self.registry = registry if registry is not None else AnalysisRegistry.discover()
@@ -112,7 +113,9 @@ class LiveDetector:
                 log.error("analysis %s left out: %s", name, exc)
                 self.analysis_problems.append(f"analysis {name} left out: {type(exc).__name__}: {exc}")
         self._settings = settings
+        self.saving = SeriesSaving(saving_base_directory)
         self._settings.check(self._context(with_frame=False))
+        self.saving.settings = settings.saving()
         # set before the acquisition exists: its publisher thread reports from the start
         self._progress = AcquisitionProgress(mode=AcquisitionMode.IDLE, message="idle")
         self._lock = threading.Lock()
@@ -129,7 +132,7 @@ class LiveDetector:
         self.acquisition = acquisition_factory(
             self.client, address.stream_host or address.host, dict(address.stream_ports), registry=self.registry,
             settings=settings.pipeline(), event_rate=settings.event_rate, series_timeout=settings.series_timeout,
-            config_reuse=settings.config_reuse,
+            config_reuse=settings.config_reuse, saving=self.saving,
             on_update=self._acquisition_updated, transport=settings.transport, connection=settings.connection,
             result_counts={name: len(names) for name, names in self._result_names.items()})
 
@@ -190,13 +193,15 @@ class LiveDetector:
         self.acquisition.event_rate = new.event_rate
         self.acquisition.series_timeout = new.series_timeout
         self.acquisition.config_reuse = new.config_reuse
+        self.saving.settings = new.saving()  # from the next series on
         self.acquisition.connection = new.connection
         self._listener.settings_changed(new)
         return new
 
     def _context(self, with_frame: bool) -> SettingsContext:
         return SettingsContext(check_analyses=self._check_analyses, result_count=self._result_count,
-                               frame_shape=self.frame_shape if with_frame else (lambda: None))
+                               frame_shape=self.frame_shape if with_frame else (lambda: None),
+                               check_saving=self.saving.check)
 
     def _check_analyses(self, names: tuple[str, ...]) -> None:
         self.registry.validate(list(names))  # UnknownAnalysisError names the available ones

@@ -18,7 +18,9 @@ from tango_dectris_live.processing.limits import (MachineLimits, SettingRefused,
                                                   check_event_rate, check_nav_shape, check_radii,
                                                   check_config_reuse, check_series_timeout, check_tuning,
                                                   check_workers)
+from tango_dectris_live.processing.series_saving import SavingSettings, SeriesSaving
 from tango_dectris_live.receiver import CONNECTIONS, TRANSPORTS
+from tango_dectris_live.saving import DEFAULT_PATTERN, SavingError
 
 TUNING = ("workers", "num_slots", "bytes_per_frame", "frame_stack_size", "frames_per_partition")
 RADII = ("bf_radius", "adf_inner_radius", "adf_outer_radius")
@@ -40,6 +42,9 @@ class LiveSettings:
     event_rate: float = 10.0
     series_timeout: float = 0.0
     config_reuse: float = 0.0
+    saving_mode: str = "off"
+    saving_directory: str = ""
+    saving_name_pattern: str = DEFAULT_PATTERN
     transport: str = "auto"
     connection: str = "per_series"
 
@@ -57,6 +62,9 @@ class LiveSettings:
     def analysis_parameters(self) -> AnalysisParameters:
         return AnalysisParameters(bf_radius=self.bf_radius, adf_inner_radius=self.adf_inner_radius,
                                   adf_outer_radius=self.adf_outer_radius).with_beam_center_xy(self.beam_center)
+
+    def saving(self) -> SavingSettings:
+        return SavingSettings(self.saving_mode, self.saving_directory, self.saving_name_pattern)
 
     def request(self) -> AcquisitionRequest:
         return AcquisitionRequest(self.analyses, self.analysis_parameters(), self.nav_shape)
@@ -106,6 +114,11 @@ class LiveSettings:
             check_series_timeout(self.series_timeout)
         if "config_reuse" in touched:
             check_config_reuse(self.config_reuse)
+        if touched & {"saving_mode", "saving_directory", "saving_name_pattern"}:
+            try:
+                context.check_saving(self.saving())
+            except SavingError as refused:
+                raise SettingRefused(str(refused)) from refused
         if "transport" in touched:
             check_choice("StreamTransport", self.transport, TRANSPORTS)
         if "connection" in touched:
@@ -124,6 +137,7 @@ class SettingsContext:
     check_analyses: Callable[[tuple[str, ...]], None]
     result_count: Callable[[tuple[str, ...]], int]
     frame_shape: Callable[[], tuple[int, int] | None] = lambda: None
+    check_saving: Callable[[SavingSettings], object] = SeriesSaving().check
     machine: Callable[[], MachineLimits] = MachineLimits.of_this_machine
 
 
@@ -141,7 +155,7 @@ def _normalised(changes: Mapping[str, Any]) -> dict[str, Any]:
             value = float(value)
         elif name in TUNING:
             value = int(value)
-        elif name in ("transport", "connection"):
+        elif name in ("transport", "connection", "saving_mode", "saving_directory", "saving_name_pattern"):
             value = str(value)
         out[name] = value
     return out

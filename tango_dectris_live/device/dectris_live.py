@@ -75,6 +75,16 @@ LIVE_SETTINGS = {
         "instead of being read again (a step scan then reads them once: ~10 GETs fewer per point). A change "
         "through this device is always seen; one made by another client only once the value is older than "
         "this. 0 (default): read at every Start. Passive mode always reads", unit="s"),
+    "saving_mode": LiveAttribute(
+        "saving_mode", tango.DevString, "What each series saves in its NeXus/HDF5 file: off, results, or "
+        "results_and_frames (the compressed frames as received, and the results); from the next series"),
+    "saving_directory": LiveAttribute(
+        "saving_directory", tango.DevString, "Folder of the series files, relative to the SavingBaseDirectory "
+        "property (created when missing; '..', absolute paths and links out of the base are refused)"),
+    "saving_name_pattern": LiveAttribute(
+        "saving_name_pattern", tango.DevString, "File name of a series: {series_id}, {date}, {time}, {counter} "
+        "(e.g. scan_{counter:05d}.h5); an existing file is never overwritten: the next free name "
+        "(name_1.h5, ...) is taken"),
     "stream_connection": LiveAttribute(
         "connection", tango.DevString, "When the device is connected to the DCU's stream: per_series (only while a "
         "series is armed or listened for; other consumers get whole series while the device is idle) or always. "
@@ -116,6 +126,13 @@ PROGRESS = {
     "rejected_by_reason": ((tango.DevString,), "", "rejected_by_reason",
                            "'reason: count' for each kind of rejected stream message (no_header, "
                            "stale, wrong_series, part_count, truncated, ...)"),
+    "saving_status": (tango.DevString, "", "saving_status",
+                      "what the saving of series files does or did, in words (a refused path, a full disk, "
+                      "a writer that falls behind)"),
+    "last_saved_file": (tango.DevString, "", "last_saved_file",
+                        "the file of the series being saved, or of the last one (empty: none yet)"),
+    "frames_saved": (tango.DevLong64, "", "frames_saved", "frames of the series written to its file"),
+    "saving_rate": (tango.DevDouble, "MB/s", "saving_rate", "how fast the series file is written"),
 }
 # Result images are pushed as float64: exact for the integer sums, and one type for every client.
 _MAX_IMAGE_SIDE = 16384
@@ -167,6 +184,10 @@ class DectrisLive(Device):
             "armed or listened for, so that other consumers -- LiberTEM-live, a second receiver -- get "
             "whole series while the device is idle) or always (stays connected: a little less per Start, "
             "but the DCU deals every series' messages between all connected consumers)")
+    SavingBaseDirectory = device_property(
+        dtype=str, default_value="",
+        doc="The folder below which the device writes series files (saving_directory is relative to it; "
+            "nothing is written outside it). Empty: saving unavailable")
     NavShape = device_property(dtype=(int,), default_value=[],
                                doc="Remembered nav_shape (written by the device when a client sets it)")
     Analyses = device_property(dtype=(str,), default_value=["sum", "sumsig"],
@@ -201,7 +222,8 @@ class DectrisLive(Device):
                                   stream_ports={1: self.StreamPort, 2: self.Stream2Port},
                                   poll_period=self.StatePollPeriod)
         try:
-            self._detector = LiveDetector(address, self, settings=self._settings_from_properties())
+            self._detector = LiveDetector(address, self, settings=self._settings_from_properties(),
+                                          saving_base_directory=self.SavingBaseDirectory)
         except SettingRefused as exc:
             self._set_condition(DeviceCondition(DeviceState.FAULT, f"a device property is refused: {exc}"))
             return

@@ -41,6 +41,7 @@ from .limits import (MAX_SERIES_TIMEOUT, MachineLimits, check_beam_center, check
 from .live_dataset import ReceiverFrameSource
 from .pipeline_factory import StreamPipelineFactory
 from .runner import LiveRunner, SeriesRun
+from .series_saving import SeriesSaving
 from .series_control import EXTERNAL_TRIGGER_MODES, SeriesControl, StreamGeometry
 from .snapshot import ResultSnapshot, RunState
 
@@ -126,6 +127,10 @@ class AcquisitionProgress:
     transport: str = ""  # how the receiver reads the stream: zmtp or libzmq ("" before the first acquisition)
     # stream messages the receiver rejected since the series was armed/listened for, by reason
     rejected: tuple[tuple[str, int], ...] = ()
+    saving_status: str = ""  # what the saving of series files does or did, in words
+    last_saved_file: str = ""
+    frames_saved: int = 0  # of the series being saved (or the last one)
+    saving_rate: float = 0.0  # MB/s
 
     @property
     def messages_rejected(self) -> int:
@@ -195,6 +200,7 @@ class LiveAcquisition:
                  registry: AnalysisRegistry | None = None, settings: PipelineSettings = PipelineSettings(),
                  event_rate: float = 10.0, on_update: UpdateCallback | None = None,
                  series_timeout: float = 0.0, worker_start_method: str = "spawn", config_reuse: float = 0.0,
+                 saving: SeriesSaving | None = None,
                  transport: str = "auto", connection: str = "per_series",
                  pipeline_factory: Any = None, result_counts: Mapping[str, int] | None = None) -> None:
         self.connection = connection  # validated by the setter below
@@ -206,6 +212,7 @@ class LiveAcquisition:
             StreamPipelineFactory(stream_host, stream_ports, worker_start_method)
         self.registry = registry if registry is not None else AnalysisRegistry.discover()
         self.settings = settings
+        self.saving = saving if saving is not None else SeriesSaving()
         self.on_update = on_update
         self._series_timeout = 0.0
         self.series_timeout = series_timeout
@@ -374,6 +381,7 @@ class LiveAcquisition:
         self.wait(30)
         self._closing.set()
         self._publisher.join(10)
+        self.saving.close()
         with self._lock:
             if self._receiver is not None:
                 self._receiver.stop()
@@ -388,7 +396,11 @@ class LiveAcquisition:
         """Counters of the series being processed or, while waiting for the next one, of the last."""
         run, receiver, final = self._run, self._receiver, self._last_final
         stats = receiver.stats() if receiver is not None else None
-        common = dict(mode=self._mode, message=self._message,
+        saving = self.saving.status()
+        common = dict(mode=self._mode, message=self._message, saving_status=self.saving.status_text(),
+                      last_saved_file=self.saving.last_file,
+                      frames_saved=saving.frames_saved if saving is not None else 0,
+                      saving_rate=round(saving.megabytes_per_second, 1) if saving is not None else 0.0,
                       receive_rate=stats.frames_per_second if stats is not None else 0.0,
                       backlog=stats.slots_in_use if stats is not None else 0,
                       hint=self._bottleneck.update(stats) if stats is not None else "",
@@ -596,7 +608,8 @@ class LiveAcquisition:
         source.on_error = self._wakeup.set
         self._run = self._runner.process(source, request.analyses, parameters, nav_shape, series,
                                          frames_per_partition=settings.frames_per_partition,
-                                         on_change=self._wakeup.set)
+                                         on_change=self._wakeup.set, saving=self.saving,
+                                         detector_config=self.detector.known_config())
         return self._run
 
     def _follow(self, run: SeriesRun) -> None:
@@ -653,13 +666,15 @@ class LiveAcquisition:
         final = run.wait()
         if final.series is None:
             return
+        summary = self._source.last_summary
+        self.saving.end(final.buffers, final.done, summary.end_reason if summary is not None and
+                        summary.series == final.series else final.state.value)
         self.detector.note_stream("series_ended", final.series)
         stats = self._receiver.stats()
         self._final_received = max(0, stats.frames_received - self._received_at_start)
         self._last_final = final
         self._series_completed += 1
         self._message = self._final_message(final)
-        summary = self._source.last_summary
         if summary is not None and summary.series == final.series and summary.end_reason == "timeout":
             self._last_error = (f"series {final.series}: no frame for {self._receiver.timeout:g} s "
                                 f"(series_timeout), ended with {self._final_received} of "
@@ -790,6 +805,7 @@ class LiveAcquisition:
         snapshot = run.snapshot()
         if run.ended:
             return  # the final result comes as the session's request
+        self.saving.write_results(snapshot.buffers, snapshot.done)
         self._published_processed = snapshot.frames_processed
         self._publish(AcquisitionUpdate(self.progress(), snapshot, final=False))
 

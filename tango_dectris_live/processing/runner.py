@@ -19,6 +19,7 @@ queues): :class:`BeginSeries` and :class:`ProcessStack` to a worker, ``None`` to
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -34,6 +35,7 @@ import numpy as np
 from libertem.udf.base import UDF
 
 from tango_dectris_live.allocator import tune_allocator
+from tango_dectris_live.saving import SeriesFileSpec
 
 from .analyses import AnalysisParameters, AnalysisRegistry, SelectedAnalysis
 from .libertem_internals import (Environment, TilingScheme, allocate_full_results, merge_partial, results_of,
@@ -41,6 +43,7 @@ from .libertem_internals import (Environment, TilingScheme, allocate_full_result
                                  udf_input_dtype, whole_frame_tiling)
 from .live_dataset import (FrameRunPartition, FrameSource, LiveDataSet, ScanShape, SeriesFinished,
                            SeriesStarted, StackDecoder, StackReady, StackTileSource, resolve_scan_shape)
+from .series_saving import SeriesSaving
 from .snapshot import ResultSnapshot, RunState, blank_unprocessed, empty_snapshot
 
 log = logging.getLogger(__name__)
@@ -138,6 +141,14 @@ class RunControl:
 
     run_id: int
     abort: bool
+
+
+@dataclass(frozen=True)
+class StackSaved:
+    """On the run's queue, from the series file's writer: it is done with ``handle``'s frames."""
+
+    run_id: int
+    handle: Any
 
 
 @dataclass(frozen=True)
@@ -442,8 +453,12 @@ class SeriesRun:
 
     def __init__(self, runner: LiveRunner, run_id: int, source: FrameSource, analyses: list[str],
                  parameters: AnalysisParameters, nav_shape: tuple[int, ...] | None, series: int | None,
-                 frames_per_partition: int | None = None, on_change: Callable[[], None] | None = None):
+                 frames_per_partition: int | None = None, on_change: Callable[[], None] | None = None,
+                 saving: SeriesSaving | None = None, detector_config: dict[str, tuple[Any, Any]] | None = None):
         self._runner = runner
+        self._saving = saving
+        self._detector_config = detector_config or {}
+        self._held_by_writer: dict[int, Any] = {}  # id(stack) -> stack the series file's writer has
         # told when the series starts and when the run ends (whoever follows the run waits on it)
         self._on_change = on_change if on_change is not None else (lambda: None)
         self._frames_per_partition = frames_per_partition
@@ -540,10 +555,7 @@ class SeriesRun:
             done = self._done.reshape(self._scan.shape)
             buffers: dict[str, np.ndarray] = {}
             for selected in self._selected:
-                results = results_of(selected.udf, self._done)
-                own = {name: blank_unprocessed(np.array(buf.data), done) if buf.kind == "nav"
-                       else np.array(buf.data) for name, buf in results.items()}
-                buffers.update({k: np.ascontiguousarray(v) for k, v in selected.extract_results(own).items()})
+                buffers.update(self._extract(selected, done))
             final = self._state.is_final
             return ResultSnapshot(
                 series=self._series, state=self._state, scan_shape=self._scan.shape,
@@ -552,6 +564,13 @@ class SeriesRun:
                 frames_missing=int(done.size - np.count_nonzero(done)) if final else 0,
                 frames_dropped=int(self._dropped.size), frames_out_of_scan=self._frames_out_of_scan,
                 stacks_merged=self._stacks_merged, error=self._error)
+
+    def _extract(self, selected: SelectedAnalysis, done: np.ndarray) -> dict[str, np.ndarray]:
+        """One analysis' results as published: copies, NaN where a scan position has no frame."""
+        results = results_of(selected.udf, self._done)
+        own = {name: blank_unprocessed(np.array(buf.data), done) if buf.kind == "nav"
+               else np.array(buf.data) for name, buf in results.items()}
+        return {k: np.ascontiguousarray(v) for k, v in selected.extract_results(own).items()}
 
     # -- the consumer thread -----------------------------------------------------------------
 
@@ -581,7 +600,7 @@ class SeriesRun:
         dispatched any more and every dispatched one has come back."""
         if self._series is None:
             return self._stop.is_set() or self._abort.is_set()
-        return self._dispatch_closed and not self._in_flight
+        return self._dispatch_closed and not self._in_flight and not self._held_by_writer
 
     def _take(self, event: Any) -> None:
         if self._dispatch_closed and self._is_later_series(event):
@@ -598,6 +617,9 @@ class SeriesRun:
                 self._dropped = np.asarray(summary.missing_frames, np.int64)
                 self._finished = True
                 self._dispatch_closed = True
+            case StackSaved(run_id=run_id, handle=stack) if run_id == self._run_id:
+                if self._held_by_writer.pop(id(stack), None) is not None and not self._in_flight_part_of(stack):
+                    self._source.release(stack)
             case WorkersLost(run_id=run_id, error=error) if run_id == self._run_id:
                 self._fail(str(error))
                 self._in_flight.clear()  # their stacks died with the worker
@@ -645,6 +667,11 @@ class SeriesRun:
                 self._source.release(stack)  # the run fails; its slot must not stay taken
                 raise
         self._dispatch(stack)
+        if self._saving is not None and self._saving.write_stack(stack):
+            self._held_by_writer[id(stack)] = stack  # its slot waits for the writer too
+
+    def _in_flight_part_of(self, stack: Any) -> bool:
+        return any(other is stack for other, _ in self._in_flight.values())
 
     def _fail(self, error: str) -> None:
         self._error = self._error or error.splitlines()[0]
@@ -720,6 +747,21 @@ class SeriesRun:
             self._scan = scan
             self._selected = selected
             self._done = np.zeros(int(np.prod(scan.shape)), bool)
+        if self._saving is not None:
+            self._begin_saving(scan, frame_shape, raw_dtype)
+
+    def _begin_saving(self, scan: ScanShape, frame_shape: tuple[int, int], raw_dtype: np.dtype) -> None:
+        layout = {selected.name: {name: (buffer.shape, buffer.dtype.str) for name, buffer in
+                                  self._extract(selected, self._done.reshape(scan.shape)).items()}
+                  for selected in self._selected}
+        parameters = {name: value for name, value in dataclasses.asdict(self._parameters).items()
+                      if value is not None and name != "frame_shape"}
+        spec = SeriesFileSpec(
+            series_id=int(self._series), frame_shape=frame_shape, dtype=raw_dtype.str, n_frames=int(np.prod(scan.shape)),
+            scan_shape=tuple(scan.shape), title=f"series {self._series}", detector_config=self._detector_config,
+            result_layout=layout, analysis_parameters={name: parameters for name in layout})
+        run_id = self._run_id
+        self._saving.begin(spec, lambda handle: self._source.post(StackSaved(run_id, handle)))
 
     def _dispatch(self, stack: Any) -> None:
         """Queue a stack; split into parts for the workers that are idle, so that a stack that
@@ -739,8 +781,9 @@ class SeriesRun:
             log.warning("result of an unknown stack (%s, %s) ignored", message.run_id, message.seq)
             return
         self._pool.completed(taken[1])
-        # its slot goes back once no other part of it is in flight (a few entries at most)
-        if all(other is not taken[0] for other, _ in self._in_flight.values()):
+        # its slot goes back once no other part of it is in flight (a few entries at most) and
+        # the series file's writer is done with it
+        if not self._in_flight_part_of(taken[0]) and id(taken[0]) not in self._held_by_writer:
             self._source.release(taken[0])
         self._pending[message.seq] = message
         self._merge_pending()
@@ -789,7 +832,8 @@ class LiveRunner:
                 parameters: AnalysisParameters = AnalysisParameters(),
                 nav_shape: tuple[int, ...] | None = None, series: int | None = None,
                 frames_per_partition: int | None = None,
-                on_change: Callable[[], None] | None = None) -> SeriesRun:
+                on_change: Callable[[], None] | None = None, saving: SeriesSaving | None = None,
+                detector_config: dict[str, tuple[Any, Any]] | None = None) -> SeriesRun:
         """Start processing the next series of ``source`` (or series ``series``) in the background.
 
         ``frames_per_partition``: a worker decodes and processes a stack this many frames at a
@@ -803,7 +847,7 @@ class LiveRunner:
         self.pool.check_alive()
         self._current = SeriesRun(self, next(self._run_ids), source, names, parameters,
                                   tuple(nav_shape) if nav_shape is not None else None, series,
-                                  frames_per_partition, on_change)
+                                  frames_per_partition, on_change, saving, detector_config)
         return self._current.start()
 
     @property

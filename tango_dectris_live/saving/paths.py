@@ -71,7 +71,12 @@ class SavingLocation:
         """Validate the three settings; raises a :class:`SavingError` subclass that names the
         setting and what to change."""
         base = _checked_base(base_directory)
-        return cls(base=base, directory=_checked_directory(directory), name_pattern=_checked_pattern(name_pattern))
+        location = cls(base=base, directory=_checked_directory(directory), name_pattern=_checked_pattern(name_pattern))
+        # a link that exists now and leads out is refused at once (reserve() checks again when it creates)
+        if not _inside(Path(os.path.realpath(location.folder)), base):
+            raise UnsafePathError(f"saving directory {directory!r} leads outside the base directory {base} "
+                                  "(through a symbolic link)")
+        return location
 
     @property
     def folder(self) -> Path:

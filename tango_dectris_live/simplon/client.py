@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -145,7 +146,8 @@ class DetectorClient:
         self._connections = _Connections(host, port)
         self._metadata_lock = threading.Lock()
         self._metadata: dict[tuple[str, str, str], ParameterInfo] = {}
-        self._values: dict[tuple[str, str], tuple[float, Any]] = {}  # config (module, key): (read at, value)
+        # config (module, key): (read at, value, unit)
+        self._values: dict[tuple[str, str], tuple[float, Any, str | None]] = {}
         self._listeners_lock = threading.Lock()
         self._activity_listeners: list[ActivityListener] = []
         self._armed_series_id: int | None = None
@@ -215,12 +217,20 @@ class DetectorClient:
         with self._metadata_lock:
             self._metadata[(module, task, key)] = info
             if task == "config":
-                self._values[(module, key)] = (time.monotonic(), body["value"])
+                self._values[(module, key)] = (time.monotonic(), body["value"], info.unit or None)
         return ParameterValue(info=info, value=body["value"], time=body.get("time"), state=body.get("state"))
 
     def get_value(self, module: str, task: str, key: str) -> Any:
         """The value of one parameter."""
         return self.read(module, task, key).value
+
+    def known_config(self) -> dict[str, tuple[Any, str | None]]:
+        """Every config value this client has read (the last value of each), with its unit:
+        ``{"key": (value, unit)}`` for the detector module, ``{"module/key": ...}`` for the others,
+        without asking the DCU (for a series file's record of the detector's settings at arm)."""
+        with self._metadata_lock:
+            return {(key if module == "detector" else f"{module}/{key}"):
+                    (value, unit) for (module, key), (_, value, unit) in self._values.items()}
 
     def recent_value(self, module: str, key: str, max_age: float) -> Any:
         """A config value as this client last read it, when that was at most ``max_age`` seconds
@@ -432,7 +442,7 @@ class DetectorClient:
             for cached in [k for k in self._metadata if k[0] == module]:
                 del self._metadata[cached]
             for cached in [k for k in self._values if k[0] == module]:
-                del self._values[cached]
+                self._values[cached] = (-math.inf, *self._values[cached][1:])  # kept, no longer recent
 
     def _request(
         self, method: str, url: str, *, call: str, value: Any = _NO_BODY, timeout: float | None = None

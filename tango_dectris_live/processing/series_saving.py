@@ -1,0 +1,171 @@
+"""Saving live series: one NeXus/HDF5 file per series (see :mod:`tango_dectris_live.saving`).
+
+:class:`SeriesSaving` holds what a device lets its users set (``mode``, ``directory``,
+``name_pattern`` below the configured base directory) and the writer process, and is what a
+:class:`~.runner.SeriesRun` and the acquisition call: :meth:`begin` when a series is set up,
+:meth:`write_stack` for every stack of its frames (``results_and_frames``), :meth:`write_results`
+while it runs and :meth:`end` with its final results. Nothing here stops a series: a saving
+that fails is reported in :meth:`status` and the processing goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tango_dectris_live.receiver import FrameStackHandle
+from tango_dectris_live.saving import (SavingError, SavingLocation, SavingStatus, SeriesFileSpec,
+                                       SeriesWriterProcess, WriterProcessError)
+from tango_dectris_live.saving.paths import DEFAULT_PATTERN
+
+log = logging.getLogger(__name__)
+
+SAVING_MODES = ("off", "results", "results_and_frames")
+_RESULTS_EVERY_S = 1.0  # results rewritten in the file while the series runs
+
+
+@dataclass(frozen=True)
+class SavingSettings:
+    mode: str = "off"
+    directory: str = ""
+    name_pattern: str = DEFAULT_PATTERN
+
+
+class SeriesSaving:
+    """Where and what to save, and the writer process (started at the first saved series)."""
+
+    def __init__(self, base_directory: str = "", settings: SavingSettings = SavingSettings()) -> None:
+        self.base_directory = str(base_directory or "")
+        self._lock = threading.Lock()
+        self._writer: SeriesWriterProcess | None = None
+        self._on_stack_saved: Callable[[FrameStackHandle], None] | None = None
+        self._settings = self.check(settings)
+        self._series_mode = "off"  # the mode of the series being saved
+        self._last_file = ""
+        self._problem = ""  # why the last series could not be saved (empty: none)
+        self._results_written_at = 0.0
+
+    # ---- settings ------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> SavingSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: SavingSettings) -> None:
+        self._settings = self.check(settings)
+
+    def check(self, settings: SavingSettings) -> SavingSettings:
+        """Refuse (SavingError naming the rule) a mode, directory or pattern that cannot save."""
+        if settings.mode not in SAVING_MODES:
+            raise SavingError(f"saving_mode must be one of {', '.join(SAVING_MODES)}, got {settings.mode!r}")
+        if settings.mode != "off":
+            self._location(settings)  # the base, the directory inside it, the pattern
+        return settings
+
+    def _location(self, settings: SavingSettings) -> SavingLocation:
+        return SavingLocation.create(self.base_directory, settings.directory, settings.name_pattern)
+
+    @property
+    def frames_wanted(self) -> bool:
+        return self._series_mode == "results_and_frames"
+
+    @property
+    def last_file(self) -> str:
+        return self._last_file
+
+    # ---- one series ----------------------------------------------------------------------
+
+    def begin(self, spec: SeriesFileSpec, on_stack_saved: Callable[[FrameStackHandle], None]) -> None:
+        """A series is set up: reserve its file and open it (with the mode set now)."""
+        settings = self._settings
+        self._series_mode = "off"
+        self._problem = ""
+        if settings.mode == "off":
+            return
+        try:
+            reserved = self._location(settings).reserve(spec.series_id)
+            with self._lock:
+                if self._writer is None:
+                    self._writer = SeriesWriterProcess(on_stack_done=self._stack_saved)
+                writer = self._writer
+            self._on_stack_saved = on_stack_saved
+            if settings.mode == "results":
+                spec = dataclasses.replace(spec, encoding="none", n_frames=0)  # no frame dataset to fill
+            writer.open_series(reserved.path, spec)
+        except (SavingError, OSError) as error:
+            self._problem = f"series {spec.series_id} not saved: {error}"
+            log.warning("%s", self._problem)
+            return
+        self._series_mode = settings.mode
+        self._last_file = str(reserved.path)
+        self._results_written_at = 0.0
+        if reserved.renamed:
+            log.info("%s", reserved.describe())
+
+    def write_stack(self, handle: FrameStackHandle) -> bool:
+        """Queue a stack's frames; True: the writer holds the stack until ``on_stack_saved``."""
+        if not self.frames_wanted:
+            return False
+        try:
+            self._writer.write_stack(handle)
+        except WriterProcessError as error:
+            self._problem = f"frames not saved: {error}"
+            return False
+        return True
+
+    def write_results(self, buffers: Mapping[str, np.ndarray], done: np.ndarray | None, force: bool = False) -> None:
+        """The results so far (rewritten in the file at most once a second unless ``force``)."""
+        if self._series_mode == "off":
+            return
+        now = time.monotonic()
+        if force or now - self._results_written_at >= _RESULTS_EVERY_S:
+            self._results_written_at = now
+            self._writer.write_results(buffers, done)
+
+    def end(self, buffers: Mapping[str, np.ndarray], done: np.ndarray | None, end_reason: str) -> None:
+        """The series ended: its final results, then the file is closed."""
+        if self._series_mode == "off":
+            return
+        self.write_results(buffers, done, force=True)
+        self._writer.close_series(end_reason)
+        self._series_mode = "off"
+
+    def _stack_saved(self, handle: FrameStackHandle) -> None:
+        callback = self._on_stack_saved
+        if callback is not None:
+            callback(handle)
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def status(self) -> SavingStatus | None:
+        writer = self._writer
+        return writer.status() if writer is not None else None
+
+    def status_text(self) -> str:
+        """What the saving does or did, in words."""
+        if not self.base_directory:
+            return "saving unavailable: no SavingBaseDirectory configured"
+        status = self.status()
+        text = status.message if status is not None else ""
+        if self._problem:
+            text = f"{self._problem}; {text}" if text else self._problem
+        if not text:
+            text = "off" if self._settings.mode == "off" else f"{self._settings.mode}: waiting for a series"
+        return text
+
+    def wait_saved(self, timeout: float) -> Any:
+        writer = self._writer
+        return writer.wait_series_saved(timeout) if writer is not None else None
+
+    def close(self) -> None:
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
