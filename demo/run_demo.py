@@ -229,6 +229,30 @@ def run_active_scan(proxy: tango.DeviceProxy, events: EventRecorder, results: li
     return acquisition_figures(proxy, events, results, seconds, output, "active")
 
 
+def saved_series(proxy: tango.DeviceProxy, output: Path) -> dict:
+    """Wait for the series file to be closed; what it holds, read back with h5py + hdf5plugin."""
+    import h5py
+    import hdf5plugin  # noqa: F401 - the filters that decode the saved frames
+
+    wait_for(lambda: str(proxy.saving_status).startswith(("saved", "saving stopped")), 120,
+             lambda: f"the series file closed ({proxy.saving_status})")
+    path = Path(proxy.last_saved_file)
+    with h5py.File(path, "r") as f:
+        frames = f["/entry/data/data"]
+        stored = int(np.count_nonzero([frames.id.get_chunk_info_by_coord((i, 0, 0)).size
+                                       for i in range(frames.shape[0])])) if frames.shape[0] else 0
+        first = frames[0] if stored else None
+        results = sorted(f"{analysis}/{name}" for analysis in f["/entry/results"]
+                         if isinstance(f["/entry/results"][analysis], h5py.Group)
+                         for name in f["/entry/results"][analysis] if not name.endswith("_plot"))
+        missing = f["/entry/data/missing_frames"][...].tolist()
+    print(f"  saved {path.relative_to(output.resolve())}: {stored} frames (compressed as received), "
+          f"{len(missing)} missing, results {', '.join(results)}")
+    return {"file": str(path.relative_to(output.resolve())), "frames_in_file": stored, "missing_frames": missing,
+            "results_in_file": results, "saving_status": str(proxy.saving_status),
+            "first_frame_sum": float(first.sum()) if first is not None else None}
+
+
 def diagonal_frames(nav_shape: tuple[int, int]) -> list[int]:
     """Frame numbers on the scan's diagonal: dropped in the passive series, a red line in the images."""
     rows, columns = nav_shape
@@ -264,7 +288,7 @@ def run_passive_acquisition(proxy: tango.DeviceProxy, events: EventRecorder, res
 
 def run(output: Path, nav_shape: tuple[int, int], passive_shape: tuple[int, int], frame_time: float) -> dict:
     output.mkdir(parents=True, exist_ok=True)
-    for old in output.glob("*.png"):
+    for old in (*output.glob("*.png"), *output.glob("series/*.h5")):
         old.unlink()
     summary: dict = {"model": MODEL, "analyses": list(ANALYSES), "nan_colour_rgb": list(NAN_COLOUR)}
     workdir = Path(tempfile.mkdtemp(prefix="dectris-live-demo-"))
@@ -278,7 +302,8 @@ def run(output: Path, nav_shape: tuple[int, int], passive_shape: tuple[int, int]
               f"v2 port {simulator.stream2_port}")
         db.register_device(INSTANCE, DEVICE, {
             "DcuHost": "127.0.0.1", "DcuPort": simulator.rest_port, "StreamPort": simulator.stream_port,
-            "Stream2Port": simulator.stream2_port, "StatePollPeriod": 0.2})
+            "Stream2Port": simulator.stream2_port, "StatePollPeriod": 0.2,
+            "SavingBaseDirectory": str(output.resolve())})
         db.start_server(INSTANCE, DEVICE)
         print(f"device server DectrisLive/{INSTANCE} exports {DEVICE}")
 
@@ -301,6 +326,10 @@ def run(output: Path, nav_shape: tuple[int, int], passive_shape: tuple[int, int]
             for name, value in VIRTUAL_DETECTORS.items():
                 proxy.write_attribute(name, value)
             proxy.result_event_rate = 10.0
+            proxy.saving_mode = "results_and_frames"
+            proxy.saving_directory = "series"
+            proxy.saving_name_pattern = "demo_{date}_series_{series_id}.h5"
+            print(f"client: saving {proxy.saving_mode} below {output.resolve()}/series")
             print(f"client: analyses {list(proxy.analyses)}, beam centre from the detector "
                   f"({proxy.beam_center_x}, {proxy.beam_center_y}) px, "
                   + ", ".join(f"{k} {v:g} px" for k, v in VIRTUAL_DETECTORS.items()))
@@ -309,10 +338,12 @@ def run(output: Path, nav_shape: tuple[int, int], passive_shape: tuple[int, int]
             active = run_active_scan(proxy, events, results, simulator, nav_shape, output)
             active.update(ground_truth_check(proxy, simulator, events, nav_shape, dropped=[]))
             print_figures("active scan", active)
+            active["saved"] = saved_series(proxy, output)
             dropped = diagonal_frames(passive_shape)
             passive = run_passive_acquisition(proxy, events, results, simulator, passive_shape, dropped, output)
             passive.update(ground_truth_check(proxy, simulator, events, passive_shape, dropped))
             print_figures("passive acquisition", passive)
+            passive["saved"] = saved_series(proxy, output)
             summary.update(active=active, passive=passive)
     finally:
         # A second Ctrl-C must not cut the clean-up short.
