@@ -208,13 +208,15 @@ def check_event_rate(rate: float) -> float:
     return float(rate)
 
 
+def _check_seconds(name: str, seconds: float, maximum: float, zero_means: str) -> float:
+    if not (isinstance(seconds, (int, float, np.floating)) and math.isfinite(seconds) and 0 <= seconds <= maximum):
+        raise SettingRefused(f"{name} must be 0 ({zero_means}) or up to {maximum:g} seconds, got {seconds!r}")
+    return float(seconds)
+
+
 def check_series_timeout(seconds: float) -> float:
     """0 (automatic) or a bound in seconds on a series' silence."""
-    if not (isinstance(seconds, (int, float, np.floating)) and math.isfinite(seconds)
-            and 0 <= seconds <= MAX_SERIES_TIMEOUT):
-        raise SettingRefused(f"series_timeout must be 0 (automatic) or up to {MAX_SERIES_TIMEOUT:g} seconds, "
-                             f"got {seconds!r}")
-    return float(seconds)
+    return _check_seconds("series_timeout", seconds, MAX_SERIES_TIMEOUT, "automatic")
 
 
 MAX_CONFIG_REUSE = 60.0
@@ -222,11 +224,7 @@ MAX_CONFIG_REUSE = 60.0
 
 def check_config_reuse(seconds: float) -> float:
     """0 (read the DCU's settings at every Start) or how long a value read may serve again."""
-    if not (isinstance(seconds, (int, float, np.floating)) and math.isfinite(seconds)
-            and 0 <= seconds <= MAX_CONFIG_REUSE):
-        raise SettingRefused(f"config_reuse must be 0 (read at every Start) or up to {MAX_CONFIG_REUSE:g} "
-                             f"seconds, got {seconds!r}")
-    return float(seconds)
+    return _check_seconds("config_reuse", seconds, MAX_CONFIG_REUSE, "read at every Start")
 
 
 def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
