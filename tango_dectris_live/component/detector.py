@@ -324,8 +324,8 @@ class LiveDetector:
     def _acquisition_updated(self, update: AcquisitionUpdate) -> None:
         previous, self._progress = self._progress, update.progress
         self._listener.acquisition_updated(update)
-        if (previous.mode, previous.message, previous.hint) != \
-                (update.progress.mode, update.progress.message, update.progress.hint):
+        if (previous.mode, previous.message, previous.hint, previous.saving_problem) != \
+                (update.progress.mode, update.progress.message, update.progress.hint, update.progress.saving_problem):
             self._compose()
 
     def _compose(self) -> None:
@@ -367,6 +367,8 @@ class LiveDetector:
             lines.append(f"Pipeline: {progress.hint}")
         if acquisition.last_error:
             lines.append(f"Last acquisition error: {acquisition.last_error}")
+        if progress.saving_problem:
+            lines.append(f"Saving: {progress.saving_problem}")
         self._publish(DeviceCondition(state, "\n".join(lines)))
 
     def _publish(self, condition: DeviceCondition) -> None:

@@ -128,6 +128,7 @@ class AcquisitionProgress:
     # stream messages the receiver rejected since the series was armed/listened for, by reason
     rejected: tuple[tuple[str, int], ...] = ()
     saving_status: str = ""  # what the saving of series files does or did, in words
+    saving_problem: str = ""  # why the last series was not (completely) saved ("" when it was)
     last_saved_file: str = ""
     frames_saved: int = 0  # of the series being saved (or the last one)
     saving_rate: float = 0.0  # MB/s
@@ -398,6 +399,7 @@ class LiveAcquisition:
         stats = receiver.stats() if receiver is not None else None
         saving = self.saving.status()
         common = dict(mode=self._mode, message=self._message, saving_status=self.saving.status_text(),
+                      saving_problem=self.saving.problem(),
                       last_saved_file=self.saving.last_file,
                       frames_saved=saving.frames_saved if saving is not None else 0,
                       saving_rate=round(saving.megabytes_per_second, 1) if saving is not None else 0.0,

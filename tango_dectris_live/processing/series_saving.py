@@ -160,6 +160,13 @@ class SeriesSaving:
             text = "off" if self._settings.mode == "off" else f"{self._settings.mode}: waiting for a series"
         return text
 
+    def problem(self) -> str:
+        """Why the last series was not (completely) saved; empty when nothing went wrong."""
+        if self._problem:
+            return self._problem
+        status = self.status()
+        return status.message if status is not None and status.state == "failed" else ""
+
     def wait_saved(self, timeout: float) -> Any:
         writer = self._writer
         return writer.wait_series_saved(timeout) if writer is not None else None

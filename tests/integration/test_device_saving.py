@@ -113,3 +113,20 @@ def test_saving_mode_is_checked(saving_device):
     _sim, proxy, _base = saving_device
     with pytest.raises(tango.DevFailed, match="saving_mode must be one of off, results, results_and_frames"):
         proxy.saving_mode = "everything"
+
+
+def test_a_series_that_cannot_be_saved_is_processed_and_said_so_then_the_next_saves(saving_device):
+    _sim, proxy, base = saving_device
+    (base / "blocked").write_text("a file where the directory should be")
+    proxy.saving_mode = "results"
+    proxy.saving_name_pattern = "series_{series_id}.h5"
+    proxy.saving_directory = "blocked/sub"
+    acquire(proxy, TIMEOUT)
+    assert proxy.frames_processed == COUNT  # the processing went on
+    series = proxy.series_id
+    wait_for(lambda: f"Saving: series {series} not saved" in proxy.status(), TIMEOUT, proxy.status)
+    assert f"series {series} not saved" in proxy.saving_status
+    proxy.saving_directory = "scan_c"
+    acquire(proxy, TIMEOUT)
+    path = saved_file(proxy, proxy.series_id)
+    assert path.parent == base / "scan_c" and "Saving:" not in proxy.status()
