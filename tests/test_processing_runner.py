@@ -399,6 +399,9 @@ def test_bottleneck_diagnosis_reads_the_receiver_telemetry():
     assert "workers saturated" in BottleneckMeter.diagnose(0.4, 16, 16)
     assert "add workers" in BottleneckMeter.diagnose(0.4, 16, 16)
     assert "backlog high" in BottleneckMeter.diagnose(0.0, 13, 16)
+    # the slots are held by the series file's writer, not by the workers: say so
+    assert "saving behind: 12 of the 16/16 slots" in BottleneckMeter.diagnose(0.4, 16, 16, writer_backlog=12)
+    assert "workers saturated" in BottleneckMeter.diagnose(0.4, 16, 16, writer_backlog=1)
 
 
 class _PrefersTiles(analyses.UDF):

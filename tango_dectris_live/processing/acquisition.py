@@ -170,17 +170,24 @@ class BottleneckMeter:
         self._last: tuple[float, float] | None = None  # (time, back-pressure seconds)
         self._hint = ""
 
-    def update(self, stats: Any, now: float | None = None) -> str:
+    def update(self, stats: Any, now: float | None = None, writer_backlog: int = 0) -> str:
         now = time.monotonic() if now is None else now
         if self._last is None or now - self._last[0] >= self._window:
             waited = 0.0 if self._last is None else stats.backpressure_seconds - self._last[1]
             span = self._window if self._last is None else now - self._last[0]
             self._last = (now, stats.backpressure_seconds)
-            self._hint = self.diagnose(waited / span if span > 0 else 0.0, stats.slots_in_use, stats.slots_total)
+            self._hint = self.diagnose(waited / span if span > 0 else 0.0, stats.slots_in_use, stats.slots_total,
+                                       writer_backlog)
         return self._hint
 
     @staticmethod
-    def diagnose(waiting_share: float, slots_in_use: int, slots_total: int) -> str:
+    def diagnose(waiting_share: float, slots_in_use: int, slots_total: int, writer_backlog: int = 0) -> str:
+        """``writer_backlog``: stacks waiting for the series file's writer (they hold their slots)."""
+        busy = waiting_share > 0.05 or slots_in_use >= max(2, slots_total * 3 // 4)
+        if slots_total and busy and writer_backlog * 2 >= max(2, slots_in_use):
+            return (f"saving behind: {writer_backlog} of the {slots_in_use}/{slots_total} slots in use wait for the "
+                    f"series file's writer (the disk, or HDF5's time per frame); the receiver waited "
+                    f"{waiting_share:.0%} of the time for a free slot: save results only, or a faster disk")
         if slots_total and waiting_share > 0.05:
             return (f"workers saturated: the receiver waited {waiting_share:.0%} of the time for a free "
                     f"slot ({slots_in_use}/{slots_total} in use); add workers, select fewer analyses, or "
@@ -405,7 +412,8 @@ class LiveAcquisition:
                       saving_rate=round(saving.megabytes_per_second, 1) if saving is not None else 0.0,
                       receive_rate=stats.frames_per_second if stats is not None else 0.0,
                       backlog=stats.slots_in_use if stats is not None else 0,
-                      hint=self._bottleneck.update(stats) if stats is not None else "",
+                      hint=self._bottleneck.update(stats, writer_backlog=saving.backlog if saving is not None else 0)
+                      if stats is not None else "",
                       transport=stats.transport if stats is not None else "",
                       rejected=self._rejected_since_arm(stats))
         if run is not None and run.series is not None and not (final is not None and final.series == run.series):
