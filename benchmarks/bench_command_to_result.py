@@ -85,19 +85,8 @@ class TimedSimulatorProcess(SimulatorProcess):
     """:class:`scenarios.SimulatorProcess` whose simulator stamps arm and trigger in ``stamps``."""
 
     def __init__(self, model: str, start_timeout: float = 60.0) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._stop = context.Event()
-        self.stamps = context.Array("d", 3, lock=False)
-        ports = context.Queue()
-        self.process = context.Process(target=_serve_timed_simulator, args=(model, ports, self._stop, self.stamps),
-                                       name=f"dectris-sim-{model}", daemon=True)
-        self.process.start()
-        try:
-            self.rest_port, self.stream_port, self.stream2_port = ports.get(timeout=start_timeout)
-        except Exception:
-            self.close()
-            raise
-        self.rest_url = f"http://127.0.0.1:{self.rest_port}"
+        self.stamps = multiprocessing.get_context("spawn").Array("d", 3, lock=False)
+        super().__init__(model, start_timeout, serve=_serve_timed_simulator, extra_args=(self.stamps,))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,11 +114,12 @@ def _serve_simulator(model: str, ports: Any, stop: Any) -> None:
 class SimulatorProcess:
     """A simulated DCU of ``model`` in a spawned process, on free loopback ports."""
 
-    def __init__(self, model: str, start_timeout: float = 60.0) -> None:
+    def __init__(self, model: str, start_timeout: float = 60.0, serve: Any = None, extra_args: tuple = ()) -> None:
+        """``serve(model, ports, stop, *extra_args)``: another simulator server function (default: the plain one)."""
         context = multiprocessing.get_context("spawn")
         self._stop = context.Event()
         ports = context.Queue()
-        self.process = context.Process(target=_serve_simulator, args=(model, ports, self._stop),
+        self.process = context.Process(target=serve or _serve_simulator, args=(model, ports, self._stop, *extra_args),
                                        name=f"dectris-sim-{model}", daemon=True)
         self.process.start()
         try:
