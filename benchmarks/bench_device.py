@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +111,19 @@ class DeviceBench(ClosingBench):
 
     def __init__(self, scenario: Scenario, analyses: str, *, workers: int = 2, stream_format: str = "legacy",
                  header_detail: str = "basic", frame_rate: float | None = None, num_slots: int | None = None,
-                 frame_stack_size: int | None = None, result_event_rate: float = 10.0) -> None:
+                 frame_stack_size: int | None = None, result_event_rate: float = 10.0, saving: str = "off",
+                 saving_base: str | None = None) -> None:
         self.scenario = scenario
+        self.saving = saving
+        # the series files go to a fresh folder (default: a temporary one, removed at the end)
+        self._own_saving_base = saving != "off" and saving_base is None
+        self.saving_base = tempfile.mkdtemp(prefix="bench-device-saving-") if self._own_saving_base \
+            else (saving_base or "")
         self.analyses_name = analyses
         self.analyses = analyses_by_name(analyses)
         self.settings = {"workers": workers, "receiver_mode": "listen", "stream_format": stream_format,
                          "header_detail": header_detail, "num_slots": num_slots, "frame_stack_size": frame_stack_size,
-                         "frame_rate": frame_rate, "result_event_rate": result_event_rate}
+                         "frame_rate": frame_rate, "result_event_rate": result_event_rate, "saving_mode": saving}
         self.db = EmbeddedTangoDatabase()
         self.sim: SimulatorProcess | None = None
         self.events: EventRecorder | None = None
@@ -139,7 +146,7 @@ class DeviceBench(ClosingBench):
         self.db.register_device(INSTANCE, DEVICE, {
             "DcuHost": "127.0.0.1", "DcuPort": self.sim.rest_port, "StreamPort": self.sim.stream_port,
             "Stream2Port": self.sim.stream2_port, "Workers": workers, "NumSlots": num_slots or 0,
-            "FrameStackSize": frame_stack_size or 0})
+            "FrameStackSize": frame_stack_size or 0, "SavingBaseDirectory": self.saving_base})
         self.server_pid = self.db.start_server(INSTANCE, DEVICE).pid
         self.proxy = tango.DeviceProxy(f"tango://{self.db.tango_host}/{DEVICE}")
         self.proxy.set_timeout_millis(10_000)
@@ -151,6 +158,7 @@ class DeviceBench(ClosingBench):
         self.proxy.num_slots = num_slots or 0  # 0: automatic, from the frame geometry
         self.proxy.frame_stack_size = frame_stack_size or 0
         self.proxy.result_event_rate = result_event_rate
+        self.proxy.saving_mode = self.saving
         # The parameters the ground truth is computed with: the frame's centre, not the beam centre
         # the simulated DCU reports (which the device would take by default).
         parameters = AnalysisParameters().resolved(self.scenario.frame_shape)
@@ -186,6 +194,8 @@ class DeviceBench(ClosingBench):
                 self.control.close()
                 self.sim.close()
             killed = stop_leftovers(started)
+            if self._own_saving_base:
+                shutil.rmtree(self.saving_base, ignore_errors=True)
             if killed:
                 print(f"note: had to kill {len(killed)} leftover processes: {killed}", file=sys.stderr)
         finally:
@@ -251,6 +261,15 @@ class DeviceBench(ClosingBench):
             "peak_mb_simulator": round(peak_rss_mb(self.sim.pid), 1),
             "peak_mb_client": round(peak_rss_mb(os.getpid()), 1),
             "status": str(self.proxy.acquisition_status)}
+        if self.saving != "off":
+            # after the measured interval: the file closed, with every frame when frames are saved
+            wait_for(lambda: str(self.proxy.saving_status).startswith(("saved", "saving stopped")), 120,
+                     lambda: f"the series file closed ({self.proxy.saving_status})", interval=0.05)
+            expected = self.scenario.frames if self.saving == "results_and_frames" else 0
+            if int(self.proxy.frames_saved) != expected or not str(self.proxy.saving_status).startswith("saved"):
+                problems.append(f"saving: {self.proxy.frames_saved} frames saved, expected {expected}: "
+                                f"{self.proxy.saving_status}")
+            extra["saving_status"] = str(self.proxy.saving_status)
         return figures_from_timing(self.scenario, DEPTH, self.analyses_name, trigger, finished_at,
                                    {k: cpu_after[k] - cpu_before[k] for k in cpu_after}, peak_mb, problems, extra)
 
@@ -270,6 +289,9 @@ def main() -> None:
     parser.add_argument("--frame-stack-size", type=int, default=None)
     parser.add_argument("--result-event-rate", type=float, default=10.0,
                         help="the device's result_event_rate (intermediate events per second)")
+    parser.add_argument("--saving", default="off", choices=("off", "results", "results_and_frames"),
+                        help="the device's saving_mode (files in a temporary folder, or --saving-base)")
+    parser.add_argument("--saving-base", default=None, help="SavingBaseDirectory: measure this disk")
     parser.add_argument("--json", type=Path, default=None, help="write the runs' figures here")
     args = parser.parse_args()
     if args.runs < 1:
@@ -280,7 +302,8 @@ def main() -> None:
         figures = measure(scenario_by_name(args.scenario), args.analyses, args.runs, args.warmup,
                           workers=args.workers, stream_format=args.stream_format, header_detail=args.header_detail,
                           frame_rate=args.frame_rate, num_slots=args.num_slots,
-                          frame_stack_size=args.frame_stack_size, result_event_rate=args.result_event_rate)
+                          frame_stack_size=args.frame_stack_size, result_event_rate=args.result_event_rate,
+                          saving=args.saving, saving_base=args.saving_base)
     except KeyboardInterrupt:
         sys.exit("interrupted; every process this benchmark started is stopped")
     print_figures(figures)
