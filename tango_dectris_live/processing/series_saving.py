@@ -44,6 +44,7 @@ class SeriesSaving:
         self.base_directory = str(base_directory or "")
         self._lock = threading.Lock()
         self._writer: SeriesWriterProcess | None = None
+        self._closed = False
         self._on_stack_saved: Callable[[FrameStackHandle], None] | None = None
         self._settings = self.check(settings)
         self._series_mode = "off"  # the mode of the series being saved
@@ -60,6 +61,23 @@ class SeriesSaving:
     @settings.setter
     def settings(self, settings: SavingSettings) -> None:
         self._settings = self.check(settings)
+        if settings.mode != "off" and self._writer is None:
+            # the writer process takes a second or two to start: now, not on the first series' path
+            threading.Thread(target=self._start_writer, name="series-writer-start", daemon=True).start()
+
+    def _start_writer(self) -> None:
+        try:
+            self._writer_process()
+        except (SavingError, OSError) as error:  # the first series tries again, and reports it
+            log.warning("the series writer process did not start: %s", error)
+
+    def _writer_process(self) -> SeriesWriterProcess:
+        with self._lock:
+            if self._closed:
+                raise WriterProcessError("saving is closed (the device is shutting down)")
+            if self._writer is None:
+                self._writer = SeriesWriterProcess(on_stack_done=self._stack_saved)
+            return self._writer
 
     def check(self, settings: SavingSettings) -> SavingSettings:
         """Refuse (SavingError naming the rule) a mode, directory or pattern that cannot save."""
@@ -91,10 +109,7 @@ class SeriesSaving:
             return
         try:
             reserved = self._location(settings).reserve(spec.series_id)
-            with self._lock:
-                if self._writer is None:
-                    self._writer = SeriesWriterProcess(on_stack_done=self._stack_saved)
-                writer = self._writer
+            writer = self._writer_process()
             self._on_stack_saved = on_stack_saved
             if settings.mode == "results":
                 spec = dataclasses.replace(spec, encoding="none", n_frames=0)  # no frame dataset to fill
@@ -172,7 +187,8 @@ class SeriesSaving:
         return writer.wait_series_saved(timeout) if writer is not None else None
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock:  # after a start in progress, if any
             writer, self._writer = self._writer, None
+            self._closed = True
         if writer is not None:
             writer.close()
