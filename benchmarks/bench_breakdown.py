@@ -261,7 +261,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
 class Bench:
     """Simulator + probed device + event subscriptions; :meth:`acquire` times one Start."""
 
-    def __init__(self, stack: Any, wait: str, analyses: list[str]) -> None:
+    def __init__(self, stack: Any, wait: str, analyses: list[str], pacing: str = "max") -> None:
         from tango.test_context import DeviceTestContext
 
         from sim.server import SimulatorServer
@@ -275,7 +275,7 @@ class Bench:
         requests.put(f"{base}/command/initialize", timeout=60).raise_for_status()
         for key, value in (("trigger_mode", "ints"), *ARINA96):
             requests.put(f"{base}/config/{key}", json={"value": value}, timeout=10).raise_for_status()
-        requests.put(f"{self.sim.rest_url}/sim/api/config", json={"pacing": "max"}, timeout=10).raise_for_status()
+        requests.put(f"{self.sim.rest_url}/sim/api/config", json={"pacing": pacing}, timeout=10).raise_for_status()
         properties = {"DcuHost": "127.0.0.1", "DcuPort": self.sim.port, "StreamPort": self.sim.stream_port,
                       "Stream2Port": self.sim.stream2_port}
         self.context = DeviceTestContext(ProbedDectrisLive, properties=properties, process=True, timeout=60)
@@ -559,6 +559,8 @@ def main() -> None:
     parser.add_argument("--analyses", nargs="+", default=["sum", "sumsig"])
     parser.add_argument("--config-reuse", type=float, default=0.0,
                         help="the device's config_reuse (s): DCU settings read for one Start serve the next")
+    parser.add_argument("--pacing", choices=("max", "frame_time"), default="max",
+                        help="the simulator sends as soon as triggered, or paced at the frame time")
     parser.add_argument("--timeline", action="store_true", help="also print one acquisition's raw timeline "
                                                                 "per series length")
     parser.add_argument("--py-spy", metavar="OUT", default=None,
@@ -571,7 +573,7 @@ def main() -> None:
         parser.error("--reps takes one value or one per --frames value")
     multiprocessing.set_start_method("forkserver", force=True)
     with ExitStack() as stack:
-        bench = Bench(stack, args.wait, args.analyses)
+        bench = Bench(stack, args.wait, args.analyses, args.pacing)
         bench.proxy.config_reuse = args.config_reuse
         stack.callback(bench.close)
         print(f"device pid {bench.device_pid}, {os.cpu_count()} CPUs, wait for ON: {args.wait}")

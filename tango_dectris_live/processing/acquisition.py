@@ -572,13 +572,17 @@ class LiveAcquisition:
         self._armed_series = series
         self._receiver.arm(series)
         self._message = f"series {series}: armed"
-        run = self._process(source, request, parameters, nav_shape, series)
+        received_before = self._receiver.stats().frames_received
         # An ints trigger returns only when the series is done: trigger from a thread of its own
         # so that this one follows the series (progress, Stop/Abort, a missing header) meanwhile.
+        # Triggered before the series run starts: its set-up (the UDFs built and sent to the
+        # workers, with the GIL) then overlaps the exposure instead of delaying the trigger; the
+        # receiver, armed already, keeps what arrives meanwhile.
         trigger_errors: list[BaseException] = []
         triggering = threading.Thread(target=self._trigger, args=(trigger_mode, nav_shape, trigger_errors),
                                       name="acquisition-trigger", daemon=True)
         triggering.start()
+        run = self._process(source, request, parameters, nav_shape, series, received_before)
         self._follow(run)
         triggering.join()
         if trigger_errors:
@@ -609,9 +613,11 @@ class LiveAcquisition:
                 self._receiver.cancel()
 
     def _process(self, source: ReceiverFrameSource, request: AcquisitionRequest, parameters: AnalysisParameters,
-                 nav_shape: tuple[int, ...] | None, series: int | None) -> SeriesRun:
+                 nav_shape: tuple[int, ...] | None, series: int | None,
+                 received_before: int | None = None) -> SeriesRun:
         settings = self._resolved_settings
-        self._received_at_start = self._receiver.stats().frames_received
+        self._received_at_start = self._receiver.stats().frames_received if received_before is None \
+            else received_before
         self._process_meter.reset()
         self._series_started_at = time.monotonic()
         self._published_processed = -1  # before the run: the publisher may look at any moment
