@@ -11,7 +11,7 @@ from tango_dectris_live.testing import wait_for
 
 def test_without_a_base_directory_only_off_is_taken():
     saving = SeriesSaving("")
-    assert "no SavingBaseDirectory" in saving.status_text()
+    assert "no SavingBaseDirectory" in saving.status_text(saving.status())
     with pytest.raises(SavingUnavailable, match="SavingBaseDirectory is empty"):
         saving.settings = SavingSettings(mode="results")
     with pytest.raises(SavingError, match="saving_mode must be one of off, results, results_and_frames"):

@@ -405,8 +405,8 @@ class LiveAcquisition:
         run, receiver, final = self._run, self._receiver, self._last_final
         stats = receiver.stats() if receiver is not None else None
         saving = self.saving.status()
-        common = dict(mode=self._mode, message=self._message, saving_status=self.saving.status_text(),
-                      saving_problem=self.saving.problem(),
+        common = dict(mode=self._mode, message=self._message, saving_status=self.saving.status_text(saving),
+                      saving_problem=self.saving.problem(saving),
                       last_saved_file=self.saving.last_file,
                       frames_saved=saving.frames_saved if saving is not None else 0,
                       saving_rate=round(saving.megabytes_per_second, 1) if saving is not None else 0.0,
@@ -625,7 +625,7 @@ class LiveAcquisition:
         self._run = self._runner.process(source, request.analyses, parameters, nav_shape, series,
                                          frames_per_partition=settings.frames_per_partition,
                                          on_change=self._wakeup.set, saving=self.saving,
-                                         detector_config=self.detector.known_config())
+                                         detector_config=self.detector.known_config)
         return self._run
 
     def _follow(self, run: SeriesRun) -> None:

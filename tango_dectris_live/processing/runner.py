@@ -454,10 +454,11 @@ class SeriesRun:
     def __init__(self, runner: LiveRunner, run_id: int, source: FrameSource, analyses: list[str],
                  parameters: AnalysisParameters, nav_shape: tuple[int, ...] | None, series: int | None,
                  frames_per_partition: int | None = None, on_change: Callable[[], None] | None = None,
-                 saving: SeriesSaving | None = None, detector_config: dict[str, tuple[Any, Any]] | None = None):
+                 saving: SeriesSaving | None = None,
+                 detector_config: Callable[[], dict[str, tuple[Any, Any]]] | None = None):
         self._runner = runner
         self._saving = saving
-        self._detector_config = detector_config or {}
+        self._detector_config = detector_config or dict  # read only when a series is saved
         self._held_by_writer: dict[int, Any] = {}  # id(stack) -> stack the series file's writer has
         # told when the series starts and when the run ends (whoever follows the run waits on it)
         self._on_change = on_change if on_change is not None else (lambda: None)
@@ -618,8 +619,8 @@ class SeriesRun:
                 self._finished = True
                 self._dispatch_closed = True
             case StackSaved(run_id=run_id, handle=stack) if run_id == self._run_id:
-                if self._held_by_writer.pop(id(stack), None) is not None and not self._in_flight_part_of(stack):
-                    self._source.release(stack)
+                if self._held_by_writer.pop(id(stack), None) is not None:
+                    self._release_when_free(stack)
             case WorkersLost(run_id=run_id, error=error) if run_id == self._run_id:
                 self._fail(str(error))
                 self._in_flight.clear()  # their stacks died with the worker
@@ -647,10 +648,9 @@ class SeriesRun:
                                         daemon=True)
         self._bridge.start()
         self._on_change()
-        header = started.header
-        if header.shape is not None and header.dtype is not None and not self._abort.is_set():
+        if not self._abort.is_set():
             # the workers build the series' UDFs while its first frames are still on their way
-            self._set_up(header.shape, np.dtype(header.dtype).str)
+            self._set_up()
 
     def _take_stack(self, stack: Any) -> None:
         if (self._series is None or stack.series != self._series or self._dispatch_closed
@@ -659,10 +659,8 @@ class SeriesRun:
             self._stale_stacks += 1
             return
         if not self._selected:
-            header = self._started.header
             try:
-                self._set_up(header.shape or tuple(stack.shape),
-                             np.dtype(header.dtype).str if header.dtype is not None else stack.dtype)
+                self._set_up(stack)
             except Exception:
                 self._source.release(stack)  # the run fails; its slot must not stay taken
                 raise
@@ -670,8 +668,11 @@ class SeriesRun:
         if self._saving is not None and self._saving.write_stack(stack):
             self._held_by_writer[id(stack)] = stack  # its slot waits for the writer too
 
-    def _in_flight_part_of(self, stack: Any) -> bool:
-        return any(other is stack for other, _ in self._in_flight.values())
+    def _release_when_free(self, stack: Any) -> None:
+        """Give the stack's slot back once no part of it is in flight (a few entries at most) and
+        the series file's writer is done with it."""
+        if id(stack) not in self._held_by_writer and all(other is not stack for other, _ in self._in_flight.values()):
+            self._source.release(stack)
 
     def _fail(self, error: str) -> None:
         self._error = self._error or error.splitlines()[0]
@@ -684,9 +685,8 @@ class SeriesRun:
         if started is None:
             self._state = RunState.ABORTED if self._abort.is_set() else RunState.STOPPED
             return
-        header = started.header
-        if not self._selected and header.shape is not None and header.dtype is not None:
-            self._set_up(header.shape, np.dtype(header.dtype).str)  # a series without any frame: all missing
+        if not self._selected:
+            self._set_up()  # a series without any frame: all missing
         with self._lock:
             if self._error:
                 self._state = RunState.FAILED
@@ -720,9 +720,16 @@ class SeriesRun:
             self._pool.results.put(Wake(self._run_id))
             bridge.join()
 
-    def _set_up(self, frame_shape: tuple[int, int], dtype: str) -> None:
-        scan = resolve_scan_shape(self._started.header.number_of_images, self._nav_shape)
-        frame_shape = tuple(int(n) for n in frame_shape)
+    def _set_up(self, stack: Any = None) -> None:
+        """The series' analyses, result buffers and workers, for the frame shape and pixel type of
+        its header or, where the header does not say, of ``stack``; nothing when neither says."""
+        header = self._started.header
+        shape = header.shape if header.shape is not None else (stack.shape if stack is not None else None)
+        dtype = header.dtype if header.dtype is not None else (stack.dtype if stack is not None else None)
+        if shape is None or dtype is None:
+            return
+        scan = resolve_scan_shape(header.number_of_images, self._nav_shape)
+        frame_shape = tuple(int(n) for n in shape)
         raw_dtype = np.dtype(dtype)
         selected = self._runner.registry.build(self._analysis_names, self._parameters, frame_shape)
         dataset = LiveDataSet(scan.shape, frame_shape, raw_dtype)
@@ -748,20 +755,22 @@ class SeriesRun:
             self._selected = selected
             self._done = np.zeros(int(np.prod(scan.shape)), bool)
         if self._saving is not None:
-            self._begin_saving(scan, frame_shape, raw_dtype)
+            run_id = self._run_id
+            self._saving.begin(lambda: self._file_spec(scan, frame_shape, raw_dtype),
+                               lambda handle: self._source.post(StackSaved(run_id, handle)))
 
-    def _begin_saving(self, scan: ScanShape, frame_shape: tuple[int, int], raw_dtype: np.dtype) -> None:
+    def _file_spec(self, scan: ScanShape, frame_shape: tuple[int, int], raw_dtype: np.dtype) -> SeriesFileSpec:
+        """What the series file holds (built only when the series is saved)."""
         layout = {selected.name: {name: (buffer.shape, buffer.dtype.str) for name, buffer in
                                   self._extract(selected, self._done.reshape(scan.shape)).items()}
                   for selected in self._selected}
         parameters = {name: value for name, value in dataclasses.asdict(self._parameters).items()
                       if value is not None and name != "frame_shape"}
-        spec = SeriesFileSpec(
+        return SeriesFileSpec(
             series_id=int(self._series), frame_shape=frame_shape, dtype=raw_dtype.str, n_frames=int(np.prod(scan.shape)),
-            scan_shape=tuple(scan.shape), title=f"series {self._series}", detector_config=self._detector_config,
+            scan_shape=tuple(scan.shape), title=f"series {self._series}",
+            detector_config=self._detector_config(),
             result_layout=layout, analysis_parameters={name: parameters for name in layout})
-        run_id = self._run_id
-        self._saving.begin(spec, lambda handle: self._source.post(StackSaved(run_id, handle)))
 
     def _dispatch(self, stack: Any) -> None:
         """Queue a stack; split into parts for the workers that are idle, so that a stack that
@@ -781,10 +790,7 @@ class SeriesRun:
             log.warning("result of an unknown stack (%s, %s) ignored", message.run_id, message.seq)
             return
         self._pool.completed(taken[1])
-        # its slot goes back once no other part of it is in flight (a few entries at most) and
-        # the series file's writer is done with it
-        if not self._in_flight_part_of(taken[0]) and id(taken[0]) not in self._held_by_writer:
-            self._source.release(taken[0])
+        self._release_when_free(taken[0])
         self._pending[message.seq] = message
         self._merge_pending()
 
@@ -833,7 +839,7 @@ class LiveRunner:
                 nav_shape: tuple[int, ...] | None = None, series: int | None = None,
                 frames_per_partition: int | None = None,
                 on_change: Callable[[], None] | None = None, saving: SeriesSaving | None = None,
-                detector_config: dict[str, tuple[Any, Any]] | None = None) -> SeriesRun:
+                detector_config: Callable[[], dict[str, tuple[Any, Any]]] | None = None) -> SeriesRun:
         """Start processing the next series of ``source`` (or series ``series``) in the background.
 
         ``frames_per_partition``: a worker decodes and processes a stack this many frames at a

@@ -100,13 +100,16 @@ class SeriesSaving:
 
     # ---- one series ----------------------------------------------------------------------
 
-    def begin(self, spec: SeriesFileSpec, on_stack_saved: Callable[[FrameStackHandle], None]) -> None:
-        """A series is set up: reserve its file and open it (with the mode set now)."""
+    def begin(self, make_spec: Callable[[], SeriesFileSpec],
+              on_stack_saved: Callable[[FrameStackHandle], None]) -> None:
+        """A series is set up: reserve its file and open it (with the mode set now; ``make_spec``
+        is called only then)."""
         settings = self._settings
         self._series_mode = "off"
         self._problem = ""
         if settings.mode == "off":
             return
+        spec = make_spec()
         try:
             reserved = self._location(settings).reserve(spec.series_id)
             writer = self._writer_process()
@@ -163,11 +166,10 @@ class SeriesSaving:
         writer = self._writer
         return writer.status() if writer is not None else None
 
-    def status_text(self) -> str:
-        """What the saving does or did, in words."""
+    def status_text(self, status: SavingStatus | None) -> str:
+        """What the saving does or did, in words (``status``: :meth:`status`, read once by the caller)."""
         if not self.base_directory:
             return "saving unavailable: no SavingBaseDirectory configured"
-        status = self.status()
         text = status.message if status is not None else ""
         if self._problem:
             text = f"{self._problem}; {text}" if text else self._problem
@@ -175,11 +177,10 @@ class SeriesSaving:
             text = "off" if self._settings.mode == "off" else f"{self._settings.mode}: waiting for a series"
         return text
 
-    def problem(self) -> str:
+    def problem(self, status: SavingStatus | None) -> str:
         """Why the last series was not (completely) saved; empty when nothing went wrong."""
         if self._problem:
             return self._problem
-        status = self.status()
         return status.message if status is not None and status.state == "failed" else ""
 
     def wait_saved(self, timeout: float) -> Any:
