@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 COMPILED_SOURCES := $(wildcard tango_dectris_live/*/*.pyx tango_dectris_live/*/*.pxd tango_dectris_live/*/*.h \
                                sim/*.pyx sim/*.pxd sim/*.h)
 
-.PHONY: demo test install build bench docs clean
+.PHONY: demo test install build bench docs clean system-packages
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ install: $(STAMP)
 build: $(STAMP)
 	$(PY) setup.py build_ext --inplace --quiet
 
-test: $(STAMP)
+# Debian packages of the integration tests (Xvfb, ...): installed when missing and run as root.
+system-packages:
+	bash tools/system_packages.sh
+
+test: $(STAMP) system-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
