@@ -15,7 +15,7 @@ from typing import Any
 from tango_dectris_live.processing.acquisition import AcquisitionRequest, PipelineSettings
 from tango_dectris_live.processing.analyses import AnalysisParameters
 from tango_dectris_live.processing.limits import (MachineLimits, SettingRefused, check_beam_center, check_choice,
-                                                  check_event_rate, check_nav_shape, check_radii,
+                                                  check_event_rate, check_images_per_trigger, check_nav_shape, check_radii,
                                                   check_config_reuse, check_series_timeout, check_tuning,
                                                   check_workers)
 from tango_dectris_live.processing.series_saving import SavingSettings, SeriesSaving
@@ -42,6 +42,7 @@ class LiveSettings:
     event_rate: float = 10.0
     series_timeout: float = 0.0
     config_reuse: float = 0.0
+    images_per_trigger: int = 0
     saving_mode: str = "off"
     saving_directory: str = ""
     saving_name_pattern: str = DEFAULT_PATTERN
@@ -67,7 +68,7 @@ class LiveSettings:
         return SavingSettings(self.saving_mode, self.saving_directory, self.saving_name_pattern)
 
     def request(self) -> AcquisitionRequest:
-        return AcquisitionRequest(self.analyses, self.analysis_parameters(), self.nav_shape)
+        return AcquisitionRequest(self.analyses, self.analysis_parameters(), self.nav_shape, self.images_per_trigger)
 
     def changed(self, context: SettingsContext, **changes: Any) -> LiveSettings:
         """A new value with ``changes``, each rule they touch checked; unknown names are refused."""
@@ -114,6 +115,8 @@ class LiveSettings:
             check_series_timeout(self.series_timeout)
         if "config_reuse" in touched:
             check_config_reuse(self.config_reuse)
+        if touched & {"images_per_trigger", "nav_shape"}:
+            check_images_per_trigger(self.images_per_trigger, self.nav_shape)
         if touched & {"saving_mode", "saving_directory", "saving_name_pattern"}:
             try:
                 context.check_saving(self.saving())
@@ -153,7 +156,7 @@ def _normalised(changes: Mapping[str, Any]) -> dict[str, Any]:
             value = tuple(float(v) for v in value) if value is not None and len(value) else None
         elif name in RADII or name in ("event_rate", "series_timeout", "config_reuse"):
             value = float(value)
-        elif name in TUNING:
+        elif name in TUNING or name == "images_per_trigger":
             value = int(value)
         elif name in ("transport", "connection", "saving_mode", "saving_directory", "saving_name_pattern"):
             value = str(value)

@@ -75,6 +75,10 @@ LIVE_SETTINGS = {
         "instead of being read again (a step scan then reads them once: ~10 GETs fewer per point). A change "
         "through this device is always seen; one made by another client only once the value is older than "
         "this. 0 (default): read at every Start. Passive mode always reads", unit="s"),
+    "images_per_trigger": LiveAttribute(
+        "images_per_trigger", tango.DevLong64, "Images each trigger takes in ints/exts: 0 (automatic) the whole "
+        "scan in one trigger; 1 a trigger per scan position (exts: one hardware trigger per point of a continuous "
+        "scan, ntrigger = the positions); inte/exte always take one image per trigger. Must divide the scan"),
     "saving_mode": LiveAttribute(
         "saving_mode", tango.DevString, "What each series saves in its NeXus/HDF5 file: off, results, or "
         "results_and_frames (the compressed frames as received, and the results); from the next series"),
@@ -133,6 +137,10 @@ PROGRESS = {
                         "the file of the series being saved, or of the last one (empty: none yet)"),
     "frames_saved": (tango.DevLong64, "", "frames_saved", "frames of the series written to its file"),
     "saving_rate": (tango.DevDouble, "MB/s", "saving_rate", "how fast the series file is written"),
+    "acquisitions_ended": (tango.DevLong64, "", "acquisitions_ended",
+                           "Start/Listen sessions over since the server started, whatever their outcome "
+                           "(acquisition_status says which): a client that sent Start waits for this to grow, "
+                           "then reads the results"),
 }
 # Result images are pushed as float64: exact for the integer sums, and one type for every client.
 _MAX_IMAGE_SIDE = 16384

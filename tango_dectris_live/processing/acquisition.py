@@ -36,8 +36,8 @@ from tango_dectris_live.simplon.errors import SimplonError
 
 from .analyses import AnalysisParameters, AnalysisRegistry
 from .limits import (MAX_SERIES_TIMEOUT, MachineLimits, check_beam_center, check_choice, check_config_reuse,
-                     check_event_rate, check_nav_shape, check_radii, check_series_timeout, check_tuning,
-                     check_whole_numbers, check_workers)
+                     check_event_rate, check_images_per_trigger, check_nav_shape, check_radii, check_series_timeout,
+                     check_tuning, check_whole_numbers, check_workers)
 from .live_dataset import ReceiverFrameSource
 from .pipeline_factory import StreamPipelineFactory
 from .runner import LiveRunner, SeriesRun
@@ -107,6 +107,7 @@ class AcquisitionRequest:
     analyses: tuple[str, ...]
     parameters: AnalysisParameters = AnalysisParameters()
     nav_shape: tuple[int, ...] | None = None
+    images_per_trigger: int = 0  # 0: automatic (series_control.scan_triggers)
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,9 @@ class AcquisitionProgress:
     last_saved_file: str = ""
     frames_saved: int = 0  # of the series being saved (or the last one)
     saving_rate: float = 0.0  # MB/s
+    # Start/Listen sessions over since the object was made, whatever their outcome: a client that
+    # started one waits for this to grow (a failed Start publishes no final result to wait on)
+    acquisitions_ended: int = 0
 
     @property
     def messages_rejected(self) -> int:
@@ -255,6 +259,7 @@ class LiveAcquisition:
         self._bottleneck = BottleneckMeter()
         self._series_started_at = 0.0
         self._series_completed = 0
+        self._sessions_ended = 0
         self._armed_series: int | None = None  # armed by us and not yet disarmed (active mode)
         # results per analysis; found by a trial run on blank frames unless the owner knows them
         self._result_counts: dict[str, int] = dict(result_counts or {})
@@ -415,7 +420,7 @@ class LiveAcquisition:
                       hint=self._bottleneck.update(stats, writer_backlog=saving.backlog if saving is not None else 0)
                       if stats is not None else "",
                       transport=stats.transport if stats is not None else "",
-                      rejected=self._rejected_since_arm(stats))
+                      rejected=self._rejected_since_arm(stats), acquisitions_ended=self._sessions_ended)
         if run is not None and run.series is not None and not (final is not None and final.series == run.series):
             expected, processed = run.counters()
             received = max(0, stats.frames_received - self._received_at_start) if stats is not None else 0
@@ -483,6 +488,7 @@ class LiveAcquisition:
         check_tuning(settings.num_slots, settings.bytes_per_frame, settings.frame_stack_size,
                      settings.frames_per_partition, frame_shape,
                      geometry.dtype if geometry is not None else "uint16", machine)
+        check_images_per_trigger(request.images_per_trigger, nav_shape)
         return replace(request, nav_shape=nav_shape)
 
     def _begin(self, mode: AcquisitionMode, request: AcquisitionRequest) -> None:
@@ -519,6 +525,7 @@ class LiveAcquisition:
             self._recover()
         finally:
             self._mode = AcquisitionMode.IDLE
+            self._sessions_ended += 1
             self._request_publish()
 
     def _recover(self) -> None:
@@ -553,7 +560,7 @@ class LiveAcquisition:
         nav_shape = request.nav_shape or self.control.scan_shape()
         trigger_mode = self.control.trigger_mode()
         self._trigger_mode = trigger_mode
-        self.control.configure_scan(nav_shape, trigger_mode)
+        self.control.configure_scan(nav_shape, trigger_mode, request.images_per_trigger)
         source = self._prepare_pipeline()
         parameters = self.control.with_beam_centre(request.parameters)
         if self._stop.is_set() or self._abort.is_set():
@@ -579,7 +586,8 @@ class LiveAcquisition:
         # workers, with the GIL) then overlaps the exposure instead of delaying the trigger; the
         # receiver, armed already, keeps what arrives meanwhile.
         trigger_errors: list[BaseException] = []
-        triggering = threading.Thread(target=self._trigger, args=(trigger_mode, nav_shape, trigger_errors),
+        triggering = threading.Thread(target=self._trigger, args=(trigger_mode, nav_shape, request.images_per_trigger,
+                                                                      trigger_errors),
                                       name="acquisition-trigger", daemon=True)
         triggering.start()
         run = self._process(source, request, parameters, nav_shape, series, received_before)
@@ -724,12 +732,13 @@ class LiveAcquisition:
             text += f"; error: {final.error}"
         return text
 
-    def _trigger(self, trigger_mode: str, nav_shape: tuple[int, ...], errors: list[BaseException]) -> None:
+    def _trigger(self, trigger_mode: str, nav_shape: tuple[int, ...], images_per_trigger: int,
+                 errors: list[BaseException]) -> None:
         """The trigger thread of an active series: a refused trigger ends the series (reported by
         the session thread once it ended); under a Stop/Abort it is expected."""
         stopped = lambda: self._stop.is_set() or self._abort.is_set()  # noqa: E731
         try:
-            self.control.trigger(trigger_mode, nav_shape, stopped, self._frame_time)
+            self.control.trigger(trigger_mode, nav_shape, stopped, self._frame_time, images_per_trigger)
         except SimplonError as error:
             if not stopped():
                 errors.append(error)

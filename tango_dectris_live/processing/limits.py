@@ -222,9 +222,31 @@ def check_series_timeout(seconds: float) -> float:
 MAX_CONFIG_REUSE = 60.0
 
 
+# SIMPLON's nimages is a uint32; more in one trigger is no scan anyone runs
+MAX_IMAGES_PER_TRIGGER = 2**31 - 1
+
+
 def check_config_reuse(seconds: float) -> float:
     """0 (read the DCU's settings at every Start) or how long a value read may serve again."""
     return _check_seconds("config_reuse", seconds, MAX_CONFIG_REUSE, "read at every Start")
+
+
+def check_images_per_trigger(images: int, nav_shape: tuple[int, ...] | None = None,
+                             trigger_mode: str | None = None) -> int:
+    """0 (automatic: ints/exts take the whole scan in one trigger, inte/exte one image per trigger)
+    or the images each trigger takes; the scan must be a whole number of triggers."""
+    images = int(images)
+    if images < 0 or images > MAX_IMAGES_PER_TRIGGER:
+        raise SettingRefused(f"images_per_trigger must be 0 (automatic) to {MAX_IMAGES_PER_TRIGGER}, got {images}")
+    if images and trigger_mode in ("inte", "exte") and images != 1:
+        raise SettingRefused(f"images_per_trigger {images}: in trigger mode {trigger_mode} each trigger takes one "
+                             f"image (its exposure is the trigger's); set 0 or 1")
+    if images and nav_shape:
+        count = int(np.prod(nav_shape))
+        if count % images:
+            raise SettingRefused(f"images_per_trigger {images} does not divide the scan of {count} positions "
+                                 f"(nav_shape {list(nav_shape)}) into whole triggers")
+    return images
 
 
 def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:

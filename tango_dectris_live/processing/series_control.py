@@ -15,6 +15,7 @@ from tango_dectris_live.simplon.client import DetectorClient
 from tango_dectris_live.simplon.errors import SimplonError, UnknownParameterError
 
 from .analyses import AnalysisParameters
+from .limits import check_images_per_trigger
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,17 @@ _BIT_DEPTH_DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
 _STREAM_FORMAT_VERSIONS = {"legacy": 1, "cbor": 2}
 EXTERNAL_TRIGGER_MODES = ("exts", "exte")
 ONE_IMAGE_PER_TRIGGER_MODES = ("inte", "exte")
+
+
+def scan_triggers(nav_shape: tuple[int, ...], trigger_mode: str, images_per_trigger: int = 0) -> tuple[int, int]:
+    """(nimages, ntrigger) of a scan: inte/exte one image per trigger; ints/exts all images in one
+    trigger, or ``images_per_trigger`` each (checked by :func:`check_images_per_trigger`)."""
+    count = int(np.prod(nav_shape))
+    check_images_per_trigger(images_per_trigger, nav_shape, trigger_mode)
+    if trigger_mode in ONE_IMAGE_PER_TRIGGER_MODES:
+        return 1, count
+    images = images_per_trigger or count
+    return images, count // images
 
 
 @dataclass(frozen=True)
@@ -69,13 +81,11 @@ class SeriesControl:
         except (UnknownParameterError, TypeError, ValueError):
             return 0
 
-    def configure_scan(self, nav_shape: tuple[int, ...], trigger_mode: str) -> None:
-        """One image per scan position: ints/exts take them in one trigger, inte/exte one per trigger."""
-        count = int(np.prod(nav_shape))
-        if trigger_mode in ONE_IMAGE_PER_TRIGGER_MODES:
-            nimages, ntrigger = 1, count
-        else:
-            nimages, ntrigger = count, 1
+    def configure_scan(self, nav_shape: tuple[int, ...], trigger_mode: str, images_per_trigger: int = 0) -> None:
+        """One image per scan position: inte/exte one per trigger; ints/exts all in one trigger, or
+        ``images_per_trigger`` per trigger (exts with 1: a trigger per scan point, as a hardware-
+        synchronised continuous scan sends them)."""
+        nimages, ntrigger = scan_triggers(nav_shape, trigger_mode, images_per_trigger)
         # Written only when they differ: a DCU that refuses writes (a replay of a recording
         # accepts only the recorded values) still runs a scan of the size it already has.
         for key, value in (("ntrigger", ntrigger), ("nimages", nimages)):
@@ -91,9 +101,9 @@ class SeriesControl:
                                        f"({key} = {value}, the DCU has {current}): {error}") from error
 
     def trigger(self, trigger_mode: str, nav_shape: tuple[int, ...], stopped: Callable[[], bool],
-                frame_time: float = 0.0) -> None:
+                frame_time: float = 0.0, images_per_trigger: int = 0) -> None:
         """The software triggers of a series (none with external triggers); an ints trigger
-        returns when the series is done. ``stopped``: whether to give up (Stop/Abort);
+        returns when its images are taken. ``stopped``: whether to give up (Stop/Abort);
         ``frame_time``: as read for this series (0: not known, read again)."""
         if trigger_mode == "ints":
             # the series' own figures: the timeout needs no second reading of them
@@ -101,9 +111,13 @@ class SeriesControl:
                 start_delay = float(self._value("detector", "trigger_start_delay") or 0.0)
             except UnknownParameterError:  # older firmware has no trigger_start_delay
                 start_delay = 0.0
-            timeout = self.detector.trigger_timeout(frame_time=frame_time or None, nimages=int(np.prod(nav_shape)),
+            nimages, ntrigger = scan_triggers(nav_shape, trigger_mode, images_per_trigger)
+            timeout = self.detector.trigger_timeout(frame_time=frame_time or None, nimages=nimages,
                                                     start_delay=start_delay)
-            self.detector.trigger(timeout=timeout)
+            for index in range(ntrigger):
+                if index and stopped():
+                    return
+                self.detector.trigger(timeout=timeout)
         elif trigger_mode == "inte":
             count_time = float(self._value("detector", "count_time"))
             for _ in range(int(np.prod(nav_shape))):

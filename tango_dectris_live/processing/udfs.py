@@ -239,6 +239,15 @@ class CompiledCoMUDF(_CompiledMaskSums, CoMUDF):
 
     _sums_buffer = COM_MASK_SUMS_BUFFER
 
+    def get_field_results(self, field_y: np.ndarray, field_x: np.ndarray) -> dict[str, np.ndarray]:
+        """LiberTEM's magnitude, divergence and curl; divergence and curl need a gradient along
+        both scan axes (NumPy refuses one of fewer than 2 positions): NaN for a line scan, a
+        single point (a step scan's point, ``ct``) or a 1-D scan, where LiberTEM's raises."""
+        if field_y.ndim == 2 and min(field_y.shape) >= 2:
+            return super().get_field_results(field_y, field_x)
+        nan = np.full(field_y.shape, np.nan)
+        return {"magnitude": np.sqrt(field_y ** 2 + field_x ** 2), "divergence": nan, "curl": nan.copy()}
+
     def _weights(self) -> tuple[np.ndarray, int] | None:
         params = self.get_params()
         key = ("com", tuple(self.meta.dataset_shape.sig), float(params.cy), float(params.cx), float(params.r),

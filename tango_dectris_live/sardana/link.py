@@ -1,0 +1,343 @@
+"""One ``DectrisLive`` device as the Sardana controllers of one Pool share it.
+
+A measurement group may hold channels of both controllers of a device (the 2D detector image and
+the virtual counters). Sardana loads every controller of the group, then starts them one after
+the other; the device must run **one** acquisition for all of them. The rule: a controller's
+start joins the acquisition started since its own last load, or starts one. Loads and starts of
+one acquisition all happen before the next acquisition's loads, so two controllers in one group
+share each acquisition, and a controller used alone never joins an old one.
+
+The device is driven over Tango only, as any client would: the settings an acquisition needs are
+read in one call and only those that differ are written; ``Start``; the end is when the device's
+``acquisitions_ended`` counter grows (whatever the outcome: a failed Start has no final result to
+wait on); the outcome is read from ``series_id`` and ``acquisition_status``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import tango
+
+log = logging.getLogger(__name__)
+
+# How each Sardana synchronisation maps onto the detector: trigger mode and images per trigger
+# (0: the device's automatic choice). Names are those of sardana.pool.AcqSynch.
+SOFTWARE_TRIGGER = "SoftwareTrigger"
+SOFTWARE_START = "SoftwareStart"
+SOFTWARE_GATE = "SoftwareGate"
+HARDWARE_TRIGGER = "HardwareTrigger"
+HARDWARE_GATE = "HardwareGate"
+HARDWARE_START = "HardwareStart"
+_TRIGGERING = {
+    SOFTWARE_TRIGGER: ("ints", 0),  # one acquisition per point, all its repetitions in one trigger
+    SOFTWARE_START: ("ints", 0),
+    SOFTWARE_GATE: ("ints", 0),
+    HARDWARE_TRIGGER: ("exts", 1),  # one external trigger per point, one image each
+    HARDWARE_GATE: ("exte", 1),  # the gate's width is the exposure
+    HARDWARE_START: ("exts", 0),  # one external trigger starts the whole series
+}
+HARDWARE = frozenset({HARDWARE_TRIGGER, HARDWARE_GATE, HARDWARE_START})
+SAVING_ORDER = ("off", "results", "results_and_frames")
+
+
+class LinkError(RuntimeError):
+    """Something a scan user can act on: the device refused, is in FAULT, or the acquisition failed."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one acquisition takes: Sardana's integration time, repetitions, latency and
+    synchronisation (an :class:`AcqSynch` name)."""
+
+    integration_time: float
+    repetitions: int = 1
+    latency: float = 0.0
+    synchronization: str = SOFTWARE_TRIGGER
+
+    @property
+    def hardware(self) -> bool:
+        return self.synchronization in HARDWARE
+
+
+@dataclass
+class Acquisition:
+    """One Start of the device, shared by the controllers that joined it."""
+
+    seq: int
+    plan: Plan
+    series_before: int
+    ended_before: int
+    ended: bool = False
+    series: int | None = None
+    outcome: str = ""  # the device's acquisition_status once ended
+    problem: str | None = None  # why its results cannot be used (None: they can)
+    frames_missing: int = 0
+    saved_file: str = ""
+    stop_sent: bool = False
+    _final: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class DeviceLink:
+    """The device as the controllers of one Pool use it; one per device (:func:`link_for`)."""
+
+    def __init__(self, name: str, proxy_factory: Callable[[str], Any] = tango.DeviceProxy) -> None:
+        self.name = name
+        self._proxy_factory = proxy_factory
+        self._proxy: Any = None
+        self._lock = threading.RLock()
+        self._seq = 0
+        self._acquisition: Acquisition | None = None
+        self._required: dict[str, frozenset[str]] = {}  # owner -> analyses its channels need
+        self._saving: dict[str, tuple[str, str | None]] = {}  # owner -> (least mode, "dir/pattern" or None)
+        self._enum_labels: dict[str, list[str]] = {}
+
+    @property
+    def proxy(self) -> Any:
+        if self._proxy is None:
+            self._proxy = self._proxy_factory(self.name)
+        return self._proxy
+
+    # -- what the controllers need --------------------------------------------------------------
+
+    def require(self, owner: str, analyses: set[str] | frozenset[str]) -> None:
+        """``owner``'s channels need these analyses (the device runs the union of all owners')."""
+        with self._lock:
+            self._required[owner] = frozenset(analyses)
+
+    def want_saving(self, owner: str, mode: str, location: str | None = None) -> None:
+        """``owner`` needs series files of at least ``mode``; ``location`` is
+        ``directory/name_pattern`` below the device's SavingBaseDirectory (None: the device's own)."""
+        if mode not in SAVING_ORDER:
+            raise LinkError(f"saving mode {mode!r} is not one of {', '.join(SAVING_ORDER)}")
+        with self._lock:
+            self._saving[owner] = (mode, location)
+
+    def result_analyses(self) -> dict[str, str]:
+        """Result attribute -> the analysis that publishes it, as the device lists them."""
+        out: dict[str, str] = {}
+        for line in self.proxy.result_attributes or ():
+            analysis, _, names = line.partition(":")
+            for name in names.split(","):
+                if name.strip():
+                    out[name.strip()] = analysis.strip()
+        return out
+
+    def frame_shape(self) -> tuple[int, int]:
+        """(height, width) of the frames as the stream delivers them (binning and ROI applied)."""
+        for pair in (("frame_height", "frame_width"), ("y_pixels_in_detector", "x_pixels_in_detector")):
+            try:
+                values = [reply.value for reply in self.proxy.read_attributes(list(pair))]
+            except tango.DevFailed:
+                continue
+            if all(isinstance(v, (int, np.integer)) and v > 0 for v in values):
+                return int(values[0]), int(values[1])
+        raise LinkError(f"{self.name}: the detector's frame size is not known (is it initialized?)")
+
+    # -- one acquisition ------------------------------------------------------------------------
+
+    def load(self) -> int:
+        """A controller loaded its parameters: returns the mark its start compares with."""
+        with self._lock:
+            return self._seq
+
+    def start(self, loaded: int, plan: Plan) -> Acquisition:
+        """Join the acquisition started since ``loaded`` (the caller's load mark), or start one."""
+        with self._lock:
+            current = self._acquisition
+            if current is not None and current.seq > loaded:
+                if current.plan != plan:
+                    raise LinkError(f"{self.name}: two controllers of one measurement group asked for different "
+                                    f"acquisitions ({current.plan} and {plan}); give them the same timer settings")
+                return current
+            if current is not None and not current.ended and not self._poll(current):
+                raise LinkError(f"{self.name} is still running the previous acquisition "
+                                f"(series {current.series_before + 1}); stop it first")
+            self._check_state()
+            self._configure(plan)
+            before = self.proxy.read_attributes(["series_id", "acquisitions_ended"])
+            self._seq += 1
+            acquisition = Acquisition(self._seq, plan, int(before[0].value), int(before[1].value))
+            try:
+                self.proxy.Start()
+            except tango.DevFailed as error:
+                raise LinkError(f"{self.name} refused Start: {error.args[0].desc}") from error
+            self._acquisition = acquisition
+            if plan.hardware:
+                self._wait_armed(acquisition)
+            return acquisition
+
+    def _wait_armed(self, acquisition: Acquisition, timeout: float = 60.0) -> None:
+        """With hardware triggers the scan starts the trigger generator once the detector is
+        started: return only when the device armed the DCU (its series began), or a trigger
+        sent before would be lost. Start returns at once; the arm follows within milliseconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            series, ended = (int(reply.value) for reply in self.proxy.read_attributes(["series_id",
+                                                                                       "acquisitions_ended"]))
+            if series != acquisition.series_before:
+                return
+            if ended > acquisition.ended_before:
+                self._poll(acquisition)
+                raise LinkError(acquisition.problem or f"{self.name}: the acquisition ended before it was armed")
+            time.sleep(0.005)
+        raise LinkError(f"{self.name} was not armed {timeout:.0f} s after Start: {self.proxy.acquisition_status}")
+
+    def ended(self, acquisition: Acquisition) -> bool:
+        with self._lock:
+            return acquisition.ended or self._poll(acquisition)
+
+    def results(self, acquisition: Acquisition, names: list[str]) -> dict[str, np.ndarray]:
+        """The named results of ``acquisition``: its final ones once it ended (read once and kept),
+        the device's latest intermediate ones while it runs (NaN where not processed yet)."""
+        with self._lock:
+            if not (acquisition.ended or self._poll(acquisition)):
+                return self._read(names)
+            if acquisition.problem is not None:
+                raise LinkError(acquisition.problem)
+            missing = [name for name in names if name not in acquisition._final]
+            if missing:
+                acquisition._final.update(self._read(missing))
+            return {name: acquisition._final[name] for name in names}
+
+    def stop(self, acquisition: Acquisition, abort: bool = False) -> None:
+        """Stop (what arrived is processed and published) or abort the device's acquisition, once."""
+        with self._lock:
+            if acquisition.ended or acquisition.stop_sent:
+                return
+            acquisition.stop_sent = True
+            try:
+                self.proxy.Abort() if abort else self.proxy.Stop()
+            except tango.DevFailed as error:
+                log.warning("%s: %s failed: %s", self.name, "Abort" if abort else "Stop", error.args[0].desc)
+
+    def state_problem(self) -> str | None:
+        """The device's State as a scan user needs it: None when usable, else why not."""
+        try:
+            state = self.proxy.state()
+        except tango.DevFailed as error:
+            return f"{self.name} does not answer: {error.args[0].desc}"
+        if state in (tango.DevState.FAULT, tango.DevState.UNKNOWN, tango.DevState.OFF, tango.DevState.INIT):
+            return f"{self.name} is {state}: {self.proxy.status()}"
+        return None
+
+    # -- inside --------------------------------------------------------------------------------
+
+    def _check_state(self) -> None:
+        problem = self.state_problem()
+        if problem is not None:
+            raise LinkError(problem)
+
+    def _poll(self, acquisition: Acquisition) -> bool:
+        """Whether the device's acquisition is over; when it is, its outcome is recorded."""
+        values = self.proxy.read_attributes(["acquisitions_ended", "series_id", "acquisition_status",
+                                             "frames_missing", "last_saved_file"])
+        if int(values[0].value) <= acquisition.ended_before:
+            return False
+        acquisition.ended = True
+        acquisition.series = int(values[1].value)
+        acquisition.outcome = str(values[2].value)
+        acquisition.frames_missing = int(values[3].value)
+        acquisition.saved_file = str(values[4].value)
+        if acquisition.series == acquisition.series_before:
+            acquisition.problem = f"{self.name}: no series was acquired: {acquisition.outcome}"
+        elif not acquisition.outcome.startswith((f"series {acquisition.series} done",
+                                                 f"series {acquisition.series} stopped")):
+            acquisition.problem = f"{self.name}: {acquisition.outcome}"
+        return True
+
+    def _read(self, names: list[str]) -> dict[str, np.ndarray]:
+        if not names:
+            return {}
+        replies = self.proxy.read_attributes(names)
+        out = {}
+        for name, reply in zip(names, replies):
+            if reply.has_failed:
+                raise LinkError(f"{self.name}/{name} cannot be read: {reply.get_err_stack()[0].desc}")
+            value = reply.value
+            out[name] = np.zeros((0, 0)) if value is None else np.asarray(value, dtype=np.float64)
+        return out
+
+    def _configure(self, plan: Plan) -> None:
+        """The device's settings for ``plan``: read in one call, written only where they differ."""
+        trigger_mode, images_per_trigger = _TRIGGERING.get(plan.synchronization, (None, None))
+        if trigger_mode is None:
+            raise LinkError(f"synchronisation {plan.synchronization} is not supported")
+        if not plan.integration_time > 0 or not math.isfinite(plan.integration_time):
+            raise LinkError(f"integration time {plan.integration_time} s: only a time (> 0) is supported, "
+                            f"not a monitor count")
+        # a line of ``repetitions`` positions: scan-shaped results are 2-D for every analysis
+        # (LiberTEM's centre of mass takes only a 2-D scan)
+        wanted: dict[str, Any] = {
+            "trigger_mode": trigger_mode, "images_per_trigger": images_per_trigger,
+            "nav_shape": [1, int(plan.repetitions)], "count_time": float(plan.integration_time)}
+        if plan.synchronization == HARDWARE_START and plan.latency > 0:
+            wanted["frame_time"] = float(plan.integration_time + plan.latency)
+        analyses = frozenset().union(*self._required.values()) if self._required else frozenset()
+        mode, location = self._saving_wanted()
+        names = list(wanted) + ["analyses", "saving_mode", "saving_directory", "saving_name_pattern"]
+        current = dict(zip(names, (reply.value for reply in self.proxy.read_attributes(names))))
+        if analyses and not analyses <= set(current["analyses"] or ()):
+            merged = list(current["analyses"] or ()) + sorted(analyses - set(current["analyses"] or ()))
+            self._write("analyses", merged)
+        if SAVING_ORDER.index(mode) > SAVING_ORDER.index(current["saving_mode"] or "off"):
+            self._write("saving_mode", mode)
+        if location is not None:
+            directory, _, pattern = location.rpartition("/")
+            if directory != current["saving_directory"]:
+                self._write("saving_directory", directory)
+            if pattern and pattern != current["saving_name_pattern"]:
+                self._write("saving_name_pattern", pattern)
+        for name, value in wanted.items():
+            now = current[name]
+            if name == "trigger_mode":
+                now = self._labels(name)[int(now)] if now is not None else None
+                if now != value:
+                    self._write(name, self._labels(name).index(value))
+            elif name == "nav_shape":
+                if list(now if now is not None else ()) != value:
+                    self._write(name, value)
+            elif isinstance(value, float):
+                if now is None or not math.isclose(float(now), value, rel_tol=1e-9, abs_tol=1e-12):
+                    self._write(name, value)
+            elif now != value:
+                self._write(name, value)
+
+    def _saving_wanted(self) -> tuple[str, str | None]:
+        mode, location = "off", None
+        for owner_mode, owner_location in self._saving.values():
+            if SAVING_ORDER.index(owner_mode) > SAVING_ORDER.index(mode):
+                mode = owner_mode
+            if owner_location:
+                location = owner_location
+        return mode, location
+
+    def _labels(self, name: str) -> list[str]:
+        if name not in self._enum_labels:
+            self._enum_labels[name] = list(self.proxy.get_attribute_config(name).enum_labels)
+        return self._enum_labels[name]
+
+    def _write(self, name: str, value: Any) -> None:
+        try:
+            self.proxy.write_attribute(name, value)
+        except tango.DevFailed as error:
+            raise LinkError(f"{self.name}: {name} = {value!r} refused: {error.args[0].desc}") from error
+
+
+_LINKS: dict[str, DeviceLink] = {}
+_LINKS_LOCK = threading.Lock()
+
+
+def link_for(name: str) -> DeviceLink:
+    """The one link of this process to device ``name``, shared by every controller using it."""
+    key = name.strip().lower()
+    with _LINKS_LOCK:
+        link = _LINKS.get(key)
+        if link is None:
+            link = _LINKS[key] = DeviceLink(name.strip())
+        return link
