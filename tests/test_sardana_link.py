@@ -139,3 +139,12 @@ def test_scan_triggers(mode, images, expected):
 def test_images_per_trigger_is_checked(images, nav_shape, mode, message):
     with pytest.raises(SettingRefused, match=message):
         check_images_per_trigger(images, nav_shape, mode)
+
+
+def test_a_device_in_fault_refuses_the_scan_with_its_status(link, device):
+    import tango
+    device.state = lambda: tango.DevState.FAULT
+    device.status = lambda: "the DCU at 10.0.0.5 does not answer"
+    with pytest.raises(LinkError, match="FAULT: the DCU at 10.0.0.5 does not answer"):
+        link.start(link.load(), Plan(0.01))
+    assert device.starts == 0

@@ -153,9 +153,9 @@ def test_ascan_records_every_point_with_image_references_into_the_saved_files(be
         np.testing.assert_array_equal(images[point], truth["sum_image"])
 
 
-def test_ascanct_hardware_triggered_values_arrive_while_the_scan_runs(beamline):
-    points = 10
-    beamline.sim_config(nav_shape=[1, points])
+def _hardware_group(beamline: Beamline) -> None:
+    """The virtual counters in a group synchronised by the simulator's trigger input, one trigger
+    per point."""
     if "simtg" not in " ".join(tango.DeviceProxy(beamline.sardana.pool).ControllerList):
         beamline.run("defctrl", "SimplonSimTriggerGateController", "simtg", "SimulatorUrl", beamline.sim.rest_url)
         beamline.run("defelem", "simtg01", "simtg", "1")
@@ -163,6 +163,12 @@ def test_ascanct_hardware_triggered_values_arrive_while_the_scan_runs(beamline):
         beamline.run("set_meas_conf", "Synchronizer", "simtg01", "[]", "dlive_hw_mg")
         beamline.run("set_meas_conf", "Synchronization", "Trigger", "[]", "dlive_hw_mg")
     beamline.run("senv", "ActiveMntGrp", "dlive_hw_mg")
+
+
+def test_ascanct_hardware_triggered_values_arrive_while_the_scan_runs(beamline):
+    points = 10
+    beamline.sim_config(nav_shape=[1, points])
+    _hardware_group(beamline)
     beamline.run("senv", "ScanFile", "ascanct.h5")
     buffers: list[int] = []
     seen = threading.Lock()
@@ -208,3 +214,42 @@ def test_stop_in_the_middle_of_a_scan_ends_cleanly_and_the_next_scan_works(beaml
     measurement = _scan_entry(beamline.base / "scans" / "after_stop.h5")["measurement"]
     np.testing.assert_allclose(measurement["dlive_sumsig"][...], np.full(3, _truth(beamline, (1, 1))[
         "sumsig_image"].ravel()[0]), rtol=1e-9)
+
+
+def test_ascanct_with_a_lost_frame_records_nan_for_its_point_and_the_rest_exactly(beamline):
+    points = 8
+    beamline.sim_config(nav_shape=[1, points], faults=[{"kind": "drop", "frames": [3]}])
+    _hardware_group(beamline)
+    beamline.run("senv", "ScanFile", "ascanct_lost.h5")
+    beamline.run("ascanct", "dummy_mot", "0", "1", str(points), "0.05")
+    truth = reference_results(simulator_ground_truth(beamline.sim, (1, points)), DETECTORS, missing=[3])
+    measurement = _scan_entry(beamline.base / "scans" / "ascanct_lost.h5")["measurement"]
+    for name, result in COUNTERS.items():
+        recorded = measurement[name][...][:points]
+        assert np.isnan(recorded[3]), name
+        np.testing.assert_allclose(recorded, truth[result].ravel(), err_msg=name, equal_nan=True, **TOLERANCE)
+    assert "1 frame(s) missing" in tango.DeviceProxy("dlive_sumsig").status()
+
+
+def test_stop_in_the_middle_of_a_continuous_scan_ends_cleanly_and_the_next_one_works(beamline):
+    points = 40
+    beamline.sim_config(nav_shape=[1, points])
+    _hardware_group(beamline)
+    beamline.run("senv", "ScanFile", "ascanct_stopped.h5")
+    processed_before = int(beamline.device.acquisitions_ended)
+    beamline.door.start("ascanct", "dummy_mot", "0", "1", str(points), "0.1")
+    wait_for(lambda: int(beamline.device.frames_processed) >= 3 and beamline.device.state() == tango.DevState.RUNNING,
+             120, lambda: "the continuous scan under way")
+    beamline.door.proxy.StopMacro()
+    assert beamline.door.wait_idle(120) in (tango.DevState.ON, tango.DevState.ALARM)
+    wait_for(lambda: int(beamline.device.acquisitions_ended) > processed_before
+             and beamline.device.state() == tango.DevState.ON, 60,
+             lambda: f"device ON after the stop ({beamline.device.status()})")
+    assert int(beamline.device.frames_processed) < points
+    # the next continuous scan runs to its end, exactly
+    beamline.sim_config(nav_shape=[1, 5])
+    beamline.run("senv", "ScanFile", "ascanct_after_stop.h5")
+    beamline.run("ascanct", "dummy_mot", "0", "1", "5", "0.02")
+    measurement = _scan_entry(beamline.base / "scans" / "ascanct_after_stop.h5")["measurement"]
+    np.testing.assert_allclose(measurement["dlive_sumsig"][...][:5], _truth(beamline, (1, 5))["sumsig_image"].ravel(),
+                               **TOLERANCE)
