@@ -148,3 +148,29 @@ def test_a_device_in_fault_refuses_the_scan_with_its_status(link, device):
     with pytest.raises(LinkError, match="FAULT: the DCU at 10.0.0.5 does not answer"):
         link.start(link.load(), Plan(0.01))
     assert device.starts == 0
+
+
+def test_saving_raised_for_a_scan_is_lowered_back_unless_a_client_chose_it(link, device):
+    link.want_saving("image", "results_and_frames")
+    link.start(link.load(), Plan(0.01))
+    assert device.values["saving_mode"] == "results_and_frames"
+    link.want_saving("image", "results")
+    link.start(link.load(), Plan(0.01))
+    assert device.values["saving_mode"] == "results"
+    link.want_saving("image", "off")
+    link.start(link.load(), Plan(0.01))
+    assert device.values["saving_mode"] == "off"  # what it was before the link raised it
+    link.want_saving("image", "results")
+    link.start(link.load(), Plan(0.01))
+    device.values["saving_mode"] = "results_and_frames"  # a user's own choice
+    link.want_saving("image", "off")
+    link.start(link.load(), Plan(0.01))
+    assert device.values["saving_mode"] == "results_and_frames"
+
+
+def test_a_saving_want_counts_for_the_next_acquisition_only(link, device):
+    link.want_saving("image", "results_and_frames")
+    link.start(link.load(), Plan(0.01))
+    assert device.values["saving_mode"] == "results_and_frames"
+    link.start(link.load(), Plan(0.01))  # the image controller is not in this group: nobody asks
+    assert device.values["saving_mode"] == "off"

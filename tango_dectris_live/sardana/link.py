@@ -94,8 +94,12 @@ class DeviceLink:
         self._seq = 0
         self._acquisition: Acquisition | None = None
         self._required: dict[str, frozenset[str]] = {}  # owner -> analyses its channels need
-        self._saving: dict[str, tuple[str, str | None]] = {}  # owner -> (least mode, "dir/pattern" or None)
+        # owner -> (least mode, "dir/pattern" or None, the load mark it was asked at): a want counts
+        # for the next acquisition only, so a controller left out of the next group asks for nothing
+        self._saving: dict[str, tuple[str, str | None, int]] = {}
         self._enum_labels: dict[str, list[str]] = {}
+        # (the device's saving mode before the link raised it, the mode the link set) or None
+        self._raised: tuple[str, str] | None = None
 
     @property
     def proxy(self) -> Any:
@@ -111,12 +115,13 @@ class DeviceLink:
             self._required[owner] = frozenset(analyses)
 
     def want_saving(self, owner: str, mode: str, location: str | None = None) -> None:
-        """``owner`` needs series files of at least ``mode``; ``location`` is
-        ``directory/name_pattern`` below the device's SavingBaseDirectory (None: the device's own)."""
+        """``owner`` needs series files of at least ``mode`` for the next acquisition (asked at each
+        load); ``location`` is ``directory/name_pattern`` below the device's SavingBaseDirectory
+        (None: the device's own)."""
         if mode not in SAVING_ORDER:
             raise LinkError(f"saving mode {mode!r} is not one of {', '.join(SAVING_ORDER)}")
         with self._lock:
-            self._saving[owner] = (mode, location)
+            self._saving[owner] = (mode, location, self._seq)
 
     def result_analyses(self) -> dict[str, str]:
         """Result attribute -> the analysis that publishes it, as the device lists them."""
@@ -285,8 +290,7 @@ class DeviceLink:
         if analyses and not analyses <= set(current["analyses"] or ()):
             merged = list(current["analyses"] or ()) + sorted(analyses - set(current["analyses"] or ()))
             self._write("analyses", merged)
-        if SAVING_ORDER.index(mode) > SAVING_ORDER.index(current["saving_mode"] or "off"):
-            self._write("saving_mode", mode)
+        self._set_saving_mode(mode, current["saving_mode"] or "off")
         if location is not None:
             directory, _, pattern = location.rpartition("/")
             if directory != current["saving_directory"]:
@@ -308,9 +312,26 @@ class DeviceLink:
             elif now != value:
                 self._write(name, value)
 
+    def _set_saving_mode(self, wanted: str, current: str) -> None:
+        """Raise the device's saving to what the controllers need; lower it back, down to what
+        it was before, once they need less -- unless a client changed it meanwhile (then it is
+        that client's choice and stays)."""
+        level = SAVING_ORDER.index
+        if self._raised is not None and current != self._raised[1]:
+            self._raised = None  # changed by someone else since we raised it
+        if level(wanted) > level(current):
+            self._write("saving_mode", wanted)
+            self._raised = (self._raised[0] if self._raised else current, wanted)
+        elif self._raised is not None and level(wanted) < level(current):
+            target = max(wanted, self._raised[0], key=level)
+            self._write("saving_mode", target)
+            self._raised = None if target == self._raised[0] else (self._raised[0], target)
+
     def _saving_wanted(self) -> tuple[str, str | None]:
         mode, location = "off", None
-        for owner_mode, owner_location in self._saving.values():
+        for owner_mode, owner_location, mark in self._saving.values():
+            if mark != self._seq:
+                continue
             if SAVING_ORDER.index(owner_mode) > SAVING_ORDER.index(mode):
                 mode = owner_mode
             if owner_location:

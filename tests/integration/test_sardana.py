@@ -153,16 +153,18 @@ def test_ascan_records_every_point_with_image_references_into_the_saved_files(be
         np.testing.assert_array_equal(images[point], truth["sum_image"])
 
 
-def _hardware_group(beamline: Beamline) -> None:
-    """The virtual counters in a group synchronised by the simulator's trigger input, one trigger
-    per point."""
+def _hardware_group(beamline: Beamline, image: bool = False) -> None:
+    """The virtual counters (and with ``image`` the detector image) in a group synchronised by the
+    simulator's trigger input, one trigger per point."""
+    group = "dlive_hw_image_mg" if image else "dlive_hw_mg"
     if "simtg" not in " ".join(tango.DeviceProxy(beamline.sardana.pool).ControllerList):
         beamline.run("defctrl", "SimplonSimTriggerGateController", "simtg", "SimulatorUrl", beamline.sim.rest_url)
         beamline.run("defelem", "simtg01", "simtg", "1")
-        beamline.run("defmeas", "dlive_hw_mg", *COUNTERS)
-        beamline.run("set_meas_conf", "Synchronizer", "simtg01", "[]", "dlive_hw_mg")
-        beamline.run("set_meas_conf", "Synchronization", "Trigger", "[]", "dlive_hw_mg")
-    beamline.run("senv", "ActiveMntGrp", "dlive_hw_mg")
+    if group not in " ".join(tango.DeviceProxy(beamline.sardana.pool).MeasurementGroupList):
+        beamline.run("defmeas", group, *COUNTERS, *(["dlive_image"] if image else []))
+        beamline.run("set_meas_conf", "Synchronizer", "simtg01", "[]", group)
+        beamline.run("set_meas_conf", "Synchronization", "Trigger", "[]", group)
+    beamline.run("senv", "ActiveMntGrp", group)
 
 
 def test_ascanct_hardware_triggered_values_arrive_while_the_scan_runs(beamline):
@@ -219,16 +221,22 @@ def test_stop_in_the_middle_of_a_scan_ends_cleanly_and_the_next_scan_works(beaml
 def test_ascanct_with_a_lost_frame_records_nan_for_its_point_and_the_rest_exactly(beamline):
     points = 8
     beamline.sim_config(nav_shape=[1, points], faults=[{"kind": "drop", "frames": [3]}])
-    _hardware_group(beamline)
+    _hardware_group(beamline, image=True)
     beamline.run("senv", "ScanFile", "ascanct_lost.h5")
     beamline.run("ascanct", "dummy_mot", "0", "1", str(points), "0.05")
-    truth = reference_results(simulator_ground_truth(beamline.sim, (1, points)), DETECTORS, missing=[3])
+    generator = simulator_ground_truth(beamline.sim, (1, points))
+    truth = reference_results(generator, DETECTORS, missing=[3])
     measurement = _scan_entry(beamline.base / "scans" / "ascanct_lost.h5")["measurement"]
     for name, result in COUNTERS.items():
         recorded = measurement[name][...][:points]
         assert np.isnan(recorded[3]), name
         np.testing.assert_allclose(recorded, truth[result].ravel(), err_msg=name, equal_nan=True, **TOLERANCE)
     assert "1 frame(s) missing" in tango.DeviceProxy("dlive_sumsig").status()
+    # each point's image is its frame (from the series file the device saved); the lost one NaN
+    images = measurement["dlive_image"][...][:points]
+    assert np.isnan(images[3]).all()
+    for point in (0, 1, 2, 4, 5, 6, 7):
+        np.testing.assert_array_equal(images[point], generator.frame(point), err_msg=f"point {point}")
 
 
 def test_stop_in_the_middle_of_a_continuous_scan_ends_cleanly_and_the_next_one_works(beamline):

@@ -9,7 +9,8 @@ they share each acquisition (see ``tango_dectris_live.sardana.link``). Synchroni
   a counter's value its scan-shaped result for the point.
 * hardware (``ascanct``, ``meshct``): one series for the whole scan; ``exts`` with one trigger
   per point (HardwareTrigger), ``exte`` (HardwareGate) or one trigger for all (HardwareStart);
-  the counters' values reach Sardana as the points are processed (value buffers).
+  the counters' values reach Sardana as the points are processed (value buffers); the 2D value
+  of each point is its frame, read from the series file once it is closed.
 
 A point whose frame never came is recorded with NaN (the device's results carry NaN for scan
 positions without a frame) and the channel's status says how many frames were missing.
@@ -240,6 +241,7 @@ class DectrisLiveTwoDController(_DeviceChannels, TwoDController, Referable):
         self._init_channels()
         self._ref_enabled: dict[int, bool] = {}
         self._ref_pattern: dict[int, str] = {}
+        self._frames: np.ndarray | None = None  # a hardware-synchronised scan's frames, once read
 
     def SetAxisPar(self, axis: int, parameter: str, value) -> None:
         if parameter == "value_ref_enabled":
@@ -261,31 +263,54 @@ class DectrisLiveTwoDController(_DeviceChannels, TwoDController, Referable):
 
     def LoadOne(self, axis: int, value: float, repetitions: int, latency: float) -> None:
         self._load(value, repetitions, latency)
-        if self._plan.hardware or self._plan.repetitions != 1:
-            raise LinkError("the detector image is one image per acquisition: use software synchronisation "
-                            "(one acquisition per point); in a hardware-synchronised scan take the virtual "
-                            "counters, and the frames from the saved file (saving_mode results_and_frames)")
         refs = [axis for axis, enabled in self._ref_enabled.items() if enabled]
-        if refs:
-            location = next((_location(self._ref_pattern.get(axis, "")) for axis in refs
-                             if self._ref_pattern.get(axis)), None)
-            self._link.want_saving(self._owner, SAVING_ORDER[1], location)
+        location = next((_location(self._ref_pattern.get(axis, "")) for axis in refs
+                         if self._ref_pattern.get(axis)), None)
+        if self._per_point():
+            self._link.want_saving(self._owner, SAVING_ORDER[1] if refs else SAVING_ORDER[0], location)
+        elif refs:
+            raise LinkError("value references point at one image per acquisition: in a hardware-synchronised "
+                            "scan switch ValueRefEnabled off (the images come from the series file, which "
+                            "Sardana's recorder cannot reference frame by frame)")
         else:
-            self._link.want_saving(self._owner, SAVING_ORDER[0])
+            # one series for the whole scan: each point's image is its frame, read from the
+            # series file the device saves (the Pool must see the device's SavingBaseDirectory)
+            self._link.want_saving(self._owner, SAVING_ORDER[2], location)
+        self._frames: np.ndarray | None = None
 
     def StateAll(self) -> None:
         super().StateAll()
         acquisition = self._acquisition
-        if acquisition is None or self._state[0] != State.On or not any(self._ref_enabled.get(a) for a in self._started):
+        if acquisition is None or self._state[0] != State.On:
             return
-        # a reference is handed out once the file is closed: a reader then finds it complete
+        if self._per_point() and not any(self._ref_enabled.get(a) for a in self._started):
+            return
+        # a reference is handed out, and the frames are read, once the file is closed
         saving = str(self._link.proxy.saving_status)
-        if saving.startswith("saving failed") or "saving failed" in saving:
+        if "saving failed" in saving:
             self._state = (State.Fault, f"{self.Device}: {saving}")
         elif not saving.startswith(f"saved {acquisition.saved_file}"):
             self._state = (State.Moving, f"{self.Device}: {saving}")
 
+    def ReadAll(self) -> None:
+        if self._per_point():
+            super().ReadAll()
+            return
+        acquisition = self._acquisition
+        if acquisition is None or self._state[0] != State.On or self._frames is not None:
+            return  # the frames of a hardware-synchronised scan: all of them, once the file is closed
+        if acquisition.problem is not None:
+            raise LinkError(acquisition.problem)
+        self._frames = _saved_frames(acquisition.saved_file)
+
     def ReadOne(self, axis: int):
+        if not self._per_point():
+            frames = self._frames
+            if frames is None:
+                return []
+            start = self._delivered.get(axis, 0)
+            self._delivered[axis] = len(frames)
+            return [frame for frame in frames[start:]]
         values = self._values.get(self._result(axis))
         if values is None:
             raise LinkError(f"no image of axis {axis}: no acquisition ended")
@@ -303,6 +328,24 @@ class DectrisLiveTwoDController(_DeviceChannels, TwoDController, Referable):
         name = self._result(axis)
         analysis = self._link.result_analyses()[name]
         return f"h5file://{acquisition.saved_file}::entry/results/{analysis}/{name}"
+
+
+def _saved_frames(path: str) -> np.ndarray:
+    """Every frame of a closed series file as float64, NaN for the frames it lists as missing."""
+    import h5py
+    import hdf5plugin  # noqa: F401 - the HDF5 filters of the compressed frames
+
+    if not path:
+        raise LinkError("the device saved no series file: its frames are the images of a hardware-synchronised scan")
+    try:
+        with h5py.File(path, "r") as saved:
+            frames = saved["entry/data/data"][...].astype(np.float64)
+            missing = saved["entry/data/missing_frames"][...]
+    except OSError as error:
+        raise LinkError(f"the series file {path} cannot be read from the Pool's machine ({error}): the Pool "
+                        f"must see the device's SavingBaseDirectory for the images of a continuous scan") from error
+    frames[missing[missing < len(frames)]] = np.nan
+    return frames
 
 
 def _location(pattern: str) -> str:
