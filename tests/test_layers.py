@@ -27,6 +27,8 @@ ALLOWED = {
     "testing": set(),
     # Sardana controllers and macros: clients of the device over Tango, like the tests' helpers
     "sardana": set(),
+    # the stand-in device for GUI and macro developers: the real server on the simulator
+    "standin": {"device", "testing"},
 }
 TANGO_FREE = {"simplon", "stream", "receiver", "saving", "processing", "component"}
 SOURCE_SUFFIXES = (".py", ".pyx", ".pxd")

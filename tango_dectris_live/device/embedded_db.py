@@ -55,9 +55,10 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 class EmbeddedTangoDatabase:
     """A DataBaseds process on ``host`` and a free port, with an in-memory (or file) database."""
 
-    def __init__(self, host: str = "127.0.0.1", db_file: str = ":memory:") -> None:
+    def __init__(self, host: str = "127.0.0.1", db_file: str = ":memory:", port: int = 0) -> None:
         self.host = host
         self.db_file = db_file
+        self._wanted_port = port  # 0: a free port chosen when starting
         self.port: int | None = None
         self._proc: subprocess.Popen | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="tango-db-"))
@@ -73,7 +74,7 @@ class EmbeddedTangoDatabase:
         with open(log_path, "wb") as log:
             self._proc = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from databaseds.database import main; "
-                 "sys.exit(main())", "--host", self.host, "--port", "0", "--print-host-port", "2"],
+                 "sys.exit(main())", "--host", self.host, "--port", str(self._wanted_port), "--print-host-port", "2"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self._workdir)
         self.port = int(_wait_for_output_line(self._proc, log_path, _LISTENING, timeout).group(1))
         deadline = time.monotonic() + timeout

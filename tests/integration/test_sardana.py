@@ -21,7 +21,8 @@ from tango_dectris_live.device.embedded_db import EmbeddedTangoDatabase  # noqa:
 from tango_dectris_live.testing import wait_for  # noqa: E402
 
 from .live_reference import VirtualDetectors, reference_results, simulator_ground_truth  # noqa: E402
-from .sardana_env import DoorClient, SardanaServers  # noqa: E402
+from tango_dectris_live.sardana import CONTROLLER_PATH, MACRO_PATH  # noqa: E402
+from tango_dectris_live.testing.sardana_servers import DoorClient, SardanaServers  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -80,7 +81,7 @@ def beamline(tmp_path_factory):
             device.adf_outer_radius = DETECTORS.adf_outer_radius
             device.adf_inner_radius = DETECTORS.adf_inner_radius
             device.bf_radius = DETECTORS.bf_radius
-            sardana = SardanaServers(db, base).start()
+            sardana = SardanaServers(db.tango_host, base, CONTROLLER_PATH, MACRO_PATH).start()
             door = DoorClient(sardana.door)
             line = Beamline(sim, device, door, sardana, base)
             line.run("defctrl", "DummyMotorController", "motctrl", timeout=60)

@@ -1,11 +1,13 @@
-"""Sardana as a beamline runs it, for the integration tests: a Pool and a MacroServer with a Door
-(Sardana's own ``Sardana`` server process) registered in the project's embedded Tango database,
-the Pool's controller path holding the DectrisLive controllers, macros run through the Door as
+"""Sardana as a beamline runs it, for the integration tests and benchmarks: a Pool and a
+MacroServer with a Door (Sardana's own ``Sardana`` server process) registered in a Tango database,
+the Pool's controller path and the MacroServer's macro path given by the caller (the DectrisLive
+ones: ``tango_dectris_live.sardana.CONTROLLER_PATH``/``MACRO_PATH``), macros run through the Door as
 ``spock`` runs them (RunMacro; State, Output and Error followed by change events)."""
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -15,10 +17,11 @@ from pathlib import Path
 
 import tango
 
-from tango_dectris_live.device.embedded_db import EmbeddedTangoDatabase, StartupError, stop_process
-from tango_dectris_live.sardana import CONTROLLER_PATH, MACRO_PATH
-
 LOGS = ("Output", "Error", "Warning", "Info")
+
+
+class StartupError(RuntimeError):
+    """Sardana did not come up; the message carries what it printed."""
 
 
 @dataclass
@@ -110,10 +113,15 @@ class DoorClient:
 
 class SardanaServers:
     """``Sardana <instance>``: Pool ``<prefix>/pool/1``, MacroServer ``<prefix>/ms/1``, Door
-    ``<prefix>/door/1``, registered in ``db`` with the DectrisLive controller and macro paths."""
+    ``<prefix>/door/1``, registered in the database at ``tango_host`` (``host:port``) with the
+    given controller and macro paths."""
 
-    def __init__(self, db: EmbeddedTangoDatabase, workdir: Path, instance: str = "test", prefix: str = "test") -> None:
-        self.db = db
+    def __init__(self, tango_host: str, workdir: Path, controller_path: str, macro_path: str,
+                 instance: str = "test", prefix: str = "test") -> None:
+        self.tango_host = tango_host
+        self.host = tango_host.rsplit(":", 1)[0]
+        self.controller_path = controller_path
+        self.macro_path = macro_path
         self.workdir = workdir
         self.instance = instance
         self.pool = f"{prefix}/pool/1"
@@ -123,20 +131,21 @@ class SardanaServers:
         self.log_path = workdir / "sardana.log"
 
     def start(self, timeout: float = 120.0) -> "SardanaServers":
-        database = self.db.database()
+        host, port = self.tango_host.rsplit(":", 1)
+        database = tango.Database(host, int(port))
         for name, cls in ((self.pool, "Pool"), (self.macro_server, "MacroServer"), (self.door, "Door")):
             info = tango.DbDevInfo()
             info.name, info._class, info.server = name, cls, f"Sardana/{self.instance}"
             database.add_device(info)
-        database.put_device_property(self.pool, {"PoolPath": [CONTROLLER_PATH]})
-        database.put_device_property(self.macro_server, {"PoolNames": [self.pool], "MacroPath": [MACRO_PATH],
+        database.put_device_property(self.pool, {"PoolPath": [self.controller_path]})
+        database.put_device_property(self.macro_server, {"PoolNames": [self.pool], "MacroPath": [self.macro_path],
                                                          "EnvironmentDb": [str(self.workdir / "macroserver.env")]})
         executable = shutil.which("Sardana", path=str(Path(sys.executable).parent))
         if executable is None:
             raise StartupError("Sardana's server is not installed (pip install tango-dectris-live[sardana])")
-        env = dict(os.environ, TANGO_HOST=self.db.tango_host)
+        env = dict(os.environ, TANGO_HOST=self.tango_host)
         with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen([executable, self.instance, "-ORBendPoint", f"giop:tcp:{self.db.host}:0"],
+            self._proc = subprocess.Popen([executable, self.instance, "-ORBendPoint", f"giop:tcp:{self.host}:0"],
                                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
         deadline = time.monotonic() + timeout
         while True:
@@ -155,7 +164,13 @@ class SardanaServers:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self) -> None:
-        if self._proc is not None:
-            stop_process(self._proc, timeout=20)
-            self._proc = None
+    def stop(self, timeout: float = 20.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
