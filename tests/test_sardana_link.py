@@ -30,7 +30,12 @@ class FakeDevice:
         self.outcome = "done"
 
     def read_attributes(self, names):
-        return [SimpleNamespace(value=self.values[name], has_failed=False) for name in names]
+        special = {"State": lambda: self.state(), "Status": lambda: self.status()}
+        return [SimpleNamespace(value=special[name]() if name in special else self.values[name], has_failed=False)
+                for name in names]
+
+    def status(self):
+        return "idle"
 
     def write_attribute(self, name, value):
         self.writes.append((name, value))

@@ -79,6 +79,7 @@ class Acquisition:
     problem: str | None = None  # why its results cannot be used (None: they can)
     frames_missing: int = 0
     saved_file: str = ""
+    device_problem: str | None = None  # the device went FAULT/UNKNOWN while this acquisition ran
     stop_sent: bool = False
     _final: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -163,11 +164,9 @@ class DeviceLink:
             if current is not None and not current.ended and not self._poll(current):
                 raise LinkError(f"{self.name} is still running the previous acquisition "
                                 f"(series {current.series_before + 1}); stop it first")
-            self._check_state()
-            self._configure(plan)
-            before = self.proxy.read_attributes(["series_id", "acquisitions_ended"])
+            series_before, ended_before = self._configure(plan)
             self._seq += 1
-            acquisition = Acquisition(self._seq, plan, int(before[0].value), int(before[1].value))
+            acquisition = Acquisition(self._seq, plan, series_before, ended_before)
             try:
                 self.proxy.Start()
             except tango.DevFailed as error:
@@ -224,31 +223,36 @@ class DeviceLink:
     def state_problem(self) -> str | None:
         """The device's State as a scan user needs it: None when usable, else why not."""
         try:
-            state = self.proxy.state()
+            state, status = (reply.value for reply in self.proxy.read_attributes(["State", "Status"]))
         except tango.DevFailed as error:
             return f"{self.name} does not answer: {error.args[0].desc}"
-        if state in (tango.DevState.FAULT, tango.DevState.UNKNOWN, tango.DevState.OFF, tango.DevState.INIT):
-            return f"{self.name} is {state}: {self.proxy.status()}"
-        return None
+        return _problem_of(self.name, state, status)
 
     # -- inside --------------------------------------------------------------------------------
 
-    def _check_state(self) -> None:
-        problem = self.state_problem()
-        if problem is not None:
-            raise LinkError(problem)
+    def _read_values(self, names: list[str]) -> list[Any]:
+        try:
+            return [reply.value for reply in self.proxy.read_attributes(names)]
+        except tango.DevFailed as error:
+            raise LinkError(f"{self.name} does not answer: {error.args[0].desc}") from error
 
     def _poll(self, acquisition: Acquisition) -> bool:
-        """Whether the device's acquisition is over; when it is, its outcome is recorded."""
-        values = self.proxy.read_attributes(["acquisitions_ended", "series_id", "acquisition_status",
-                                             "frames_missing", "last_saved_file"])
-        if int(values[0].value) <= acquisition.ended_before:
+        """Whether the device's acquisition is over; when it is, its outcome is recorded. One
+        read per call: the end counter, the outcome and the device's State (a device that went
+        FAULT or UNKNOWN while acquiring is reported in ``acquisition.device_problem``)."""
+        values = self._read_values(["acquisitions_ended", "series_id", "acquisition_status", "frames_missing",
+                                    "last_saved_file", "State", "Status"])
+        if int(values[0]) <= acquisition.ended_before:
+            problem = _problem_of(self.name, values[5], values[6])
+            acquisition.device_problem = problem if values[5] in (tango.DevState.FAULT,
+                                                                  tango.DevState.UNKNOWN) else None
             return False
         acquisition.ended = True
-        acquisition.series = int(values[1].value)
-        acquisition.outcome = str(values[2].value)
-        acquisition.frames_missing = int(values[3].value)
-        acquisition.saved_file = str(values[4].value)
+        acquisition.device_problem = None
+        acquisition.series = int(values[1])
+        acquisition.outcome = str(values[2])
+        acquisition.frames_missing = int(values[3])
+        acquisition.saved_file = str(values[4])
         if acquisition.series == acquisition.series_before:
             acquisition.problem = f"{self.name}: no series was acquired: {acquisition.outcome}"
         elif not acquisition.outcome.startswith((f"series {acquisition.series} done",
@@ -268,8 +272,9 @@ class DeviceLink:
             out[name] = np.zeros((0, 0)) if value is None else np.asarray(value, dtype=np.float64)
         return out
 
-    def _configure(self, plan: Plan) -> None:
-        """The device's settings for ``plan``: read in one call, written only where they differ."""
+    def _configure(self, plan: Plan) -> tuple[int, int]:
+        """The device's settings for ``plan``: read in one call with its State, its series id and
+        its end counter (returned), written only where they differ."""
         trigger_mode, images_per_trigger = _TRIGGERING.get(plan.synchronization, (None, None))
         if trigger_mode is None:
             raise LinkError(f"synchronisation {plan.synchronization} is not supported")
@@ -285,8 +290,12 @@ class DeviceLink:
             wanted["frame_time"] = float(plan.integration_time + plan.latency)
         analyses = frozenset().union(*self._required.values()) if self._required else frozenset()
         mode, location = self._saving_wanted()
-        names = list(wanted) + ["analyses", "saving_mode", "saving_directory", "saving_name_pattern"]
-        current = dict(zip(names, (reply.value for reply in self.proxy.read_attributes(names))))
+        names = list(wanted) + ["analyses", "saving_mode", "saving_directory", "saving_name_pattern", "State",
+                                "Status", "series_id", "acquisitions_ended"]
+        current = dict(zip(names, self._read_values(names)))
+        problem = _problem_of(self.name, current["State"], current["Status"])
+        if problem is not None:
+            raise LinkError(problem)
         if analyses and not analyses <= set(current["analyses"] or ()):
             merged = list(current["analyses"] or ()) + sorted(analyses - set(current["analyses"] or ()))
             self._write("analyses", merged)
@@ -311,6 +320,7 @@ class DeviceLink:
                     self._write(name, value)
             elif now != value:
                 self._write(name, value)
+        return int(current["series_id"]), int(current["acquisitions_ended"])
 
     def _set_saving_mode(self, wanted: str, current: str) -> None:
         """Raise the device's saving to what the controllers need; lower it back, down to what
@@ -348,6 +358,13 @@ class DeviceLink:
             self.proxy.write_attribute(name, value)
         except tango.DevFailed as error:
             raise LinkError(f"{self.name}: {name} = {value!r} refused: {error.args[0].desc}") from error
+
+
+def _problem_of(name: str, state: Any, status: str) -> str | None:
+    """Why a device in ``state`` cannot take a scan (None: it can)."""
+    if state in (tango.DevState.FAULT, tango.DevState.UNKNOWN, tango.DevState.OFF, tango.DevState.INIT):
+        return f"{name} is {state}: {status}"
+    return None
 
 
 _LINKS: dict[str, DeviceLink] = {}

@@ -124,7 +124,7 @@ class _DeviceChannels:
             self._state = (State.Fault, problem) if problem else (State.On, "idle")
             return
         if not self._link.ended(acquisition):
-            problem = self._link.state_problem()
+            problem = acquisition.device_problem
             self._state = (State.Fault, problem) if problem else (State.Moving, f"{self.Device}: acquiring")
             return
         self._state = self._ended_state(acquisition)
