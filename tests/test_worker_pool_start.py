@@ -53,3 +53,38 @@ def test_workers_are_checked_against_cores_and_file_descriptors():
         check_workers(9, _limits())
     with pytest.raises(SettingRefused, match="file descriptors"):
         check_workers(8, _limits(open_files_limit=100))
+
+
+ORPHAN_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from tango_dectris_live.processing.runner import WorkerPool
+
+    pool = WorkerPool(2)
+    pool.check_alive()
+    with open(sys.argv[1], "w") as out:
+        out.write(" ".join(str(p.pid) for p in pool._processes))
+    os.kill(os.getpid(), signal.SIGKILL)  # as a server killed by its supervisor: no clean-up at all
+""")
+
+
+def test_workers_end_when_their_server_is_killed(tmp_path):
+    import psutil
+
+    from tango_dectris_live.testing import wait_for
+
+    pid_file = tmp_path / "workers"
+    # no pipes shared with the workers: a worker left behind must not hang this test
+    done = subprocess.run([sys.executable, "-c", ORPHAN_SCRIPT, str(pid_file)], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    assert done.returncode == -9
+    pids = [int(pid) for pid in pid_file.read_text().split()]
+    assert len(pids) == 2
+
+    def alive() -> list[int]:
+        return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+    try:
+        wait_for(lambda: not alive(), 30, lambda: f"the workers {alive()} ended")
+    finally:
+        for pid in alive():
+            psutil.Process(pid).kill()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 SERVER_NAME = "DectrisLive"
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         raise SystemExit(0 if args else 2)
     args = _take_dcu_option(args)
+
+    # A parent may hand down blocked signals (Debian's Starter blocks SIGTERM): then `kill`, systemd's
+    # stop and Ctrl-C would stay pending for ever and the server never shut down cleanly.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
 
     from tango.server import run
 

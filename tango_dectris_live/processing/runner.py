@@ -24,6 +24,8 @@ import itertools
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
+import os
 import queue
 import threading
 import traceback
@@ -306,8 +308,24 @@ def _process_decoded(spec: _SeriesSpec, stack: Any, env: Environment, dataset: L
     return partial
 
 
+def _end_with_parent() -> None:
+    """A worker must not outlive the device server: killed (SIGKILL, a crash), the server sends no
+    ``None`` and the worker would wait on its task queue for ever (seen under Debian's Starter,
+    which leaves no process group to end). A thread waits for the parent to go and ends this one."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="worker-parent-watch", daemon=True).start()
+
+
 def _worker_main(tasks: multiprocessing.Queue, results: multiprocessing.Queue, active_run) -> None:
     """A worker process: series and stacks in, their outcomes out, until ``None``."""
+    _end_with_parent()
     tune_allocator()  # LiberTEM's per-partition result buffers: reuse freed memory (allocator.py)
     env = single_thread_environment()
     # one thread per worker for the numeric libraries, set once: LiberTEM enters the environment
