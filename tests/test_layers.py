@@ -29,6 +29,8 @@ ALLOWED = {
     "sardana": set(),
     # the stand-in device for GUI and macro developers: the real server on the simulator
     "standin": {"device", "testing"},
+    # the ophyd-async detector: a client of the device over Tango
+    "bluesky": set(),
 }
 TANGO_FREE = {"simplon", "stream", "receiver", "saving", "processing", "component"}
 SOURCE_SUFFIXES = (".py", ".pyx", ".pxd")
