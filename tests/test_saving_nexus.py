@@ -327,3 +327,31 @@ def test_silx_sees_every_nxdata_group(tmp_path):
         for name in ("/entry/data", "/entry/results/sum/intensity_plot", "/entry/results/sumsig/sumsig_plot"):
             assert nxdata.is_valid_nxdata(f[name]), name
         assert nxdata.get_default(f).group.name == "/entry/data"
+
+
+@pytest.mark.parametrize("encoding", ["bslz4", "none"])
+def test_a_stack_with_frames_that_cannot_be_chunks_saves_the_rest(tmp_path, encoding):
+    """The stack path checks a whole stack at once: each bad frame refused and counted, the good
+    ones of the same stack written, a frame saved twice counted once."""
+    frames = random_frames(6, SHAPE, seed=5)
+    other = random_frames(1, (SHAPE[0], SHAPE[1] + 8))[0]
+    blobs = [compress(frames[0], encoding), compress(other, encoding), compress(frames[2], encoding),
+             compress(frames[3], encoding), compress(frames[4], encoding), compress(frames[2], encoding)]
+    numbers = [0, 1, 2, 9, 4, 2]  # 1: another geometry; 9: outside the series; 2 twice
+    if encoding == "bslz4":
+        blobs.append(b"\0\0\0")  # shorter than its header
+        numbers.append(5)
+    with BlobStacks(1, 10, 4096) as stacks, NexusSeriesWriter(tmp_path / "s.h5", spec(encoding, n_frames=6)) as writer:
+        handle = stacks.stack(blobs, numbers, shape=SHAPE, dtype="uint16", encoding=encoding)
+        assert writer.write_stack(handle) == 4  # 0, 2, 4 and 2 again
+        stacks.release(handle)
+        saved = writer.close()
+    refused = 3 if encoding == "bslz4" else 2
+    assert saved.frames_saved == 3 and saved.frames_refused == refused
+    assert any("outside the series' 6 frames" in note for note in saved.notes)
+    # a kind of refusal is listed with its count and its first message
+    first = "shorter than its 12-byte header" if encoding == "bslz4" else "uncompressed bytes, the frame needs"
+    assert any(first in note for note in saved.notes), saved.notes
+    data = read(tmp_path / "s.h5")
+    np.testing.assert_array_equal(data[[0, 2, 4]], frames[[0, 2, 4]])
+    np.testing.assert_array_equal(read(tmp_path / "s.h5", "/entry/data/missing_frames"), [1, 3, 5])

@@ -48,7 +48,7 @@ from tango_dectris_live.receiver.framestack import (FrameStackHandle, attach_seg
                                                     record_bytes)
 from tango_dectris_live.stream import Algorithm
 
-from .chunks import ChunkFormat, ChunkRefused
+from .chunks import _FRAMING, ChunkFormat, ChunkRefused
 from .errors import SeriesFileError
 
 # Lowest and highest HDF5 file format: 1.10 is the first with SWMR; a file made with the newest
@@ -68,6 +68,8 @@ _INDEX_BYTES_PER_FRAME = 64  # room for the chunk index per frame (estimate; mea
 _CLOSE_ROOM = 1 << 20  # room kept for closing the file: chunk index, missing_frames, end_time
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _HDF5_ERRORS = (OSError, RuntimeError)  # how h5py raises what HDF5 reports
+# encodings whose blob is the chunk as received (a v1 ``lz4`` blob needs a framing prefix: chunks.py)
+_AS_RECEIVED = frozenset({Algorithm.BSLZ4, Algorithm.BSZSTD, Algorithm.LZ4H5, Algorithm.NONE})
 #: A series of unknown length grows up to this many frames; higher frame numbers are refused (a
 #: corrupt header must not make the writer allocate gigabytes for its map of frames written).
 MAX_FRAMES_UNKNOWN_LENGTH = 1 << 26
@@ -332,7 +334,10 @@ class NexusSeriesWriter:
         data_start = handle.slot * handle.layout.slot_bytes + handle.layout.index_bytes
         written = 0
         channels = records["channels"]
-        if (channels[good] <= 1).all():
+        if (channels[good] <= 1).all() and self.format.algorithm in _AS_RECEIVED:
+            written = self._write_blobs(buffer, data_start, numbers[good], records["offset"][good],
+                                        records["size"][good])
+        elif (channels[good] <= 1).all():
             for number, offset, size in zip(numbers[good].tolist(), records["offset"][good].tolist(),
                                             records["size"][good].tolist()):
                 begin = data_start + offset
@@ -355,6 +360,53 @@ class NexusSeriesWriter:
                     break
         self.maybe_flush()
         return written
+
+    def _write_blobs(self, buffer: memoryview, data_start: int, numbers: np.ndarray, offsets: np.ndarray,
+                     sizes: np.ndarray) -> int:
+        """The frames of one stack whose chunks are the blobs as received (one channel): every
+        check done on the whole stack at once, then one HDF5 call per frame and nothing else
+        (what ``_write_chunk`` does frame by frame, ~3 times the cost at 96x96)."""
+        keep = (numbers >= 0) & (numbers < self._length)
+        if not keep.all():
+            for number in numbers[~keep].tolist():
+                self._refuse("frame number", f"frame {number} is outside the series' {self._length} frames")
+        starts = data_start + offsets.astype(np.int64)
+        if self.format.algorithm is Algorithm.NONE:
+            wrong = keep & (sizes != self.frame_nbytes)
+            for number, size in zip(numbers[wrong].tolist(), sizes[wrong].tolist()):
+                self._refuse("size", f"frame {number}: {size} uncompressed bytes, the frame needs {self.frame_nbytes}")
+        else:
+            short = keep & (sizes < _FRAMING.size)
+            for number, size in zip(numbers[short].tolist(), sizes[short].tolist()):
+                self._refuse("size", f"frame {number}: {self.format.algorithm.value} data of {size} bytes is "
+                                     f"shorter than its {_FRAMING.size}-byte header")
+            keep &= ~short
+            raw = np.frombuffer(buffer, dtype=np.uint8)
+            declared = np.zeros(numbers.size, dtype=np.int64)
+            if keep.any():  # each blob's header: its uncompressed size, big-endian (chunks.py)
+                heads = raw[starts[keep, None] + np.arange(8)]
+                declared[keep] = np.ascontiguousarray(heads).view(">u8").ravel().astype(np.int64)
+            wrong = keep & (declared != self.frame_nbytes)
+            for number, size in zip(numbers[wrong].tolist(), declared[wrong].tolist()):
+                self._refuse("size", f"frame {number}: {self.format.algorithm.value} header declares {size} bytes, "
+                                     f"the frame needs {self.frame_nbytes}")
+        keep &= ~wrong
+        numbers, starts, sizes = numbers[keep], starts[keep], sizes[keep]
+        write = self._frames[0].id.write_direct_chunk
+        done = 0
+        try:
+            for number, begin, size in zip(numbers.tolist(), starts.tolist(), sizes.tolist()):
+                write((number, 0, 0), buffer[begin:begin + size])
+                done += 1
+        except _HDF5_ERRORS as error:
+            self._give_up(error)
+        numbers = numbers[:done]
+        self.bytes_written += int(sizes[:done].sum())
+        fresh = np.unique(numbers)
+        fresh = fresh[~self._written[fresh]]
+        self.frames_saved += int(fresh.size)
+        self._written[fresh] = True
+        return done
 
     def _write_chunk(self, frame_number: int, blob: memoryview, channel: int) -> int | None:
         """Write one chunk; its size, or None when refused or when writing failed."""
