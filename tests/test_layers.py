@@ -31,6 +31,8 @@ ALLOWED = {
     "standin": {"device", "testing"},
     # the ophyd-async detector: a client of the device over Tango
     "bluesky": set(),
+    # the Taurus live panel: a client of the device over Tango
+    "gui": set(),
 }
 TANGO_FREE = {"simplon", "stream", "receiver", "saving", "processing", "component"}
 SOURCE_SUFFIXES = (".py", ".pyx", ".pxd")

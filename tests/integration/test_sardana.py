@@ -262,3 +262,4 @@ def test_stop_in_the_middle_of_a_continuous_scan_ends_cleanly_and_the_next_one_w
     measurement = _scan_entry(beamline.base / "scans" / "ascanct_after_stop.h5")["measurement"]
     np.testing.assert_allclose(measurement["dlive_sumsig"][...][:5], _truth(beamline, (1, 5))["sumsig_image"].ravel(),
                                **TOLERANCE)
+
