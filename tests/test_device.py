@@ -90,6 +90,22 @@ def test_side_effects_of_a_write_are_pushed_as_events(device):
                  what="a frame_time change event with the DCU's new value")
 
 
+def test_live_settings_push_change_events(device):
+    """A GUI follows the live settings by events, with no polling (Taurus polls what has none)."""
+    initialized(device)
+    device.config_reuse = 0.0
+    device.nav_shape = [3, 4]
+    with EventRecorder(device, changes=("nav_shape", "config_reuse", "analyses")) as log:
+        device.nav_shape = [5, 6]
+        device.config_reuse = 1.5
+        device.analyses = ["sum", "bf"]
+        wait_for(lambda: any(v is not None and list(v) == [5, 6] for v in log.values("nav_shape"))
+                 and 1.5 in log.values("config_reuse")
+                 and any(v is not None and list(v) == ["sum", "bf"] for v in log.values("analyses")),
+                 what="change events of nav_shape, config_reuse and analyses with their new values")
+    device.analyses = ["sum", "sumsig"]
+
+
 def test_commands_and_state_transitions_with_events(device):
     with EventRecorder(device, changes=("State",)) as log:
         initialized(device)

@@ -33,6 +33,7 @@ from .simplon_attributes import SimplonAttribute, attribute_name, describe_attri
 log = logging.getLogger(__name__)
 
 _DEV_STATE = {state: getattr(DevState, state.value) for state in DeviceState}
+_UNSET = object()
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,7 @@ class DectrisLive(Device):
         self._results: dict[str, tuple[np.ndarray, AttrQuality, float]] = {}
         self._progress = AcquisitionProgress(mode=AcquisitionMode.IDLE, message="idle")
         self._remembered: dict[str, list] = {}
+        self._pushed_settings: dict[str, Any] = {}  # live setting -> the value of its last change event
         self._add_progress_attributes()
         self._add_information_attributes()
         host = self.DcuHost or os.environ.get(ENV_DCU_HOST, "")
@@ -295,7 +297,14 @@ class DectrisLive(Device):
             log.warning("cannot publish the change of %s: %s", spec.name, exc)
 
     def settings_changed(self, settings: LiveSettings) -> None:
-        """Keep the spectrum settings in the device's properties (Tango memorizes only scalars)."""
+        """Push a change event for each live setting that changed (a GUI then needs no polling)
+        and keep the spectrum settings in the device's properties (Tango memorizes only scalars)."""
+        for name, setting in LIVE_SETTINGS.items():
+            value = settings.value(setting.field)
+            value = list(value or ()) if isinstance(setting.dtype, tuple) else value
+            if self._pushed_settings.get(name, _UNSET) != value:
+                self._pushed_settings[name] = value
+                self.push_change_event(name, value)
         for prop, value in (("NavShape", list(settings.nav_shape or ())), ("Analyses", list(settings.analyses)),
                             ("BeamCenter", list(settings.beam_center or ())), ("Radii", list(settings.radii))):
             if self._remembered.get(prop) != value:
@@ -370,6 +379,7 @@ class DectrisLive(Device):
                 attr.set_memorized()
                 attr.set_memorized_init(True)
             self.add_attribute(attr, r_meth=self._read_setting, w_meth=self._write_setting)
+            self.set_change_event(name, True, False)
 
     def _read_setting(self, attr: tango.Attribute) -> None:
         value = self._detector.settings.value(LIVE_SETTINGS[attr.get_name()].field)
