@@ -5,6 +5,9 @@ value Sardana records is compared with the simulator's ground truth."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -263,3 +266,50 @@ def test_stop_in_the_middle_of_a_continuous_scan_ends_cleanly_and_the_next_one_w
     np.testing.assert_allclose(measurement["dlive_sumsig"][...][:5], _truth(beamline, (1, 5))["sumsig_image"].ravel(),
                                **TOLERANCE)
 
+
+
+def test_the_scan_plot_draws_the_virtual_detector_of_a_continuous_scan(beamline, tmp_path):
+    """Sardana's own scan window (showscan online) on the Door, under Xvfb, while an ascanct of the
+    virtual counters runs; its screenshot goes to docs/images when TANGO_DECTRIS_LIVE_SCREENSHOTS
+    names that folder."""
+    pytest.importorskip("PyQt5", reason="the gui extra (PyQt5) is missing")
+    from PIL import Image
+
+    from tango_dectris_live.testing.xvfb import XvfbError, start_xvfb
+
+    try:
+        display, xvfb = start_xvfb()
+    except XvfbError as error:
+        pytest.skip(str(error))
+    points = 30
+    output, trigger = tmp_path / "sardana-scan-plot.png", tmp_path / "grab"
+    beamline.run("senv", "JsonRecorder", "True")  # what the scan window plots comes from the Door's JSON recorder
+    beamline.sim_config(nav_shape=[1, points])
+    _hardware_group(beamline)
+    for parameter, value in (("PlotType", "Spectrum"), ("PlotAxes", "mov")):
+        beamline.run("set_meas_conf", parameter, value, "[]", "dlive_hw_mg")
+    env = dict(os.environ, DISPLAY=display, QT_QPA_PLATFORM="xcb")
+    window = subprocess.Popen([sys.executable, str(Path(__file__).with_name("sardana_scan_plot.py")),
+                               beamline.sardana.door, str(output), str(trigger)], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = window.stdout.readline()
+        while line and line.strip() != "ready":  # Taurus' log lines come first
+            line = window.stdout.readline()
+        assert line.strip() == "ready", window.stdout.read()
+        beamline.run("senv", "ScanFile", "ascanct_plot.h5")
+        beamline.run("ascanct", "dummy_mot", "0", "1", str(points), "0.05")
+        trigger.touch()
+        out, _ = window.communicate(timeout=60)
+        assert window.returncode == 0 and f"saved {output}" in out, out
+    finally:
+        if window.poll() is None:
+            window.kill()
+            window.wait()
+        xvfb.kill()
+        xvfb.wait()
+    plot = np.asarray(Image.open(output).convert("RGB"))[:, :700]  # the plot, left of the scan point panel
+    assert len(np.unique(plot.reshape(-1, 3), axis=0)) > 8, "the plot area is blank"
+    target = os.environ.get("TANGO_DECTRIS_LIVE_SCREENSHOTS")
+    if target:
+        shutil.copy(output, Path(target) / output.name)
