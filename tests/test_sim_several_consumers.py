@@ -9,6 +9,7 @@ import time
 
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from sim.streams import DetectorStreamSink
 
@@ -46,9 +47,14 @@ def test_every_message_reaches_exactly_one_of_three_consumers(slow):
         for _ in range(3):
             pull = context.socket(zmq.PULL)
             pull.setsockopt(zmq.RCVHWM, 8)  # small pipes: a slow consumer's fills quickly
+            monitor = pull.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
             pull.connect(f"tcp://127.0.0.1:{port}")
+            # connected for real (the ZeroMQ handshake done) before the series starts
+            assert monitor.poll(10_000), "no ZeroMQ handshake with the simulator's stream"
+            assert recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            pull.disable_monitor()
+            monitor.close(linger=0)
             sockets.append(pull)
-        time.sleep(0.3)  # the three ZeroMQ handshakes (nothing to wait on from the PUSH side)
         got: list[list[tuple[str, int]]] = [[], [], []]
         done = threading.Event()
         threads = [threading.Thread(target=_consume, args=(s, g, done, slow and i == 2))
