@@ -22,13 +22,13 @@ extensions = [
     Extension(
         "tango_dectris_live.receiver._stack_decode",
         ["tango_dectris_live/receiver/_stack_decode.pyx"],
-        depends=["tango_dectris_live/receiver/_frame_index.pxd"],
+        depends=["tango_dectris_live/receiver/_frame_index.pxd", "tango_dectris_live/receiver/_stack_decode.pxd"],
         extra_compile_args=compile_args,
     ),
     Extension(
         "tango_dectris_live.processing._pixel_sums",
         ["tango_dectris_live/processing/_pixel_sums.pyx"],
-        depends=["tango_dectris_live/processing/pixel_kernels.h"],
+        depends=["tango_dectris_live/processing/pixel_kernels.h", "tango_dectris_live/receiver/_stack_decode.pxd"],
         extra_compile_args=compile_args,
     ),
     Extension(

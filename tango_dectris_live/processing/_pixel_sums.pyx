@@ -7,8 +7,14 @@ of pixels at a time so that the accumulators stay in the L1 cache while the fram
 The loops are C (``pixel_kernels.h``), built for x86-64-v4 (AVX-512), v3 (AVX2) and the baseline
 on x86-64 Linux, the CPU's best chosen when the module loads. Both run without the GIL. Signed and
 float pixels are left to NumPy by the callers.
+
+:class:`FrameSums` is the consumer of the receiver's ``StackDecoder.decode_blocks``: both sums of
+each decoded block in one pass, while the block is in the cache (processing/stack_sums.py).
 """
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stddef cimport ptrdiff_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+
+from tango_dectris_live.receiver._stack_decode cimport block_sink_fn
 
 import numpy as np
 
@@ -34,6 +40,13 @@ cdef extern from "pixel_kernels.h" nogil:
                              const float *w, double *out)
     void tdl_weighted_u32_k3(const uint32_t *frames, size_t n, size_t pixels, size_t lo, size_t m,
                              const float *w, double *out)
+    ctypedef struct tdl_frame_sums:
+        int pixel_bytes
+        int acc_bytes
+        void* acc
+        double* totals
+    void tdl_frame_sums_sink(void* context, const ptrdiff_t* rows, ptrdiff_t nrows, size_t first,
+                             const void* pixels, size_t count)
 
 
 ctypedef fused pixel_t:
@@ -124,3 +137,73 @@ def add_weighted_sums(const pixel_t[:, ::1] frames, const float[:, ::1] weights,
                 tdl_weighted_u32_k1(&frames[0, 0], n, pixels, lo, m, &weights[k, 0], &column[0, 0])
         for f in range(n):
             out[f, k] += column[f, 0]
+
+
+cdef class FrameSums:
+    """Where the fused decode-and-sum path adds frames: the consumer (``sink``, ``context``) that
+    ``StackDecoder.decode_blocks`` hands each decoded piece of a frame to, while it is in the cache.
+
+    ``counts`` (flat, ``pixels`` long, uint32 or uint64; None: no sum) gets every frame's pixels
+    added, exact while it does not overflow (uint32: at most 65,537 frames of 8/16-bit pixels;
+    32-bit pixels need uint64); ``totals`` (float64, one per frame handed to decode_blocks; None:
+    none) gets each frame's exact pixel sum added at that frame's index. Keeps both arrays alive
+    for as long as the consumer may be called."""
+    cdef tdl_frame_sums sums
+    cdef object counts_array
+    cdef object totals_array
+
+    def __init__(self, pixel_dtype, counts=None, totals=None):
+        dtype = np.dtype(pixel_dtype)
+        if dtype.kind != "u" or dtype.itemsize not in (1, 2, 4) or not dtype.isnative:
+            raise TypeError(f"the fused sums take unsigned 8/16/32-bit native pixels, not {dtype}")
+        if counts is None and totals is None:
+            raise ValueError("the fused sums need counts, totals or both")
+        self.sums.pixel_bytes = dtype.itemsize
+        self.sums.acc = NULL
+        self.sums.totals = NULL
+        self.sums.acc_bytes = 8
+        cdef uint32_t[::1] narrow
+        cdef uint64_t[::1] wide
+        cdef double[::1] frame_totals
+        if counts is not None:
+            if counts.dtype == np.uint32:
+                if dtype.itemsize == 4:
+                    raise TypeError("32-bit pixels need a uint64 accumulator")
+                narrow = counts
+                self.sums.acc_bytes = 4
+                self.sums.acc = &narrow[0] if narrow.shape[0] else NULL
+            elif counts.dtype == np.uint64:
+                wide = counts
+                self.sums.acc = &wide[0] if wide.shape[0] else NULL
+            else:
+                raise TypeError(f"counts must be uint32 or uint64, not {counts.dtype}")
+            if self.sums.acc == NULL:
+                raise ValueError("counts holds no pixels")
+            self.counts_array = counts
+        if totals is not None:
+            frame_totals = totals
+            if frame_totals.shape[0] == 0:
+                raise ValueError("totals holds no frames")
+            self.sums.totals = &frame_totals[0]
+            self.totals_array = totals
+
+    @property
+    def pixels(self) -> int:
+        """Pixels per frame ``counts`` holds (0: no counts)."""
+        return 0 if self.counts_array is None else self.counts_array.shape[0]
+
+    @property
+    def frames(self) -> int:
+        """Frames ``totals`` holds (0: no totals)."""
+        return 0 if self.totals_array is None else self.totals_array.shape[0]
+
+    @property
+    def sink(self) -> int:
+        """Address of the consumer function (a ``block_sink_fn``)."""
+        cdef block_sink_fn sink = tdl_frame_sums_sink
+        return <uintptr_t>sink
+
+    @property
+    def context(self) -> int:
+        """Address of this object's sums, the consumer's ``context``."""
+        return <uintptr_t>&self.sums

@@ -25,6 +25,8 @@ from tango_dectris_live.receiver.decode import decode_frames_into
 from tango_dectris_live.receiver.receiver import (ReceiverError, SeriesFinished, SeriesStarted, SeriesSummary,
                                                   StackReady)
 
+from .stack_sums import StackSums
+
 
 # ---------------------------------------------------------------------------------------------
 # Frame sources
@@ -53,7 +55,9 @@ class FrameSource(Protocol):
     """Series events and frame stacks of one stream.
 
     ``decode_frames_into`` must be a module-level function: it is sent to the worker processes,
-    which decode the stacks themselves.
+    which decode the stacks themselves. A source may also offer ``stack_sums`` (a class, sent to
+    the workers too, with the static methods of :class:`~.stack_sums.StackSums`): then a series
+    of the built-in exact sums alone is summed straight from its compressed stacks.
     """
 
     decode_frames_into: StackDecoder
@@ -80,6 +84,7 @@ class ReceiverFrameSource:
     they come, less its :class:`ReceiverError` events, which are kept for the status instead."""
 
     decode_frames_into = staticmethod(decode_frames_into)
+    stack_sums = StackSums
 
     def __init__(self, receiver: Any):
         self._receiver = receiver

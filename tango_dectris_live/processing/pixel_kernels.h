@@ -103,6 +103,131 @@ TDL_TOTALS(tdl_totals_u8, uint8_t, uint32_t, TDL_NARROW_TERMS - 1)
 TDL_TOTALS(tdl_totals_u16, uint16_t, uint32_t, TDL_NARROW_TERMS - 1)
 TDL_TOTALS(tdl_totals_u32, uint32_t, uint64_t, (size_t)1 << 30)
 
+/* Both sums of rows of pixels in one pass, for the fused decode-and-sum path (frames handed over a
+ * bitshuffle block at a time, still in the L1 cache): acc[p] += the rows' pixel p, and
+ * row_totals[r] += the exact sum of row r. Narrow pixels go in blocks of TDL_BLOCK pixels, whose
+ * uint32 partial row sums cannot overflow (4096 * 65535 < 2**32); four rows per accumulator pass. */
+#define TDL_ROWS_BOTH(NAME, PIXEL, ACC, PARTIAL)                                                   \
+    TDL_CLONES static void NAME(const PIXEL *restrict rows, size_t nrows, size_t count,           \
+                                ACC *restrict acc, uint64_t *restrict row_totals) {               \
+        for (size_t block = 0; block < count; block += TDL_BLOCK) {                               \
+            size_t end = TDL_MIN(block + TDL_BLOCK, count);                                       \
+            size_t r = 0;                                                                         \
+            for (; r + 4 <= nrows; r += 4) {                                                      \
+                const PIXEL *restrict a = rows + r * count;                                       \
+                const PIXEL *restrict b = a + count;                                              \
+                const PIXEL *restrict c = b + count;                                              \
+                const PIXEL *restrict d = c + count;                                              \
+                PARTIAL ta = 0, tb = 0, tc = 0, td = 0;                                           \
+                for (size_t p = block; p < end; p++) {                                            \
+                    PARTIAL va = a[p], vb = b[p], vc = c[p], vd = d[p];                           \
+                    acc[p] += (ACC)((va + vb) + (vc + vd));                                       \
+                    ta += va;                                                                     \
+                    tb += vb;                                                                     \
+                    tc += vc;                                                                     \
+                    td += vd;                                                                     \
+                }                                                                                 \
+                row_totals[r] += ta;                                                              \
+                row_totals[r + 1] += tb;                                                          \
+                row_totals[r + 2] += tc;                                                          \
+                row_totals[r + 3] += td;                                                          \
+            }                                                                                     \
+            for (; r < nrows; r++) {                                                              \
+                const PIXEL *restrict a = rows + r * count;                                       \
+                PARTIAL ta = 0;                                                                   \
+                for (size_t p = block; p < end; p++) {                                            \
+                    acc[p] += a[p];                                                               \
+                    ta += a[p];                                                                   \
+                }                                                                                 \
+                row_totals[r] += ta;                                                              \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+/* (ACC)(va + vb + vc + vd): four uint16 values sum to < 2**18, four uint32 ones need uint64 */
+TDL_ROWS_BOTH(tdl_rows_u8_u32, uint8_t, uint32_t, uint32_t)
+TDL_ROWS_BOTH(tdl_rows_u16_u32, uint16_t, uint32_t, uint32_t)
+TDL_ROWS_BOTH(tdl_rows_u8_u64, uint8_t, uint64_t, uint32_t)
+TDL_ROWS_BOTH(tdl_rows_u16_u64, uint16_t, uint64_t, uint32_t)
+TDL_ROWS_BOTH(tdl_rows_u32_u64, uint32_t, uint64_t, uint64_t)
+
+/* The consumer of the fused decode-and-sum path (_stack_decode.pxd's block_sink_fn): ``rows``
+ * frames of ``count`` pixels from pixel ``first``, added into the sum's accumulator (``acc``, of
+ * ``acc_bytes`` 4 or 8, or none) and each frame's exact total into ``totals[row index]`` (or
+ * none). */
+typedef struct {
+    int pixel_bytes;  /* 1, 2 or 4: unsigned pixels */
+    int acc_bytes;    /* 4 (uint32) or 8 (uint64) */
+    void *acc;        /* NULL: no sum */
+    double *totals;   /* NULL: no per-frame totals */
+} tdl_frame_sums;
+
+#define TDL_SINK_GROUP 64  /* rows handed over at once at most (decode_blocks hands over a few) */
+
+static void tdl_frame_sums_sink(void *context, const ptrdiff_t *rows, ptrdiff_t nrows, size_t first,
+                                const void *pixels, size_t count) {
+    const tdl_frame_sums *sums = (const tdl_frame_sums *)context;
+    uint64_t row_totals[TDL_SINK_GROUP];
+    for (ptrdiff_t done = 0; done < nrows; done += TDL_SINK_GROUP) {
+        size_t n = (size_t)TDL_MIN(nrows - done, TDL_SINK_GROUP);
+        const char *piece = (const char *)pixels + (size_t)done * count * (size_t)sums->pixel_bytes;
+        for (size_t r = 0; r < n; r++)
+            row_totals[r] = 0;
+        if (sums->acc != NULL && sums->totals != NULL) {
+            if (sums->acc_bytes == 4) {
+                uint32_t *acc = (uint32_t *)sums->acc + first;
+                if (sums->pixel_bytes == 1)
+                    tdl_rows_u8_u32((const uint8_t *)piece, n, count, acc, row_totals);
+                else
+                    tdl_rows_u16_u32((const uint16_t *)piece, n, count, acc, row_totals);
+            } else {
+                uint64_t *acc = (uint64_t *)sums->acc + first;
+                if (sums->pixel_bytes == 1)
+                    tdl_rows_u8_u64((const uint8_t *)piece, n, count, acc, row_totals);
+                else if (sums->pixel_bytes == 2)
+                    tdl_rows_u16_u64((const uint16_t *)piece, n, count, acc, row_totals);
+                else
+                    tdl_rows_u32_u64((const uint32_t *)piece, n, count, acc, row_totals);
+            }
+        } else if (sums->acc != NULL) {
+            if (sums->acc_bytes == 4) {
+                uint32_t *acc = (uint32_t *)sums->acc + first;
+                if (sums->pixel_bytes == 1)
+                    tdl_add_u8_u32((const uint8_t *)piece, n, count, acc);
+                else
+                    tdl_add_u16_u32((const uint16_t *)piece, n, count, acc);
+            } else {
+                uint64_t *acc = (uint64_t *)sums->acc + first;
+                if (sums->pixel_bytes == 1)
+                    tdl_add_u8_u64((const uint8_t *)piece, n, count, acc);
+                else if (sums->pixel_bytes == 2)
+                    tdl_add_u16_u64((const uint16_t *)piece, n, count, acc);
+                else
+                    tdl_add_u32_u64((const uint32_t *)piece, n, count, acc);
+            }
+        }
+        if (sums->totals == NULL)
+            continue;
+        if (sums->acc == NULL) {
+            /* totals alone: the exact per-frame sums, added as the compiled sumsig adds them */
+            double partial[TDL_SINK_GROUP];
+            for (size_t r = 0; r < n; r++)
+                partial[r] = 0.0;
+            if (sums->pixel_bytes == 1)
+                tdl_totals_u8((const uint8_t *)piece, n, count, partial);
+            else if (sums->pixel_bytes == 2)
+                tdl_totals_u16((const uint16_t *)piece, n, count, partial);
+            else
+                tdl_totals_u32((const uint32_t *)piece, n, count, partial);
+            for (size_t r = 0; r < n; r++)
+                sums->totals[rows[done + r]] += partial[r];
+        } else {
+            for (size_t r = 0; r < n; r++)
+                sums->totals[rows[done + r]] += (double)row_totals[r];
+        }
+    }
+}
+
 /* Mask-weighted sums for the bf/adf/com analyses: out[f * K + k] += sum over p < m of
  * frames[f * pixels + lo + p] * w[k * m + p], for K masks given over the pixel range [lo, lo + m)
  * outside which they are all zero. Pixels are converted to ACC (float for 8/16-bit pixels: exact;

@@ -11,6 +11,12 @@ with each UDF's own ``merge``, in dispatch order, into buffers allocated from a
 :class:`~.live_dataset.LiveDataSet` -- the same steps LiberTEM's ``UDFRunner`` takes (through
 ``libertem_internals``, the one module that uses LiberTEM's private API).
 
+One exception, for speed: when a series runs the built-in exact ``sum`` / ``sumsig`` and nothing
+else (:class:`FusedSums`), a worker makes their partition buffers itself, decoding and summing each
+frame a bitshuffle block at a time while it is in the CPU cache (``stack_sums.py``), and the main
+process lends it a shared-memory slot for the sum's counts with each stack (``result_slots.py``);
+the buffers and the merge are the ones LiberTEM's run of the two UDFs gives.
+
 Main process and workers talk in the messages below (frozen dataclasses, pickled through the
 queues): :class:`BeginSeries` and :class:`ProcessStack` to a worker, ``None`` to stop it;
 :class:`StackDone`, :class:`StackFailed` or :class:`StackSkipped` back for every
@@ -37,6 +43,7 @@ import numpy as np
 from libertem.udf.base import UDF
 
 from tango_dectris_live.allocator import tune_allocator
+from tango_dectris_live.receiver.decode import decode_frames_into as receiver_decode_frames_into
 from tango_dectris_live.saving import SeriesFileSpec
 
 from .analyses import AnalysisParameters, AnalysisRegistry, SelectedAnalysis
@@ -45,7 +52,10 @@ from .libertem_internals import (Environment, TilingScheme, allocate_full_result
                                  udf_input_dtype, whole_frame_tiling)
 from .live_dataset import (FrameRunPartition, FrameSource, LiveDataSet, ScanShape, SeriesFinished,
                            SeriesStarted, StackDecoder, StackReady, StackTileSource, resolve_scan_shape)
+from .result_slots import ResultSlots, SlotCounts, slot_array
 from .series_saving import SeriesSaving
+from .stack_sums import StackSums
+from .udfs import fused_sum_roles, partition_counts_dtype
 from .snapshot import ResultSnapshot, RunState, blank_unprocessed, empty_snapshot
 
 log = logging.getLogger(__name__)
@@ -54,9 +64,13 @@ _TILE_BYTES = 1 << 20  # tiles of whole frames, about 1 MiB each, unless the UDF
 _MAX_TILE_BYTES = 64 << 20
 _NO_RUN = -1
 _MIN_PART_FRAMES = 16  # a stack is split for idle workers into parts of at least this many frames
+_SLOT_FRAMES = 65537  # frames whose 8/16-bit counts a result slot's uint32 always holds
 # while no outcome comes, the bridge checks this often that the workers are alive (a dead worker
 # answers nothing); outcomes themselves are forwarded the moment they come
 _LIVENESS_CHECK = 0.5
+# "off" in the server's environment: the built-in sums go through LiberTEM like every other UDF
+# (to compare, or should the fused path ever be suspected); read when a series is set up
+FUSED_SUMS_ENV = "TANGO_DECTRIS_LIVE_FUSED_SUMS"
 
 
 class WorkerStartError(RuntimeError):
@@ -89,11 +103,14 @@ class ProcessStack:
     stack: Any
     begin: int = 0
     end: int | None = None
+    # a slot of the series' result_slots lent for this stack's sum counts (None: none free)
+    result_slot: int | None = None
 
 
 class FrameRunResult(NamedTuple):
     """The partial results of the scan positions ``[first_frame, first_frame + count)``: per UDF
-    (in the series' order), its partition buffers by name."""
+    (in the series' order), its partition buffers by name (the fused sums' ``counts`` may be a
+    :class:`~.result_slots.SlotCounts`: in the slot lent with the stack)."""
 
     first_frame: int
     count: int
@@ -184,6 +201,23 @@ class _SeriesSpec:
     tile_depth: int
     decode_frames_into: StackDecoder
     frames_per_partition: int  # frames decoded and processed at once (bounds a worker's memory)
+    # the UDFs are the built-in exact sums alone and the source can sum its stacks compressed
+    fused_sums: FusedSums | None = None
+    # (segment name, slot bytes) of the shared memory lent for the fused sums' counts
+    result_slots: tuple[str, int] | None = None
+    # the slot lent with the stack being processed (a worker sets it per task, see _serve_tasks)
+    result_slot: int | None = None
+
+
+@dataclass(frozen=True)
+class FusedSums:
+    """A series whose UDFs are only the built-in ExactSumUDF / ExactSumSigUDF (``roles``, per UDF
+    "sum" or "sumsig"): a worker makes their partition buffers with the source's ``stack_sums``
+    (stack_sums.py: decoded and summed a block at a time, in the cache) instead of through LiberTEM
+    -- the same buffers, the same integers, a third less CPU per frame at 512x512."""
+
+    roles: tuple[str, ...]
+    stack_sums: Any  # the FrameSource's stack_sums: accepts(stack, begin, end, dtype), add(...)
 
 
 def tile_bytes(udfs: list[UDF]) -> int:
@@ -250,9 +284,67 @@ def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment, begin: int =
     in_scan = (numbers >= 0) & (numbers < scan_size)
     out_of_scan = int(np.count_nonzero(~in_scan))
     increasing = out_of_scan == 0 and bool(np.all(np.diff(numbers) > 0))
+    fused = spec.fused_sums
+    if fused is not None and fused.stack_sums.accepts(stack, begin, end, spec.raw_dtype):
+        return _sum_fused(spec, fused, stack, numbers, in_scan, increasing, begin), out_of_scan
     if increasing and len(spec.dtype_groups) == 1:
         return _process_in_tiles(spec, stack, env, dataset, tiling_scheme, numbers, begin), 0
     return _process_decoded(spec, stack, env, dataset, tiling_scheme, begin, end), out_of_scan
+
+
+def _partitions(spec: _SeriesSpec, numbers: np.ndarray, in_scan: np.ndarray, increasing: bool,
+                begin: int) -> list[tuple[int, np.ndarray]]:
+    """(first frame number, stack positions of its frames in scan order) of each partition of the
+    stack's positions from ``begin`` on (``numbers``: their frame numbers): the partitions the
+    LiberTEM path makes of them, runs of consecutive frame numbers of at most
+    ``spec.frames_per_partition`` frames; frames outside the scan left out and, of frames that came
+    twice, the first kept, as there."""
+    chunk = max(1, spec.frames_per_partition)
+    partitions = []
+    if increasing:
+        for run_start, run_stop in _frame_runs(numbers):
+            for start in range(run_start, run_stop, chunk):
+                stop = min(run_stop, start + chunk)
+                partitions.append((int(numbers[start]), np.arange(begin + start, begin + stop, dtype=np.int64)))
+        return partitions
+    for first in range(0, numbers.size, chunk):
+        inside = in_scan[first:first + chunk]
+        ordered, first_index = np.unique(numbers[first:first + chunk][inside], return_index=True)
+        positions = begin + first + np.flatnonzero(inside)[first_index]
+        for start, stop in _frame_runs(ordered):
+            partitions.append((int(ordered[start]), positions[start:stop]))
+    return partitions
+
+
+def _sum_fused(spec: _SeriesSpec, fused: FusedSums, stack: Any, numbers: np.ndarray, in_scan: np.ndarray,
+               increasing: bool, begin: int) -> list[FrameRunResult]:
+    """The partition buffers of the built-in exact sums (``fused.roles``), as LiberTEM's run of
+    ExactSumUDF / ExactSumSigUDF gives them -- ``counts`` (frame-shaped, the partition's counts
+    type) and ``intensity`` (one float64 per frame) -- computed from the compressed frames. The
+    counts of a stack that is one partition (the usual case) go into ``spec.result_slot``, if lent."""
+    partial: list[FrameRunResult] = []
+    input_dtype = np.dtype(spec.raw_dtype)
+    partitions = _partitions(spec, numbers, in_scan, increasing, begin)
+    result_slot = spec.result_slot
+    for first_frame, positions in partitions:
+        count = positions.size
+        counts, sum_buffer = None, None
+        if "sum" in fused.roles:
+            dtype = partition_counts_dtype(input_dtype, count)
+            nbytes = int(np.prod(spec.frame_shape)) * dtype.itemsize
+            if (result_slot is not None and spec.result_slots is not None and nbytes <= spec.result_slots[1]
+                    and len(partitions) == 1):
+                counts = slot_array(*spec.result_slots, result_slot, dtype, spec.frame_shape)
+            if counts is None:
+                counts = sum_buffer = np.zeros(spec.frame_shape, dtype)
+            else:
+                counts[...] = 0
+                sum_buffer = SlotCounts(result_slot, dtype.str, tuple(spec.frame_shape))
+        totals = np.zeros(count) if "sumsig" in fused.roles else None
+        fused.stack_sums.add(stack, positions, spec.frame_shape, input_dtype, counts, totals)
+        buffers = [{"counts": sum_buffer} if role == "sum" else {"intensity": totals} for role in fused.roles]
+        partial.append(FrameRunResult(first_frame, count, buffers))
+    return partial
 
 
 def _process_in_tiles(spec: _SeriesSpec, stack: Any, env: Environment, dataset: LiveDataSet,
@@ -348,8 +440,12 @@ def _serve_tasks(tasks: multiprocessing.Queue, results: multiprocessing.Queue, a
                 if spec is None or spec.run_id != run_id or active_run.value != run_id:
                     results.put(StackSkipped(run_id, seq))
                     continue
+                # the slot lent with this stack travels in the spec: _process_stack keeps the
+                # signature the benchmarks' probes wrap
+                task_spec = (spec if task.result_slot is None
+                             else dataclasses.replace(spec, result_slot=task.result_slot))
                 try:
-                    runs, out_of_scan = _process_stack(spec, task.stack, env, task.begin, task.end)
+                    runs, out_of_scan = _process_stack(task_spec, task.stack, env, task.begin, task.end)
                 except Exception as error:  # reported to the main process, which fails the run with it
                     results.put(StackFailed(run_id, seq, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
                 else:
@@ -369,6 +465,9 @@ class WorkerPool:
         self._tasks: list[multiprocessing.Queue] = []
         self._processes: list[multiprocessing.Process] = []
         self._in_flight = [0] * workers
+        self._result_slots: ResultSlots | None = None
+        self._free_slots: list[int] = []  # result slots not lent now (the current series')
+        self._lent: dict[int, int] = {}  # seq -> the result slot lent with it
         try:
             self.active_run = context.Value("q", _NO_RUN, lock=False)
             self.results: multiprocessing.Queue = context.Queue()
@@ -395,6 +494,42 @@ class WorkerPool:
     def closed(self) -> bool:
         return self._closed
 
+    def lend_result_slots(self, counts_bytes: int | None) -> tuple[str, int] | None:
+        """At a series' set-up: from now on lend a shared-memory slot for fused sums' counts of
+        ``counts_bytes`` with each dispatched stack while one is free (None: lend none); the
+        (segment name, slot bytes) for the series' spec, None when none are lent (too large).
+        The segment is kept from series to series, made anew when a series needs larger slots;
+        no slot of the previous series may still be lent."""
+        self._lent.clear()
+        self._free_slots = []
+        if counts_bytes is None:
+            return None
+        slots = self._result_slots
+        if slots is None or slots.slot_bytes < counts_bytes:
+            if slots is not None:
+                slots.close()
+            slots = self._result_slots = ResultSlots.for_counts(counts_bytes, max(16, 8 * self.size))
+        if slots is None:
+            return None
+        self._free_slots = list(range(slots.count))
+        return slots.name, slots.slot_bytes
+
+    def result_counts(self, counts: SlotCounts) -> np.ndarray:
+        """The counts a worker left in a lent slot (a view: merge it before the slot is returned)."""
+        if self._result_slots is None:
+            raise RuntimeError("a worker answered with counts in a result slot, but none are lent")
+        return self._result_slots.array(counts)
+
+    def return_slot(self, seq: int) -> None:
+        """The outcome of stack ``seq`` is merged or dropped: its result slot (if any) is free."""
+        slot = self._lent.pop(seq, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+
+    @property
+    def slots_lent(self) -> int:
+        return len(self._lent)
+
     def begin_series(self, spec: _SeriesSpec) -> None:
         message = BeginSeries(cloudpickle.dumps(spec))
         for tasks in self._tasks:
@@ -407,10 +542,16 @@ class WorkerPool:
 
     def dispatch(self, run_id: int, seq: int, stack: Any, begin: int = 0, end: int | None = None) -> int:
         """Queue ``stack`` (its positions ``[begin, end)``, default all) on the least busy
-        worker; returns that worker's index."""
+        worker, with a result slot if the series lends them and one is free; returns that
+        worker's index."""
+        frames = (stack.frames if end is None else end) - begin
+        # a part of at most 65,537 frames: its counts of 8/16-bit pixels are the slots' uint32
+        slot = self._free_slots.pop() if self._free_slots and frames <= _SLOT_FRAMES else None
+        if slot is not None:
+            self._lent[seq] = slot
         worker = min(range(self.size), key=self._in_flight.__getitem__)
         self._in_flight[worker] += 1
-        self._tasks[worker].put(ProcessStack(run_id, seq, stack, begin, end))
+        self._tasks[worker].put(ProcessStack(run_id, seq, stack, begin, end, slot))
         return worker
 
     def idle(self) -> int:
@@ -440,6 +581,8 @@ class WorkerPool:
         for q in (*self._tasks, self.results):
             q.close()
             q.join_thread()
+        if self._result_slots is not None:
+            self._result_slots.close()
 
     def _discard(self) -> None:
         """Kill what a failed start left, close every queue made so far."""
@@ -453,6 +596,20 @@ class WorkerPool:
         for q in queues:
             q.close()
             q.join_thread()
+
+
+def _fused_sums(udfs: list[UDF], source: FrameSource) -> FusedSums | None:
+    """The fused path for these UDFs, if they are the built-in exact sums alone and ``source``
+    offers one: its ``stack_sums``, or, for a source that decodes the receiver's frame stacks
+    (``decode_frames_into`` is the receiver's: a ReceiverFrameSource or a wrapper of one that
+    passes its decoder on), :class:`~.stack_sums.StackSums`."""
+    roles = fused_sum_roles(udfs)
+    if os.environ.get(FUSED_SUMS_ENV, "").strip().lower() in ("off", "0", "no", "false"):
+        return None
+    stack_sums = getattr(source, "stack_sums", None)
+    if stack_sums is None and getattr(source, "decode_frames_into", None) is receiver_decode_frames_into:
+        stack_sums = StackSums
+    return None if roles is None or stack_sums is None else FusedSums(roles, stack_sums)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -764,8 +921,14 @@ class SeriesRun:
             scan_shape=scan.shape, frame_shape=frame_shape, raw_dtype=raw_dtype.str,
             dtype_groups=list(groups.items()), tile_depth=max(1, tile_bytes(udfs) // frame_bytes),
             decode_frames_into=self._source.decode_frames_into,
-            frames_per_partition=self._frames_per_partition or 1 << 30)
+            frames_per_partition=self._frames_per_partition or 1 << 30,
+            fused_sums=_fused_sums(udfs, self._source))
         if not self._abort.is_set():
+            counts_bytes = None
+            if spec.fused_sums is not None and "sum" in spec.fused_sums.roles:
+                # the largest counts a stack's partition has: uint64 for 32-bit pixels
+                counts_bytes = int(np.prod(frame_shape)) * (8 if raw_dtype.itemsize > 2 else 4)
+            spec = dataclasses.replace(spec, result_slots=self._pool.lend_result_slots(counts_bytes))
             self._pool.begin_series(spec)
         with self._lock:
             self._dataset = dataset
@@ -824,12 +987,16 @@ class SeriesRun:
                     self._merge(runs, out_of_scan)
                 case StackDone() | StackSkipped():
                     pass  # aborted meanwhile, or skipped by the worker: nothing to merge
+            self._pool.return_slot(outcome.seq)  # merged or dropped: the worker is done with it, and so are we
 
     def _merge(self, runs: list[FrameRunResult], out_of_scan: int) -> None:
         with self._lock:
             for first_frame, count, buffers in runs:
                 partition = self._dataset.partition_for_run(first_frame, None, count)
                 for selected, partial in zip(self._selected, buffers):
+                    if any(isinstance(buffer, SlotCounts) for buffer in partial.values()):
+                        partial = {name: self._pool.result_counts(b) if isinstance(b, SlotCounts) else b
+                                   for name, b in partial.items()}
                     merge_partial(selected.udf, partition, partial)
                 newly_done = count - int(np.count_nonzero(self._done[first_frame:first_frame + count]))
                 self._done[first_frame:first_frame + count] = True

@@ -61,6 +61,28 @@ def exact_accumulator(dtype: np.dtype, terms: int) -> np.dtype:
 
 _NARROW_COUNT_FRAMES = (2**32 - 1) // (2**16 - 1)  # uint16 values a uint32 sum always holds
 
+
+def partition_counts_dtype(input_dtype: np.dtype, frames: int | None) -> np.dtype:
+    """The type of :class:`ExactSumUDF`'s ``counts`` for a partition of ``frames`` frames of
+    ``input_dtype`` (None: the whole scan, merged): 64-bit integers (float64 for float pixels),
+    uint32 where a partition's sum of 8/16-bit pixels always fits (half the bytes to add, send and
+    merge). The runner's fused path (stack_sums.py) makes the same buffers."""
+    dtype = np.dtype(input_dtype)
+    if dtype.kind == "u" and dtype.itemsize <= 2 and frames is not None and frames <= _NARROW_COUNT_FRAMES:
+        return np.dtype(np.uint32)
+    return np.dtype(np.uint64 if dtype.kind == "u" else np.int64 if dtype.kind == "i" else np.float64)
+
+
+def fused_sum_roles(udfs: list[UDF]) -> tuple[str, ...] | None:
+    """Per UDF, ``"sum"`` or ``"sumsig"`` when ``udfs`` are only this module's
+    :class:`ExactSumUDF` and :class:`ExactSumSigUDF` themselves (not subclasses, which may change
+    what they compute): then the runner may compute their partition buffers straight from the
+    compressed frames (stack_sums.py) instead of through LiberTEM; None otherwise."""
+    roles = {ExactSumUDF: "sum", ExactSumSigUDF: "sumsig"}
+    if not udfs or any(type(udf) not in roles for udf in udfs):
+        return None
+    return tuple(roles[type(udf)] for udf in udfs)
+
 # Tiles of ~4 MiB for the compiled sums and mask sums: per-tile costs (decode call, LiberTEM's
 # views) spread over more frames; measured against 1 MiB tiles in a worker, sum+sumsig 4.65 ->
 # 4.13 us/frame (96x96) and 126 -> 108 (512x512); bf+adf+com 7.7-7.9 -> 6.8-7.1 (96x96) and
@@ -93,11 +115,8 @@ class ExactSumUDF(_ExactSumTiles, UDF):
         return self.USE_NATIVE_DTYPE
 
     def get_result_buffers(self):
-        dtype = np.dtype(self.meta.input_dtype)
-        counts = np.uint64 if dtype.kind == "u" else np.int64 if dtype.kind == "i" else np.float64
-        frames = partition_frame_count(self)  # None: the main process' buffers for the whole scan
-        if dtype.kind == "u" and dtype.itemsize <= 2 and frames is not None and frames <= _NARROW_COUNT_FRAMES:
-            counts = np.uint32  # a partition's counts fit; the merged total is uint64
+        # None: the main process' buffers for the whole scan (uint64); a partition's may be uint32
+        counts = partition_counts_dtype(self.meta.input_dtype, partition_frame_count(self))
         return {
             "counts": self.buffer(kind="sig", dtype=counts, use="private"),
             "intensity": self.buffer(kind="sig", dtype=np.float64, use="result_only"),

@@ -17,13 +17,21 @@ called through addresses resolved with ctypes (``decoder_functions()`` in decode
 linked at build time, like libzmq in _receiver.pyx: no library path or header at build time, and one
 copy of each library per process.
 
+``StackDecoder.decode_blocks`` decodes frames without writing them out: it hands each decoded
+bitshuffle block (8 KiB) to a consumer (a C function, ``block_sink_fn`` in _stack_decode.pxd) while
+the block is still in the CPU cache, block by block across the frames it is given; the
+processing's fused exact sums are such a consumer (processing/stack_sums.py). It calls LZ4 and
+dectris-compression's ``bitshuf_decode_block`` per block, the two steps
+``compression_decompress_buffer`` takes per block.
+
 An earlier version decoded the bit-shuffled blocks itself with bitshuffle's exported LZ4 and
 un-shuffle functions; dectris-compression's un-shuffle is about twice as fast at every frame size
 (benchmarks/bench_decode.py: 96x96 uint16 bslz4 149k vs 319k frames/s per core, 512x512 4.2k vs
 9.3k), so that loop is gone.
 """
+from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 
 from tango_dectris_live.stream.errors import CorruptFrameError, FrameSizeMismatchError, UnsupportedEncodingError
@@ -33,6 +41,11 @@ ctypedef int (*lz4_decompress_safe_fn)(const char*, char*, int, int) noexcept no
 #                                      const char* src, size_t src_size, size_t elem_size)
 # returns the decompressed size, or SIZE_MAX when the data are damaged; dst_size 0 asks for the size.
 ctypedef size_t (*dectris_decompress_fn)(int, char*, size_t, const char*, size_t, size_t) noexcept nogil
+# int bitshuf_decode_block(char* out, const char* in, char* scratch, size_t size, size_t elem_size)
+# un-shuffles one bitshuffle block of ``size`` elements (a multiple of 8); 0 on success. ``scratch``
+# holds size * elem_size bytes. dectris-compression calls it on each LZ4-decompressed bslz4 block.
+ctypedef int (*bitshuf_decode_block_fn)(char*, const char*, char*, size_t, size_t) noexcept nogil
+# block_sink_fn, the consumer of decode_blocks, is declared in _stack_decode.pxd
 
 from tango_dectris_live.receiver._frame_index cimport (ENC_BSLZ4, ENC_BSZSTD, ENC_LZ4_HDF5, ENC_LZ4_RAW, ENC_NONE,
                                                     FrameRecord)
@@ -77,6 +90,11 @@ ALGORITHM_NAMES[2] = b"lz4<"
 ALGORITHM_NAMES[3] = b"lz4"
 ALGORITHM_NAMES[4] = b"bszstd"
 
+# decode_blocks takes bslz4 frames block by block up to this block size (bitshuffle writes 8 KiB
+# blocks); frames with larger blocks are decoded whole.
+cdef enum:
+    MAX_BLOCK_BYTES = 1 << 20
+
 # dectris-compression's CompressionAlgorithm values (checked by the tests, which decode every
 # framed encoding through this path).
 cdef enum:
@@ -118,6 +136,10 @@ cdef inline size_t pixel_size(int kind) noexcept nogil:
     if kind == T_U32 or kind == T_I32 or kind == T_F32:
         return 4
     return 8
+
+
+cdef inline uint32_t read_be32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3]
 
 
 cdef inline uint64_t read_be64(const uint8_t* p) noexcept nogil:
@@ -206,18 +228,39 @@ cdef class StackDecoder:
     """
     cdef dectris_decompress_fn f_dectris
     cdef lz4_decompress_safe_fn f_lz4
+    cdef bitshuf_decode_block_fn f_unshuffle  # NULL: decode_blocks decodes whole frames only
     cdef uint8_t* frame_scratch
     cdef size_t frame_scratch_size
+    cdef uint8_t* block_scratch  # decode_blocks: LZ4 output, un-shuffle scratch, decoded rows
+    cdef size_t block_scratch_size
     cdef int64_t fail_value  # detail of the last failure, for the error message
 
     def __init__(self, functions: dict) -> None:
         self.f_dectris = <dectris_decompress_fn><uintptr_t>functions["compression_decompress_buffer"]
         self.f_lz4 = <lz4_decompress_safe_fn><uintptr_t>functions["LZ4_decompress_safe"]
+        self.f_unshuffle = <bitshuf_decode_block_fn><uintptr_t>functions.get("bitshuf_decode_block", 0)
         if self.f_dectris == NULL or self.f_lz4 == NULL:
             raise ValueError("the stack decoder needs compression_decompress_buffer and LZ4_decompress_safe")
 
     def __dealloc__(self):
         free(self.frame_scratch)
+        free(self.block_scratch)
+
+    @property
+    def decodes_blocks(self) -> bool:
+        """Whether :meth:`decode_blocks` hands bslz4 frames over block by block (it was given
+        ``bitshuf_decode_block``); without it, it hands over whole frames."""
+        return self.f_unshuffle != NULL
+
+    cdef uint8_t* blocks(self, size_t needed) noexcept nogil:
+        cdef uint8_t* grown
+        if needed > self.block_scratch_size:
+            grown = <uint8_t*>realloc(self.block_scratch, needed)
+            if grown == NULL:
+                return NULL
+            self.block_scratch = grown
+            self.block_scratch_size = needed
+        return self.block_scratch
 
     cdef uint8_t* scratch(self, size_t needed) noexcept nogil:
         cdef uint8_t* grown
@@ -280,10 +323,9 @@ cdef class StackDecoder:
         cdef const uint8_t* base = &segment[0]
         cdef size_t segment_size = segment.shape[0]
         cdef size_t out_elem = pixel_size(out_kind)
-        cdef size_t nbytes = 0, elem_size, begin, size, skip
-        cdef uint64_t channel_size
+        cdef size_t nbytes = 0, elem_size, begin, size
         cdef Py_ssize_t i, failed = -1
-        cdef int src_kind, result = R_OK, c
+        cdef int src_kind, result = R_OK
         cdef uint8_t* dest
         cdef uint8_t* frame_buffer
         if out.shape[0] < stop - start or <size_t>out.shape[1] != pixels * out_elem:
@@ -300,30 +342,8 @@ cdef class StackDecoder:
                     continue
                 elem_size = pixel_size(src_kind)
                 nbytes = <size_t>pixels * elem_size
-                begin = <size_t>data_start + <size_t>record.offset
-                size = <size_t>record.size
-                if record.offset < 0 or record.size < 0 or begin > segment_size or size > segment_size - begin:
-                    result = R_OUTSIDE
-                    failed = i
-                    break
-                if record.channels > 1:
-                    if channel < 0 or channel >= record.channels or size < 8 * <size_t>record.channels:
-                        result = R_NO_CHANNEL
-                        failed = i
-                        break
-                    skip = 8 * <size_t>record.channels
-                    for c in range(channel + 1):
-                        memcpy(&channel_size, base + begin + 8 * c, 8)
-                        if c < channel:
-                            skip += channel_size
-                    if skip > size or channel_size > size - skip:
-                        result = R_OUTSIDE
-                        failed = i
-                        break
-                    begin += skip
-                    size = channel_size
-                elif channel != 0:
-                    result = R_NO_CHANNEL
+                result = locate(record, base, segment_size, data_start, channel, &begin, &size)
+                if result != R_OK:
                     failed = i
                     break
                 dest = &out[i - start, 0]
@@ -346,6 +366,225 @@ cdef class StackDecoder:
                     break
         if failed >= 0:
             raise_decode_error(result, records + failed, nbytes, channel, self.fail_value)
+
+
+    def decode_blocks(self, const uint8_t[::1] segment, Py_ssize_t slot_start, Py_ssize_t data_start,
+                      Py_ssize_t frames, const int64_t[::1] positions, int out_kind, Py_ssize_t pixels,
+                      int channel, uintptr_t sink, uintptr_t context, Py_ssize_t group_rows=4,
+                      Py_ssize_t chunk_frames=32):
+        """Decode the frames at the stack positions ``positions`` (of a slot of ``frames`` records
+        at ``slot_start``, frame data from ``data_start``) and hand their pixels (type
+        ``out_kind``, which must be every frame's own) to ``sink(context, ...)`` (a
+        ``block_sink_fn``, see _stack_decode.pxd) instead of writing them out.
+
+        bslz4 frames are decoded a bitshuffle block (8 KiB) at a time, for ``chunk_frames`` frames
+        block after block (block 0 of each, then block 1 of each, ...) and handed over
+        ``group_rows`` frames at a time: the decoded pixels and the consumer's share of its output
+        (the pixels' range of a sum) stay in the L1 cache, and no decoded frame is ever written to
+        memory. Other encodings (or bslz4 frames with another block size than the first) are
+        decoded whole into a scratch frame and handed over as one piece. Raises ValueError for a
+        frame whose pixel type is not ``out_kind``, and the stream error of the first frame that
+        cannot be decoded (the consumer has then been given some of the frames)."""
+        cdef const FrameRecord* records = <const FrameRecord*>(&segment[0] + slot_start)
+        cdef const FrameRecord* record
+        cdef const uint8_t* base = &segment[0]
+        cdef size_t segment_size = segment.shape[0]
+        cdef size_t elem_size = pixel_size(out_kind)
+        cdef size_t nbytes = <size_t>pixels * elem_size
+        cdef Py_ssize_t n = positions.shape[0], i, g, k, first, chunk_end, group, failed = -1
+        cdef size_t begin, size, block_bytes = 0, frame_block, block, block_count, full_blocks, last_bytes
+        cdef size_t leftover_bytes, piece, compressed
+        cdef uint64_t declared
+        cdef int result = R_OK
+        cdef block_sink_fn consume = <block_sink_fn>sink
+        cdef void* consumer = <void*>context
+        cdef const uint8_t** cursor = NULL
+        cdef const uint8_t** ends = NULL
+        cdef ptrdiff_t* rows = NULL
+        cdef ptrdiff_t* whole = NULL
+        cdef Py_ssize_t blocked = 0, wholes = 0
+        cdef uint8_t* lz4_out
+        cdef uint8_t* unshuffle_scratch
+        cdef uint8_t* decoded
+        cdef uint8_t* frame_buffer
+        cdef ptrdiff_t row
+        if consume == NULL:
+            raise ValueError("decode_blocks needs a consumer (sink address 0)")
+        if out_kind < T_U8 or out_kind > T_F64:
+            raise ValueError(f"unknown pixel type code {out_kind}")
+        if group_rows < 1 or chunk_frames < group_rows:
+            raise ValueError(f"group_rows {group_rows} and chunk_frames {chunk_frames}: "
+                             "need 1 <= group_rows <= chunk_frames")
+        if slot_start < 0 or frames < 0 or <size_t>(slot_start + frames * sizeof(FrameRecord)) > segment_size:
+            raise ValueError("the frame index lies outside the shared-memory segment")
+        for i in range(n):
+            if not 0 <= positions[i] < frames:
+                raise IndexError(f"stack position {positions[i]} is outside the stack of {frames} frames")
+            record = records + positions[i]
+            if pixel_type_of_tag(record.dtype_tag) != out_kind:
+                raise ValueError(f"frame {record.frame} has pixel type tag {record.dtype_tag}, "
+                                 f"not that of the requested pixel type (code {out_kind})")
+        if n == 0 or pixels == 0:
+            return
+        cursor = <const uint8_t**>malloc(n * sizeof(uint8_t*))
+        ends = <const uint8_t**>malloc(n * sizeof(uint8_t*))
+        rows = <ptrdiff_t*>malloc(n * sizeof(ptrdiff_t))
+        whole = <ptrdiff_t*>malloc(n * sizeof(ptrdiff_t))
+        if cursor == NULL or ends == NULL or rows == NULL or whole == NULL:
+            free(cursor)
+            free(ends)
+            free(rows)
+            free(whole)
+            raise MemoryError(f"no memory for the block decoder's bookkeeping of {n} frames")
+        try:
+            with nogil:
+                # which frames go block by block (bslz4 with the first such frame's block size)
+                for i in range(n):
+                    record = records + positions[i]
+                    result = locate(record, base, segment_size, data_start, channel, &begin, &size)
+                    if result != R_OK:
+                        failed = i
+                        break
+                    frame_block = 0
+                    if (self.f_unshuffle != NULL and record.encoding == ENC_BSLZ4 and size >= 12
+                            and read_be64(base + begin) == nbytes):
+                        frame_block = read_be32(base + begin + 8)
+                        if (frame_block == 0 or frame_block % (8 * elem_size) != 0 or frame_block > MAX_BLOCK_BYTES
+                                or (block_bytes != 0 and frame_block != block_bytes)):
+                            frame_block = 0
+                    if frame_block != 0:
+                        block_bytes = frame_block
+                        cursor[i] = base + begin + 12
+                        ends[i] = base + begin + size
+                        rows[blocked] = i
+                        blocked += 1
+                    else:
+                        whole[wholes] = i
+                        wholes += 1
+                # the others whole, through decode_one (which checks and reports as decode() does)
+                if failed < 0 and wholes > 0:
+                    frame_buffer = self.scratch(nbytes)
+                    if frame_buffer == NULL:
+                        result = R_NO_MEMORY
+                        failed = whole[0]
+                    for k in range(wholes if failed < 0 else 0):
+                        row = whole[k]
+                        record = records + positions[row]
+                        locate(record, base, segment_size, data_start, channel, &begin, &size)
+                        result = self.decode_one(base + begin, size, record.encoding, elem_size, nbytes, frame_buffer)
+                        if result == R_FALLBACK:
+                            result = R_CORRUPT  # LZ4 sizes beyond int: decode() leaves those to Python
+                        if result != R_OK:
+                            failed = row
+                            break
+                        consume(consumer, &whole[k], 1, 0, frame_buffer, pixels)
+                if failed < 0 and blocked > 0:
+                    # a bslz4 frame: full blocks, a shorter last block, then < 8 elements stored as they are
+                    leftover_bytes = nbytes % (8 * elem_size)
+                    full_blocks = nbytes // block_bytes
+                    last_bytes = nbytes % block_bytes - leftover_bytes
+                    block_count = full_blocks + (1 if last_bytes > 0 else 0)
+                    lz4_out = self.blocks(2 * block_bytes + <size_t>group_rows * block_bytes + 64)
+                    if lz4_out == NULL:
+                        result = R_NO_MEMORY
+                        failed = rows[0]
+                    unshuffle_scratch = lz4_out + block_bytes
+                    # 64-byte aligned rows for the consumer's vector loads
+                    decoded = <uint8_t*>((<uintptr_t>(lz4_out + 2 * block_bytes) + 63) & ~(<uintptr_t>63))
+                    first = 0
+                    while failed < 0 and first < blocked:
+                        chunk_end = min(blocked, first + chunk_frames)
+                        for block in range(block_count):
+                            piece = block_bytes if block < full_blocks else last_bytes
+                            group = first
+                            while group < chunk_end:
+                                g = min(group_rows, chunk_end - group)
+                                for k in range(g):
+                                    row = rows[group + k]
+                                    if ends[row] - cursor[row] < 4:
+                                        failed = row
+                                        break
+                                    compressed = read_be32(cursor[row])
+                                    if compressed > <size_t>(ends[row] - cursor[row] - 4) or compressed > 0x7E000000:
+                                        failed = row
+                                        break
+                                    if (<size_t>self.f_lz4(<const char*>cursor[row] + 4, <char*>lz4_out,
+                                                           <int>compressed, <int>piece) != piece
+                                            or self.f_unshuffle(<char*>(decoded + k * piece), <const char*>lz4_out,
+                                                                <char*>unshuffle_scratch, piece // elem_size,
+                                                                elem_size) != 0):
+                                        failed = row
+                                        break
+                                    cursor[row] += 4 + compressed
+                                if failed >= 0:
+                                    break
+                                consume(consumer, rows + group, g, block * (block_bytes // elem_size), decoded,
+                                        piece // elem_size)
+                                group += g
+                            if failed >= 0:
+                                break
+                        if failed < 0:
+                            for k in range(first, chunk_end):
+                                row = rows[k]
+                                if <size_t>(ends[row] - cursor[row]) != leftover_bytes:
+                                    failed = row
+                                    break
+                                if leftover_bytes > 0:
+                                    memcpy(decoded, cursor[row], leftover_bytes)
+                                    consume(consumer, rows + k, 1, (nbytes - leftover_bytes) // elem_size, decoded,
+                                            leftover_bytes // elem_size)
+                        first = chunk_end
+                    if failed >= 0 and result == R_OK:
+                        # the block loop is stricter than it reports: decode the frame whole for the
+                        # reference's own error (the frame is damaged; say so if that passes)
+                        frame_buffer = self.scratch(nbytes)
+                        record = records + positions[failed]
+                        locate(record, base, segment_size, data_start, channel, &begin, &size)
+                        if frame_buffer == NULL:
+                            result = R_NO_MEMORY
+                        else:
+                            result = self.decode_one(base + begin, size, record.encoding, elem_size, nbytes,
+                                                     frame_buffer)
+                        if result == R_OK:
+                            self.fail_value = 0
+                            result = R_CORRUPT
+        finally:
+            free(cursor)
+            free(ends)
+            free(rows)
+            free(whole)
+        if failed >= 0:
+            raise_decode_error(result, records + positions[failed], nbytes, channel, self.fail_value)
+
+
+cdef int locate(const FrameRecord* record, const uint8_t* base, size_t segment_size, Py_ssize_t data_start,
+                int channel, size_t* begin_out, size_t* size_out) noexcept nogil:
+    """Where the bytes of ``record``'s channel ``channel`` lie in the segment: R_OK and the range,
+    or why they cannot be read (R_OUTSIDE, R_NO_CHANNEL)."""
+    cdef size_t begin = <size_t>data_start + <size_t>record.offset
+    cdef size_t size = <size_t>record.size
+    cdef size_t skip
+    cdef uint64_t channel_size = 0
+    cdef int c
+    if record.offset < 0 or record.size < 0 or begin > segment_size or size > segment_size - begin:
+        return R_OUTSIDE
+    if record.channels > 1:
+        if channel < 0 or channel >= record.channels or size < 8 * <size_t>record.channels:
+            return R_NO_CHANNEL
+        skip = 8 * <size_t>record.channels
+        for c in range(channel + 1):
+            memcpy(&channel_size, base + begin + 8 * c, 8)
+            if c < channel:
+                skip += channel_size
+        if skip > size or channel_size > size - skip:
+            return R_OUTSIDE
+        begin += skip
+        size = channel_size
+    elif channel != 0:
+        return R_NO_CHANNEL
+    begin_out[0] = begin
+    size_out[0] = size
+    return R_OK
 
 
 cdef raise_decode_error(int result, const FrameRecord* record, size_t nbytes, int channel, int64_t value):
