@@ -224,6 +224,15 @@ class _Series:
     dtype: np.dtype | None
     encoding: str = "none"
     python_errors: dict[str, int] = field(default_factory=dict)
+    announced: bool = False  # started from the DCU's configuration; its header not seen yet
+
+
+def _differs_from_announced(header: SeriesHeader, announced: SeriesHeader) -> bool:
+    """Whether the header contradicts what was announced for the series (what both say)."""
+    pairs = ((header.number_of_images, announced.number_of_images), (header.shape, announced.shape),
+             (None if header.dtype is None else np.dtype(header.dtype),
+              None if announced.dtype is None else np.dtype(announced.dtype)))
+    return any(said is not None and known is not None and said != known for said, known in pairs)
 
 
 _HUNG_UP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
@@ -418,18 +427,27 @@ class StreamReceiver:
         self._command(give_up)
         raise StreamConnectError(self.endpoint, timeout, reason)
 
-    def arm(self, series_id: int) -> None:
+    def arm(self, series_id: int, announced: SeriesHeader | None = None) -> None:
         """Active mode: take series ``series_id`` (the id the DCU's arm returned), then go idle.
 
         Call it after the DCU's arm: the header the DCU sent at arm is still queued in ZeroMQ.
         Messages of other series queued before it are drained and counted (``stale`` for older
         series, ``wrong_series`` for newer ones). Without that series' header within ``timeout``
         seconds a ``no_header`` :class:`ReceiverError` is emitted and the receiver goes idle.
+
+        ``announced``: the series as the DCU's configuration describes it (its id, number of images,
+        frame shape and pixel type), for a receiver that may never get the header: several receivers
+        on one stream each get part of its messages, and only one the header and only one the end
+        (the DCU deals them round-robin). The series then starts at once (:class:`SeriesStarted`
+        with ``announced``); a header that does come is held against it (a difference is counted
+        as ``header_mismatch``); without the end message, :meth:`cancel` ends it with what came.
         """
         if isinstance(series_id, bool) or not isinstance(series_id, (int, np.integer)) or series_id < 0:
             raise ValueError(f"arm() needs the series id the detector's arm returned (an integer >= 0), "
                              f"got {series_id!r}")
         series_id = int(series_id)
+        if announced is not None and announced.series_id != series_id:
+            raise ValueError(f"arm({series_id}): the announced series is {announced.series_id}")
 
         def apply() -> None:
             if self._series is not None:
@@ -440,6 +458,9 @@ class StreamReceiver:
             self._awaiting_end_of = None
             self._loop.arm(series_id)
             self._want_connection()
+            if announced is not None:
+                self._on_header(announced)
+                self._series.announced = True
             self._route_messages()
         self._command(apply)
 
@@ -974,6 +995,11 @@ class StreamReceiver:
             return
         if self._series is not None:
             if series_id == self._series.header.series_id:
+                if self._series.announced:
+                    self._series.announced = False  # the one header of the series: checked once
+                    if _differs_from_announced(header, self._series.header):
+                        self._count("header_mismatch")
+                    return
                 self._count("duplicate_header")
                 return
             self._finish("superseded")
