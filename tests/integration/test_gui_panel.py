@@ -20,6 +20,7 @@ import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,8 +48,9 @@ from .live_reference import simulator_ground_truth
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-DOCS_IMAGES = ROOT / "docs" / "images"
+# Screenshots go to the docs only when asked (TANGO_DECTRIS_LIVE_SCREENSHOTS=docs/images): a test run
+# leaves the working tree as it was
+DOCS_IMAGES = Path(os.environ.get("TANGO_DECTRIS_LIVE_SCREENSHOTS") or tempfile.mkdtemp(prefix="taurus-shots-"))
 BIN = Path(sys.executable).parent
 DEVICE = "test/dectris/panel"
 NAV = (6, 8)
