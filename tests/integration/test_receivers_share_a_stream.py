@@ -8,23 +8,15 @@ import threading
 
 import numpy as np
 import pytest
-import requests
 
-from sim.data import ScanDataGenerator, default_nav_shape
-from sim.encode import dtype_for_bit_depth
 from tango_dectris_live.receiver import StreamReceiver, decode_frames_into
 from tango_dectris_live.stream import SeriesHeader
 from tango_dectris_live.testing import wait_for
 from tango_dectris_live.testing.stream_producer import collect_series
 
+from .test_sim_to_receiver import _put, prepare_series
+
 pytestmark = pytest.mark.integration
-
-
-def _put(simulator, module, task, key, value=None):
-    url = f"{simulator.rest_url}/{module}/api/1.8.0/{task}/{key}"
-    response = requests.put(url, json=None if value is None else {"value": value}, timeout=30)
-    assert response.status_code == 200, response.text
-    return response.json() if response.content else None
 
 
 @pytest.mark.parametrize("simulator", ["ARINA"], indirect=True)
@@ -32,19 +24,7 @@ def _put(simulator, module, task, key, value=None):
                                                                 ("cbor", 2, "stream2_port")])
 def test_two_receivers_announced_the_series_have_every_frame_once(simulator, stream_format, version, port_attr):
     nimages = 400
-    _put(simulator, "detector", "command", "initialize")
-    for key, value in (("trigger_mode", "ints"), ("nimages", nimages), ("ntrigger", 1), ("compression", "bslz4")):
-        _put(simulator, "detector", "config", key, value)
-    _put(simulator, "stream", "config", "format", stream_format)
-    _put(simulator, "stream", "config", "mode", "enabled")
-    requests.put(f"{simulator.rest_url}/sim/api/config", json={"pacing": "max"}, timeout=10).raise_for_status()
-    config = simulator.detector.get_config
-    width = config("detector", "x_pixels_in_detector")["value"]
-    height = config("detector", "y_pixels_in_detector")["value"]
-    dtype = dtype_for_bit_depth(config("detector", "bit_depth_image")["value"])
-    settings = simulator.sink.get_sim_config()
-    truth = ScanDataGenerator(width, height, dtype, nav_shape=default_nav_shape(nimages), seed=settings["seed"],
-                              dose=settings["dose"], pool_size=settings["pool_size"])
+    truth, (height, width), dtype = prepare_series(simulator, nimages, stream_format)
     endpoint = f"tcp://127.0.0.1:{getattr(simulator, port_attr)}"
     receivers = [StreamReceiver(endpoint, stream_version=version, frame_shape=(height, width), dtype=dtype,
                                 frame_stack_size=16, num_slots=8) for _ in range(2)]

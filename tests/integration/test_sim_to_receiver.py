@@ -20,11 +20,9 @@ def _put(simulator, module, task, key, value=None):
     return response.json() if response.content else None
 
 
-@pytest.mark.parametrize("simulator", ["ARINA"], indirect=True)
-@pytest.mark.parametrize("stream_format, version, port_attr", [("legacy", 1, "stream_port"),
-                                                                ("cbor", 2, "stream2_port")])
-def test_simulated_scan_round_trips_through_the_receiver(simulator, stream_format, version, port_attr):
-    nimages = 36
+def prepare_series(simulator, nimages: int, stream_format: str):
+    """Initialize the simulated DCU for an ints series of ``nimages`` bslz4 frames on the stream
+    ``stream_format``, sent as fast as possible; returns (ground truth, (height, width), dtype)."""
     _put(simulator, "detector", "command", "initialize")
     for key, value in (("trigger_mode", "ints"), ("nimages", nimages), ("ntrigger", 1),
                        ("compression", "bslz4")):
@@ -40,6 +38,15 @@ def test_simulated_scan_round_trips_through_the_receiver(simulator, stream_forma
     truth = ScanDataGenerator(width, height, dtype, nav_shape=default_nav_shape(nimages),
                               seed=sim_settings["seed"], dose=sim_settings["dose"],
                               pool_size=sim_settings["pool_size"])
+    return truth, (height, width), dtype
+
+
+@pytest.mark.parametrize("simulator", ["ARINA"], indirect=True)
+@pytest.mark.parametrize("stream_format, version, port_attr", [("legacy", 1, "stream_port"),
+                                                                ("cbor", 2, "stream2_port")])
+def test_simulated_scan_round_trips_through_the_receiver(simulator, stream_format, version, port_attr):
+    nimages = 36
+    truth, (height, width), dtype = prepare_series(simulator, nimages, stream_format)
 
     endpoint = f"tcp://127.0.0.1:{getattr(simulator, port_attr)}"
     with StreamReceiver(endpoint, stream_version=version, frame_shape=(height, width), dtype=dtype,
