@@ -219,6 +219,19 @@ cdef bint convert(const void* src, int src_kind, void* dst, int dst_kind, Py_ssi
     return True
 
 
+cdef uint8_t* _grown(uint8_t** buffer, size_t* size, size_t needed) noexcept nogil:
+    """``*buffer`` of at least ``needed`` bytes (grown with realloc, kept for the next call);
+    NULL when memory runs out (``*buffer`` is then left as it was)."""
+    cdef uint8_t* grown
+    if needed > size[0]:
+        grown = <uint8_t*>realloc(buffer[0], needed)
+        if grown == NULL:
+            return NULL
+        buffer[0] = grown
+        size[0] = needed
+    return buffer[0]
+
+
 cdef class StackDecoder:
     """Decodes frame records into an output array. Holds a scratch buffer (for frames whose pixel
     type differs from the output's): one decoder per thread.
@@ -253,24 +266,10 @@ cdef class StackDecoder:
         return self.f_unshuffle != NULL
 
     cdef uint8_t* blocks(self, size_t needed) noexcept nogil:
-        cdef uint8_t* grown
-        if needed > self.block_scratch_size:
-            grown = <uint8_t*>realloc(self.block_scratch, needed)
-            if grown == NULL:
-                return NULL
-            self.block_scratch = grown
-            self.block_scratch_size = needed
-        return self.block_scratch
+        return _grown(&self.block_scratch, &self.block_scratch_size, needed)
 
     cdef uint8_t* scratch(self, size_t needed) noexcept nogil:
-        cdef uint8_t* grown
-        if needed > self.frame_scratch_size:
-            grown = <uint8_t*>realloc(self.frame_scratch, needed)
-            if grown == NULL:
-                return NULL
-            self.frame_scratch = grown
-            self.frame_scratch_size = needed
-        return self.frame_scratch
+        return _grown(&self.frame_scratch, &self.frame_scratch_size, needed)
 
     cdef int decode_one(self, const uint8_t* blob, size_t blob_size, int encoding, size_t elem_size,
                         size_t nbytes, uint8_t* dest) noexcept nogil:

@@ -99,6 +99,7 @@ class DeviceLink:
         # for the next acquisition only, so a controller left out of the next group asks for nothing
         self._saving: dict[str, tuple[str, str | None, int]] = {}
         self._enum_labels: dict[str, list[str]] = {}
+        self._result_analyses: dict[str, str] | None = None  # read once: see result_analyses
         # (the device's saving mode before the link raised it, the mode the link set) or None
         self._raised: tuple[str, str] | None = None
 
@@ -124,15 +125,28 @@ class DeviceLink:
         with self._lock:
             self._saving[owner] = (mode, location, self._seq)
 
-    def result_analyses(self) -> dict[str, str]:
-        """Result attribute -> the analysis that publishes it, as the device lists them."""
-        out: dict[str, str] = {}
-        for line in self.proxy.result_attributes or ():
-            analysis, _, names = line.partition(":")
-            for name in names.split(","):
-                if name.strip():
-                    out[name.strip()] = analysis.strip()
-        return out
+    def result_analyses(self, refresh: bool = False) -> dict[str, str]:
+        """Result attribute -> the analysis that publishes it, as the device lists them: read once
+        (the list is fixed while the server runs) and again with ``refresh`` (a name not found)."""
+        with self._lock:
+            if self._result_analyses is None or refresh:
+                out: dict[str, str] = {}
+                for line in self.proxy.result_attributes or ():
+                    analysis, _, names = line.partition(":")
+                    for name in names.split(","):
+                        if name.strip():
+                            out[name.strip()] = analysis.strip()
+                self._result_analyses = out
+            return dict(self._result_analyses)
+
+    def analysis_of(self, result: str) -> str:
+        """The analysis that publishes ``result`` (LinkError when the device has none)."""
+        known = self.result_analyses()
+        if result not in known:
+            known = self.result_analyses(refresh=True)
+        if result not in known:
+            raise LinkError(f"{self.name} has no result {result!r}; it offers {', '.join(sorted(known))}")
+        return known[result]
 
     def frame_shape(self) -> tuple[int, int]:
         """(height, width) of the frames as the stream delivers them (binning and ROI applied)."""

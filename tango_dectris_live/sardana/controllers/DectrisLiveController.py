@@ -69,9 +69,8 @@ class _DeviceChannels:
 
     def setResult(self, axis: int, value: str) -> None:
         value = str(value).strip() or self.DEFAULT_RESULTS.get(axis, "")  # empty: the axis' default
-        known = self._link.result_analyses()
-        if value and value not in known:
-            raise LinkError(f"{self.Device} has no result {value!r}; it offers {', '.join(sorted(known))}")
+        if value:
+            self._link.analysis_of(value)  # refused with what the device offers
         self._results[axis] = value
         self._update_requirement()
 
@@ -326,7 +325,7 @@ class DectrisLiveTwoDController(_DeviceChannels, TwoDController, Referable):
             raise LinkError(f"{self.Device} saved no file for series {acquisition.series}: "
                             f"{self._link.proxy.saving_status}")
         name = self._result(axis)
-        analysis = self._link.result_analyses()[name]
+        analysis = self._link.analysis_of(name)
         return f"h5file://{acquisition.saved_file}::entry/results/{analysis}/{name}"
 
 
