@@ -224,6 +224,8 @@ MAX_CONFIG_REUSE = 60.0
 
 # SIMPLON's nimages is a uint32; more in one trigger is no scan anyone runs
 MAX_IMAGES_PER_TRIGGER = 2**31 - 1
+# trigger modes whose every trigger takes one image, its exposure the trigger's
+ONE_IMAGE_PER_TRIGGER_MODES = ("inte", "exte")
 
 
 def check_config_reuse(seconds: float) -> float:
@@ -238,7 +240,7 @@ def check_images_per_trigger(images: int, nav_shape: tuple[int, ...] | None = No
     images = int(images)
     if images < 0 or images > MAX_IMAGES_PER_TRIGGER:
         raise SettingRefused(f"images_per_trigger must be 0 (automatic) to {MAX_IMAGES_PER_TRIGGER}, got {images}")
-    if images and trigger_mode in ("inte", "exte") and images != 1:
+    if images and trigger_mode in ONE_IMAGE_PER_TRIGGER_MODES and images != 1:
         raise SettingRefused(f"images_per_trigger {images}: in trigger mode {trigger_mode} each trigger takes one "
                              f"image (its exposure is the trigger's); set 0 or 1")
     if images and nav_shape:

@@ -15,14 +15,13 @@ from tango_dectris_live.simplon.client import DetectorClient
 from tango_dectris_live.simplon.errors import SimplonError, UnknownParameterError
 
 from .analyses import AnalysisParameters
-from .limits import check_images_per_trigger
+from .limits import ONE_IMAGE_PER_TRIGGER_MODES, check_images_per_trigger
 
 log = logging.getLogger(__name__)
 
 _BIT_DEPTH_DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
 _STREAM_FORMAT_VERSIONS = {"legacy": 1, "cbor": 2}
 EXTERNAL_TRIGGER_MODES = ("exts", "exte")
-ONE_IMAGE_PER_TRIGGER_MODES = ("inte", "exte")
 
 
 def scan_triggers(nav_shape: tuple[int, ...], trigger_mode: str, images_per_trigger: int = 0) -> tuple[int, int]:
