@@ -461,11 +461,12 @@ def start_on_screen(args: list[str], screen: Screen, live: Live, log: Path) -> s
         return subprocess.Popen(args, env=user_env(screen.display, live), stdout=out, stderr=subprocess.STDOUT)
 
 
-def opened(proc: subprocess.Popen, screen: Screen, live: Live, log: Path) -> Window:
-    """The process's window, once it shows one and the device saw its requests."""
+def opened(proc: subprocess.Popen, screen: Screen, live: Live, log: Path, title: str | None = None) -> Window:
+    """The process's window, once it shows one (titled ``title``, when given: a Taurus window gets
+    its title only once it has connected) and the device saw its requests."""
     def ready() -> Window | None:
         assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
-        windows = windows_of(screen.display, proc.pid)
+        windows = [w for w in windows_of(screen.display, proc.pid) if title is None or w.name == title]
         return windows[0] if windows and seen_by_the_device(live.proxy, proc.pid) else None
     return wait_for(ready, 60, lambda: f"a window of {proc.args} ({log.read_text(errors='replace')[-2000:]})",
                     interval=0.2)
@@ -517,7 +518,7 @@ def test_a_stock_taurus_command_opens_on_the_device(qt_app, screen, live, tmp_pa
     log = tmp_path / f"taurus-{name}.log"
     proc = start_on_screen([str(BIN / "taurus"), *args], screen, live, log)
     try:
-        assert opened(proc, screen, live, log).name == title
+        assert opened(proc, screen, live, log, title).name == title
         if name == "trend":
             paced_acquisition(live)
         if screenshot:
