@@ -94,6 +94,13 @@ def merge_partial(udf: UDF, partition: Partition, buffers: dict[str, np.ndarray]
         udf.clear_views()
 
 
+def full_buffers(udf: UDF) -> dict[str, tuple[str, np.ndarray]]:
+    """``udf``'s whole-dataset buffers that hold data, by name: (kind, the raw array -- scan-shaped
+    buffers flat over the scan), views, not copies (``BufferWrapper.raw_data``)."""
+    udf.clear_views()
+    return {name: (buf.kind, buf.raw_data) for name, buf in udf.results.items() if buf.has_data()}
+
+
 def results_of(udf: UDF, valid_nav_mask: np.ndarray) -> Mapping[str, BufferWrapper]:
     """``udf``'s results from its merged buffers, as ``Context.run_udf`` returns them (by name,
     each with ``.data`` and ``.kind``); ``valid_nav_mask`` (flat, bool) marks the scan positions

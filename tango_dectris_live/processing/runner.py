@@ -52,6 +52,7 @@ from .libertem_internals import (Environment, TilingScheme, allocate_full_result
                                  udf_input_dtype, whole_frame_tiling)
 from .live_dataset import (FrameRunPartition, FrameSource, LiveDataSet, ScanShape, SeriesFinished,
                            SeriesStarted, StackDecoder, StackReady, StackTileSource, resolve_scan_shape)
+from .partials import PartialResults, partial_of
 from .result_slots import ResultSlots, SlotCounts, slot_array
 from .series_saving import SeriesSaving
 from .stack_sums import StackSums
@@ -740,6 +741,16 @@ class SeriesRun:
                 frames_missing=int(done.size - np.count_nonzero(done)) if final else 0,
                 frames_dropped=int(self._dropped.size), frames_out_of_scan=self._frames_out_of_scan,
                 stacks_merged=self._stacks_merged, error=self._error)
+
+    def partial(self, **fields) -> PartialResults | None:
+        """The raw whole-scan buffers of the analyses and the map of processed positions, as a
+        node sends them to the merging device (None before the series is set up); ``fields``:
+        ``end_seen``, ``frames_received``, ``sequence``."""
+        with self._lock:
+            if self._scan is None or not self._selected or self._series is None:
+                return None
+            return partial_of(self._selected, self._done, series=int(self._series), state=self._state.value,
+                              frames_processed=self._frames_processed, error=self._error or "", **fields)
 
     def _extract(self, selected: SelectedAnalysis, done: np.ndarray) -> dict[str, np.ndarray]:
         """One analysis' results as published: copies, NaN where a scan position has no frame."""
