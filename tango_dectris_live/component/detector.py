@@ -357,7 +357,7 @@ class LiveDetector:
             lines.append("The DCU does not provide: " + ", ".join(catalogue.missing))
         state = _STATE_OF_CONDITION[health.condition]
         acquisition, progress = self.acquisition, self._progress
-        if acquisition.mode == AcquisitionMode.ACTIVE and state == DeviceState.ON:
+        if acquisition.mode in (AcquisitionMode.ACTIVE, AcquisitionMode.NODE) and state == DeviceState.ON:
             state = DeviceState.RUNNING  # between series and triggers the DCU is idle: we are not
         if acquisition is None:
             self._publish(DeviceCondition(state, "\n".join(lines)))

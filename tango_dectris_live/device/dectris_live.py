@@ -9,6 +9,7 @@ tables.
 from __future__ import annotations
 
 import logging
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -23,11 +24,14 @@ from ..component.catalogue import ParameterCatalogue
 from ..component.detector import CommandRefused, DetectorAddress, DeviceCondition, DeviceState, LiveDetector
 from ..component.settings import RADII, LiveSettings
 from ..processing.acquisition import (AcquisitionBusyError, AcquisitionMode, AcquisitionProgress, AcquisitionUpdate,
-                                      PipelineSettings)
+                                      LiveAcquisition, PipelineSettings)
 from ..processing.analyses import UnknownAnalysisError
+from ..processing.announcement import AnnouncementError, SeriesAnnouncement
+from ..processing.merging import MergedAcquisition, NodeError
 from ..processing.limits import SettingRefused
 from ..processing.snapshot import ResultSnapshot
 from ..simplon.errors import SimplonError
+from .node_links import PARTIAL_RESULTS, TangoNodes
 from .simplon_attributes import SimplonAttribute, attribute_name, describe_attribute, tango_attribute_kwargs
 
 log = logging.getLogger(__name__)
@@ -138,11 +142,15 @@ PROGRESS = {
                         "the file of the series being saved, or of the last one (empty: none yet)"),
     "frames_saved": (tango.DevLong64, "", "frames_saved", "frames of the series written to its file"),
     "saving_rate": (tango.DevDouble, "MB/s", "saving_rate", "how fast the series file is written"),
+    "nodes_status": ((tango.DevString,), "", "nodes",
+                     "merging role: per node device, what it did for the series being merged (or the last one), "
+                     "or why it failed or was left out"),
     "acquisitions_ended": (tango.DevLong64, "", "acquisitions_ended",
                            "Start/Listen sessions over since the server started, whatever their outcome "
                            "(acquisition_status says which): a client that sent Start waits for this to grow, "
                            "then reads the results"),
 }
+ROLES = ("single", "node", "merger")
 # Result images are pushed as float64: exact for the integer sums, and one type for every client.
 _MAX_IMAGE_SIDE = 16384
 
@@ -197,6 +205,14 @@ class DectrisLive(Device):
         dtype=str, default_value="",
         doc="The folder below which the device writes series files (saving_directory is relative to it; "
             "nothing is written outside it). Empty: saving unavailable")
+    Role = device_property(
+        dtype=str, default_value="single",
+        doc="single: receives and processes the stream itself (the default); node: one of several receivers "
+            "of one detector stream, driven by a merging device (NodePrepare/NodeArm/NodeFinish) and publishing "
+            "partial_results; merger: drives the DCU and the devices named in Nodes, merges their partial "
+            "results into the result attributes (no receiver of its own)")
+    Nodes = device_property(dtype=(str,), default_value=[],
+                            doc="Role merger: the Tango names of the node devices that receive the stream")
     NavShape = device_property(dtype=(int,), default_value=[],
                                doc="Remembered nav_shape (written by the device when a client sets it)")
     Analyses = device_property(dtype=(str,), default_value=["sum", "sumsig"],
@@ -228,12 +244,25 @@ class DectrisLive(Device):
             self._set_condition(DeviceCondition(DeviceState.FAULT, "the DcuHost property is not set: set it to the "
                                                 "DCU's address (or start the server with --dcu HOST:PORT)"))
             return
+        self._role = self.Role.strip().lower()
+        if self._role not in ROLES or (self._role == "merger") != bool(self.Nodes):
+            self._set_condition(DeviceCondition(DeviceState.FAULT, (
+                f"the Role property is {self.Role!r}: single, node or merger" if self._role not in ROLES else
+                "Role merger needs the Nodes property (the node devices' names)" if self._role == "merger" else
+                f"the Nodes property is set, but Role is {self._role!r}: set Role to merger")))
+            return
+        self._partial: tuple[str, bytes] = ("", b"")
+        if self._role == "node":
+            self._add_partial_results_attribute()
+        factory = functools.partial(MergedAcquisition, nodes=TangoNodes(list(self.Nodes))) \
+            if self._role == "merger" else LiveAcquisition
         address = DetectorAddress(host, port, api_version=self.ApiVersion or None, stream_host=self.StreamHost,
                                   stream_ports={1: self.StreamPort, 2: self.Stream2Port},
                                   poll_period=self.StatePollPeriod)
         try:
             self._detector = LiveDetector(address, self, settings=self._settings_from_properties(),
-                                          saving_base_directory=self.SavingBaseDirectory)
+                                          saving_base_directory=self.SavingBaseDirectory,
+                                          acquisition_factory=factory)
         except SettingRefused as exc:
             self._set_condition(DeviceCondition(DeviceState.FAULT, f"a device property is refused: {exc}"))
             return
@@ -320,6 +349,9 @@ class DectrisLive(Device):
                 self.push_change_event(name, value)
         if update.snapshot is not None and update.snapshot.buffers:
             self._publish_results(update.snapshot, update.final)
+        if update.partial is not None:
+            self._partial = update.partial.encode()
+            self.push_change_event(PARTIAL_RESULTS, *self._partial)
 
     def _remember(self, prop: str, value: list) -> None:
         if not tango.Util._UseDb:
@@ -458,7 +490,8 @@ class DectrisLive(Device):
             return action()
         except CommandRefused as exc:
             tango.Except.throw_exception("CommandNotAllowed", str(exc), f"DectrisLive.{name}")
-        except (SimplonError, SettingRefused, UnknownAnalysisError, AcquisitionBusyError, ValueError) as exc:
+        except (SimplonError, SettingRefused, UnknownAnalysisError, AcquisitionBusyError, NodeError, ValueError,
+                OSError) as exc:
             _throw(exc, f"DectrisLive.{name}")
 
     @command(doc_in="Initialize the detector (runs in the background, up to minutes on real "
@@ -503,6 +536,47 @@ class DectrisLive(Device):
                     "is processed and published")
     def Stop(self) -> None:
         self._call("Stop", lambda: self._detector.stop())
+
+    # -- node role: a share of the stream for a merging device ------------------------------------
+
+    def _node_call(self, name: str, action: Callable[[], Any]) -> Any:
+        if getattr(self, "_role", "") != "node":
+            tango.Except.throw_exception("CommandNotAllowed", f"{name} is for a device with Role node; this one "
+                                         f"is {getattr(self, '_role', 'not configured')}", f"DectrisLive.{name}")
+        return self._call(name, action)
+
+    @command(dtype_in=str, doc_in="Role node, sent by the merging device before it arms the DCU: the series "
+                                  "(JSON: stream geometry, image count, analyses by name, parameters). Builds "
+                                  "the receiver and workers and returns once connected to the stream")
+    def NodePrepare(self, announcement: str) -> None:
+        try:
+            parsed = SeriesAnnouncement.from_json(announcement)
+        except AnnouncementError as exc:
+            _throw(exc, "DectrisLive.NodePrepare")
+        self._node_call("NodePrepare", lambda: self._detector.acquisition.node_prepare(parsed))
+
+    @command(dtype_in=int, doc_in="Role node, after the DCU's arm: the series id; take its frames that reach "
+                                  "this node (without its header, which reaches one node only)")
+    def NodeArm(self, series: int) -> None:
+        self._node_call("NodeArm", lambda: self._detector.acquisition.node_arm(series))
+
+    @command(dtype_in=float, doc_in="Role node: the series is over elsewhere; end it once the stream has been "
+                                    "quiet for this many seconds, publish the final partial_results")
+    def NodeFinish(self, quiet: float) -> None:
+        self._node_call("NodeFinish", lambda: self._detector.acquisition.node_finish(quiet))
+
+    def _add_partial_results_attribute(self) -> None:
+        attr = tango.Attr(PARTIAL_RESULTS, tango.DevEncoded, AttrWriteType.READ)
+        props = tango.UserDefaultAttrProp()
+        props.set_description("Role node: the raw analysis buffers of the series' frames that reached this node "
+                              "and the map of them (format tango-dectris-live/partial-results/1), for the merging "
+                              "device; change events a few times per second and at the series' end")
+        attr.set_default_properties(props)
+        self.add_attribute(attr, r_meth=self._read_partial)
+        self.set_change_event(PARTIAL_RESULTS, True, False)
+
+    def _read_partial(self, attr: tango.Attribute) -> None:
+        attr.set_value(*self._partial)
 
     # -- read-only information for clients ---------------------------------------------------
 

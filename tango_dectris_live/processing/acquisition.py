@@ -35,10 +35,12 @@ from tango_dectris_live.simplon.client import DetectorClient
 from tango_dectris_live.simplon.errors import SimplonError
 
 from .analyses import AnalysisParameters, AnalysisRegistry
+from .announcement import SeriesAnnouncement
 from .limits import (MAX_SERIES_TIMEOUT, MachineLimits, check_beam_center, check_choice, check_config_reuse,
                      check_event_rate, check_images_per_trigger, check_nav_shape, check_radii, check_series_timeout,
                      check_tuning, check_whole_numbers, check_workers)
 from .live_dataset import ReceiverFrameSource
+from .partials import PartialResults
 from .pipeline_factory import StreamPipelineFactory
 from .runner import LiveRunner, SeriesRun
 from .series_saving import SeriesSaving
@@ -57,12 +59,17 @@ _CANCEL_GRACE = 2.0  # after a Stop, how long the DCU's own end of series may ta
 HEADER_TIMEOUT = 10.0
 FRAME_TIMEOUT_INTERNAL = 10.0  # + 10 frame times
 FRAME_TIMEOUT_EXTERNAL = 60.0  # + the series' duration at the frame time
+# node role: how long a prepared node waits for the merging device's NodeArm before it gives up
+NODE_ARM_TIMEOUT = 30.0
+# node role: partial results (whole-scan buffers) sent at most this often while a series runs
+PARTIAL_RATE = 4.0
 
 
 class AcquisitionMode(str, enum.Enum):
     IDLE = "idle"
     ACTIVE = "active"  # this device arms and triggers
     PASSIVE = "passive"  # someone else arms; every series is processed
+    NODE = "node"  # a share of a series, for a merging device (it arms; this one takes what reaches it)
 
 
 class AcquisitionBusyError(RuntimeError):
@@ -136,6 +143,8 @@ class AcquisitionProgress:
     # Start/Listen sessions over since the object was made, whatever their outcome: a client that
     # started one waits for this to grow (a failed Start publishes no final result to wait on)
     acquisitions_ended: int = 0
+    # merging role: per node, what it did for the series (or why it was left out), in words
+    nodes: tuple[str, ...] = ()
 
     @property
     def messages_rejected(self) -> int:
@@ -158,6 +167,7 @@ class AcquisitionUpdate:
     progress: AcquisitionProgress
     snapshot: ResultSnapshot | None
     final: bool
+    partial: PartialResults | None = None  # node role: the raw buffers for the merging device
 
 
 UpdateCallback = Callable[[AcquisitionUpdate], None]
@@ -268,6 +278,14 @@ class LiveAcquisition:
         self._messages_at_arm = 0
         self._frame_time = 0.0
         self._resolved_settings = settings
+        # node role: the announced series, its arm (NodeArm) and the merging device's NodeFinish
+        self._announced: SeriesAnnouncement | None = None
+        self._node_series: int | None = None
+        self._node_armed = threading.Event()
+        self._drain = threading.Event()
+        self._drain_quiet = 0.0
+        self._partial_sequence = 0
+        self._partial_sent_at = 0.0
         self._publisher = threading.Thread(target=self._publish_loop, name="live-results-publisher", daemon=True)
         self._publisher.start()
 
@@ -358,6 +376,104 @@ class LiveAcquisition:
     def listen(self, request: AcquisitionRequest) -> None:
         """Passive acquisitions: process every series armed by someone else until :meth:`stop`."""
         self._begin(AcquisitionMode.PASSIVE, request)
+
+    # ---- node role: a share of a series for a merging device -------------------------------------
+
+    def node_prepare(self, announcement: SeriesAnnouncement) -> None:
+        """Node role, before the merging device arms the DCU: build the receiver and workers for
+        the announced series and connect to the stream; returns once connected (the DCU deals
+        messages only to consumers connected when it sends them). :meth:`node_arm` follows."""
+        request = AcquisitionRequest(announcement.analyses, announcement.parameters, announcement.nav_shape)
+        request = self.check_request(request, self.settings, announcement.geometry)
+        with self._lock:
+            if self.busy:
+                raise AcquisitionBusyError(f"a {self._mode.value} acquisition is running; Stop or Abort it first")
+            self._stop.clear()
+            self._abort.clear()
+            self._drain.clear()
+            self._node_armed.clear()
+            self._node_series = None
+            self._last_error = None
+            self._announced = announcement
+            self._start_geometry = announcement.geometry
+            self._mode = AcquisitionMode.NODE
+            self._series_started_at = time.monotonic()
+            self._message = "node: preparing the receiver and the workers"
+        try:
+            self._prepare_pipeline(enable_stream=False)
+            self._trigger_mode = announcement.trigger_mode
+            self._frame_time = announcement.frame_time
+            self._receiver.timeout = self.header_timeout()
+            self._mark_errors()
+            self._receiver.connect(timeout=self.header_timeout())
+        except Exception as error:
+            self._last_error = f"{type(error).__name__}: {error}"
+            self._message = f"node: not prepared: {error}"
+            self._mode = AcquisitionMode.IDLE
+            self._sessions_ended += 1
+            self._request_publish()
+            raise
+        self._message = "node: connected, waiting for the merging device's arm"
+        with self._lock:
+            self._session = threading.Thread(target=self._session_main, args=(self._run_node, request),
+                                             name="acquisition-node", daemon=True)
+            self._session.start()
+
+    def node_arm(self, series: int) -> None:
+        """Node role: the DCU was armed for ``series``: take its frames that reach this node."""
+        announcement = self._announced
+        if self._mode != AcquisitionMode.NODE or announcement is None or self._node_armed.is_set():
+            raise AcquisitionBusyError("NodeArm needs a prepared node (NodePrepare first, one NodeArm per series)")
+        self._receiver.arm(int(series), announcement.header(series))
+        self._node_series = int(series)
+        self._node_armed.set()
+        self._wakeup.set()
+
+    def node_finish(self, quiet: float) -> None:
+        """Node role: the series is over elsewhere (its end reached another node, or every frame
+        is accounted for): end it once no stream message came for ``quiet`` seconds (what this
+        node still has queued is taken first), publish the final partial results."""
+        if not math.isfinite(quiet) or quiet < 0 or quiet > MAX_SERIES_TIMEOUT:
+            raise ValueError(f"NodeFinish: quiet time {quiet} s must be within 0..{MAX_SERIES_TIMEOUT:g} s")
+        if self._mode != AcquisitionMode.NODE:
+            return  # ended already (this node had the end message, or was stopped)
+        self._drain_quiet = float(quiet)
+        self._drain.set()
+        self._wakeup.set()
+
+    def _run_node(self, request: AcquisitionRequest) -> None:
+        announcement = self._announced
+        while not self._node_armed.wait(min(_SAFETY_WAKE, NODE_ARM_TIMEOUT)):
+            if self._stop.is_set() or self._abort.is_set() or self._drain.is_set():
+                self._message = "node: stopped before the merging device armed"
+                self._receiver.cancel()
+                return
+            if self._session_age() > NODE_ARM_TIMEOUT:
+                self._last_error = f"the merging device did not arm within {NODE_ARM_TIMEOUT:g} s of NodePrepare"
+                self._message = f"node: {self._last_error}"
+                self._receiver.cancel()
+                return
+        series = self._node_series
+        run = self._process(self._source, request, request.parameters, request.nav_shape, series)
+        self._receiver.timeout = self.frame_timeout(announcement.trigger_mode, announcement.frame_time,
+                                                    announcement.number_of_images)
+        self._message = f"series {series}: node receiving and processing its share"
+        self._follow(run)
+
+    def _session_age(self) -> float:
+        return time.monotonic() - self._series_started_at
+
+    def node_partial(self, run: SeriesRun | None, final: ResultSnapshot | None = None) -> PartialResults | None:
+        """The partial results of ``run`` to send the merging device (node role)."""
+        if run is None:
+            return None
+        summary = self._source.last_summary if self._source is not None else None
+        end_seen = final is not None and summary is not None and summary.series == final.series and \
+            summary.end_reason in ("end_message", "complete")
+        received = self._final_received if final is not None else \
+            max(0, self._receiver.stats().frames_received - self._received_at_start)
+        self._partial_sequence += 1
+        return run.partial(end_seen=end_seen, frames_received=received, sequence=self._partial_sequence)
 
     def stop(self) -> None:
         """Graceful: the DCU cancels (active mode), what arrived is processed and published."""
@@ -642,6 +758,7 @@ class LiveAcquisition:
         receiver_cancelled = False
         series_seen = False
         errors_before = self._source.errors_seen
+        drain_count, quiet_since = -1, time.monotonic()
         while True:
             self._wakeup.clear()  # before looking: what happens from here on wakes the wait below
             if run.ended:
@@ -673,12 +790,24 @@ class LiveAcquisition:
                 run.abort()
                 self._receiver.cancel()
                 receiver_cancelled = True
+            elif self._drain.is_set() and not receiver_cancelled and not self._stop.is_set():
+                # node role, NodeFinish: end once the stream has been quiet for the time asked
+                # quiet: no message came and a free slot was there to take one (a receiver
+                # waiting for a slot leaves its messages queued: not drained)
+                stats = self._receiver.stats()
+                now = time.monotonic()
+                if stats.messages_received != drain_count or stats.slots_in_use >= stats.slots_total:
+                    drain_count, quiet_since = stats.messages_received, now
+                if now - quiet_since >= self._drain_quiet:
+                    self._receiver.cancel()
+                    receiver_cancelled = True
             elif self._stop.is_set() and not receiver_cancelled:
                 now = time.monotonic()
                 stop_seen_at = now if stop_seen_at is None else stop_seen_at
                 if run.series is None:
                     run.stop()  # no series has started: nothing to finish
-                elif self._mode == AcquisitionMode.PASSIVE or now - stop_seen_at > _CANCEL_GRACE:
+                elif self._mode in (AcquisitionMode.PASSIVE, AcquisitionMode.NODE) or \
+                        now - stop_seen_at > _CANCEL_GRACE:
                     # passive: nobody cancels the detector; active: the DCU's end of series did
                     # not come in time. End the series here with what arrived.
                     self._receiver.cancel()
@@ -686,6 +815,9 @@ class LiveAcquisition:
             # until something happens; after a Stop, at the latest when the grace is over
             grace_left = None if stop_seen_at is None or receiver_cancelled else \
                 max(0.0, _CANCEL_GRACE - (time.monotonic() - stop_seen_at))
+            if self._drain.is_set() and not receiver_cancelled:
+                grace_left = min(grace_left if grace_left is not None else _SAFETY_WAKE,
+                                 max(0.01, self._drain_quiet - (time.monotonic() - quiet_since)))
             self._wakeup.wait(_SAFETY_WAKE if grace_left is None else min(grace_left, _SAFETY_WAKE))
         final = run.wait()
         if final.series is None:
@@ -704,7 +836,7 @@ class LiveAcquisition:
                                 f"(series_timeout), ended with {self._final_received} of "
                                 f"{final.frames_expected} frames received; {self._rejected_text()}")
             self._message = f"no data: {self._last_error}"
-        self._request_publish(final)
+        self._request_publish(final, self.node_partial(run, final) if self._mode == AcquisitionMode.NODE else None)
         if self._mode == AcquisitionMode.PASSIVE:
             self._mark_errors()  # the next series' rejected messages count from here
 
@@ -751,8 +883,9 @@ class LiveAcquisition:
         """Stream version, frame shape and pixel type, as the DCU is configured now."""
         return self.control.stream_geometry()
 
-    def _prepare_pipeline(self) -> ReceiverFrameSource:
-        self.control.enable_stream()
+    def _prepare_pipeline(self, enable_stream: bool = True) -> ReceiverFrameSource:
+        if enable_stream:  # a node leaves the DCU to the merging device
+            self.control.enable_stream()
         geometry = self._start_geometry or self.control.stream_geometry()
         settings = self.settings.resolved(geometry.frame_shape, geometry.dtype)
         self._resolved_settings = settings
@@ -787,10 +920,11 @@ class LiveAcquisition:
 
     # ---- publishing: one thread, the publisher ---------------------------------------------------
 
-    def _request_publish(self, final: ResultSnapshot | None = None) -> None:
+    def _request_publish(self, final: ResultSnapshot | None = None, partial: PartialResults | None = None) -> None:
         """From the session thread: have the publisher publish ``final`` (None: the progress,
-        forced), and wait until it did, so that :meth:`wait` returns after the last update."""
-        request = _PublishRequest(final)
+        forced) and, node role, its ``partial``, and wait until it did, so that :meth:`wait`
+        returns after the last update."""
+        request = _PublishRequest(final, partial)
         self._publish_requests.put(request)
         while not request.done.wait(0.5):
             if not self._publisher.is_alive():
@@ -808,7 +942,7 @@ class LiveAcquisition:
                 if request is None:
                     self._publish_intermediate()
                 elif request.final is not None:
-                    self._publish(AcquisitionUpdate(self.progress(), request.final, final=True))
+                    self._publish(AcquisitionUpdate(self.progress(), request.final, final=True, partial=request.partial))
                     self._published_processed = request.final.frames_processed
                 else:
                     self._publish_progress(force=True)
@@ -832,7 +966,12 @@ class LiveAcquisition:
             return  # the final result comes as the session's request
         self.saving.write_results(snapshot.buffers, snapshot.done)
         self._published_processed = snapshot.frames_processed
-        self._publish(AcquisitionUpdate(self.progress(), snapshot, final=False))
+        partial = None
+        now = time.monotonic()
+        if self._mode == AcquisitionMode.NODE and now - self._partial_sent_at >= 1.0 / PARTIAL_RATE:
+            partial = self.node_partial(run)
+            self._partial_sent_at = now
+        self._publish(AcquisitionUpdate(self.progress(), snapshot, final=False, partial=partial))
 
     def _publish_progress(self, force: bool) -> None:
         progress = self.progress()
@@ -850,4 +989,5 @@ class _PublishRequest:
     """A final result (or, None, a forced progress update) for the publisher thread."""
 
     final: ResultSnapshot | None
+    partial: PartialResults | None = None
     done: threading.Event = field(default_factory=threading.Event)

@@ -13,6 +13,13 @@ Layout (docs/saving.md has an ``h5ls -r`` listing)::
     /entry/results/<analysis>/<b>   one result buffer; <b>_plot: an NXdata showing it
     /entry/results/frames_done      scan-shaped map of the frames processed (1) or not (0)
 
+Frames written by several processes (``spec.parts``, a :class:`PartLayout`): each writes a part
+file of its own beside the series file (``<name>_part<k>.h5``: ``/entry/data/data`` holds its
+blocks of frames back to back), and the series file's ``/entry/data/data`` is a virtual dataset
+(HDF5 VDS) that maps every frame to its place in its part, so readers still see one dataset.
+Frame ``f`` is in block ``f // block``, and block ``b`` in part ``b % parts``: a static map, fixed
+when the files are created, as a virtual dataset's must be.
+
 Crash safety: every object is created first, then the file goes to SWMR mode, where HDF5 keeps
 the file consistent on disk at every :meth:`~NexusSeriesWriter.flush`. A writer killed mid-series
 leaves a file with the frames written before its last flush (its ``saving_status`` still says
@@ -50,6 +57,7 @@ from tango_dectris_live.stream import Algorithm
 
 from .chunks import _FRAMING, ChunkFormat, ChunkRefused
 from .errors import SeriesFileError
+from .parts import PartLayout, part_frames_on_disk, virtual_frames
 
 # Lowest and highest HDF5 file format: 1.10 is the first with SWMR; a file made with the newest
 # format (HDF5 2.0) cannot be read by HDF5 1.10 to 1.14 (their h5ls shows its filtered datasets as
@@ -92,6 +100,8 @@ class SeriesFileSpec:
     buffer -> (shape, dtype) of every result to be written (buffer names unique across analyses).
     ``channels``: the channel names of multi-channel frames (stream v2 thresholds); the first is
     ``/entry/data/data``, the others ``/entry/data/data_<name>``; empty: one channel.
+    ``parts``: the frames go to part files (see :class:`PartLayout`; needs ``n_frames``); None:
+    they are in the series file itself.
     """
 
     series_id: int
@@ -105,6 +115,7 @@ class SeriesFileSpec:
     result_layout: ResultLayout = field(default_factory=dict)
     analysis_parameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     channels: tuple[str, ...] = ()
+    parts: PartLayout | None = None
 
     @property
     def complete(self) -> bool:
@@ -117,6 +128,28 @@ class SeriesFileSpec:
         dtype = self.dtype or (str(dtype_of_tag(int(first["dtype_tag"][0]))) if first.size else handle.dtype)
         return replace(self, frame_shape=self.frame_shape or tuple(handle.shape), dtype=dtype,
                        encoding=self.encoding or handle.encoding)
+
+
+@dataclass(frozen=True)
+class PartSaved:
+    """What a closed part file holds (sent to the process that closes the series file).
+
+    ``written``: ``np.packbits`` of the series' frames written to this part (a bool per frame of
+    the series); ``stopped_reason``: why the part stopped taking frames (disk full), if it did."""
+
+    path: str
+    part: int
+    written: np.ndarray
+    n_frames: int
+    frames_saved: int
+    frames_refused: int
+    bytes_written: int
+    stopped_reason: str | None = None
+    notes: tuple[str, ...] = ()
+
+    def written_frames(self) -> np.ndarray:
+        """The bool per frame of the series: whether this part holds it."""
+        return np.unpackbits(self.written, count=self.n_frames).astype(bool)
 
 
 @dataclass(frozen=True)
@@ -154,13 +187,24 @@ class NexusSeriesWriter:
     frames (:meth:`write_frame`, :meth:`write_stack`) and results (:meth:`write_results`) in any
     order, any number of times; :meth:`flush` makes what was written safe from a crash of the
     writer; :meth:`close` writes ``missing_frames`` and ``end_time``. Not thread-safe.
+
+    With ``spec.parts`` (frames written by several processes): ``part=None`` writes the series
+    file, whose frames dataset is a virtual one over the part files (it takes no frames; its
+    :meth:`close` gets the parts' :class:`PartSaved`); ``part=k`` writes part file ``k``: its
+    frames only (:meth:`write_stack` skips the frames of other parts), :meth:`close_part`.
     """
 
     def __init__(self, path: str | os.PathLike, spec: SeriesFileSpec, *, flush_interval: float = 1.0,
-                 check_space: bool = True) -> None:
+                 check_space: bool = True, part: int | None = None) -> None:
         if not spec.complete:
             raise SeriesFileError(f"series {spec.series_id}: frame shape, pixel type and encoding must be "
                                   "known to create its file")
+        if spec.parts is not None and not spec.n_frames:
+            raise SeriesFileError(f"series {spec.series_id}: part files need the number of frames")
+        if part is not None and (spec.parts is None or not 0 <= part < spec.parts.count):
+            raise SeriesFileError(f"part {part} of series {spec.series_id}: the spec's part layout has "
+                                  f"{spec.parts.count if spec.parts else 0} parts")
+        self.part = part
         self.path = Path(path)
         self.spec = spec
         self.flush_interval = float(flush_interval)
@@ -175,7 +219,11 @@ class NexusSeriesWriter:
         self.stopped_reason: str | None = None
         self.abandoned = False
         self._refusals: dict[str, list] = {}  # kind -> [count, first message]
-        self._written = np.zeros(spec.n_frames or 0, dtype=bool)
+        # frames of the series (the highest frame number + 1 when the series' length is unknown)
+        self._length = spec.n_frames or 0
+        # per position of this file's frames dataset: whether it was written
+        self._written = np.zeros(spec.parts.frames_in(part, self._length) if part is not None else self._length,
+                                 dtype=bool)
         self._started = time.monotonic()
         self._last_flush = self._started
         self._closed: SeriesSaved | None = None
@@ -191,7 +239,7 @@ class NexusSeriesWriter:
             raise SeriesFileError(f"cannot create the series file {self.path}: {error}") from None
         self._space = _SpaceCheck(self.path) if check_space else None
         try:
-            self._build()
+            self._build() if part is None else self._build_part()
             self._file.swmr_mode = True
             self._file.flush()
         except BaseException:
@@ -226,24 +274,23 @@ class NexusSeriesWriter:
 
         data = _group(entry, "data", "NXdata", signal="data")
         n = spec.n_frames or 0
-        maxshape = (spec.n_frames if spec.n_frames else None, *self.frame_shape)
-        filter_kwargs = self.format.dataset_filter()
-        channel_names = spec.channels[1:] if len(spec.channels) > 1 else ()
-        self._length = n
-        self._frames = [data.create_dataset("data", shape=(n, *self.frame_shape), maxshape=maxshape,
-                                            dtype=self.dtype, chunks=(1, *self.frame_shape), **filter_kwargs)]
-        for name in channel_names:
-            self._frames.append(data.create_dataset(f"data_{_link_name(name, 'channel')}", shape=(n, *self.frame_shape),
-                                                    maxshape=maxshape, dtype=self.dtype,
-                                                    chunks=(1, *self.frame_shape), **filter_kwargs))
-        if channel_names:
-            data.attrs["auxiliary_signals"] = [d.name.rsplit("/", 1)[1] for d in self._frames[1:]]
-        for dataset, channel in zip(self._frames, spec.channels or ("",)):
-            dataset.attrs.update({"interpretation": "image", "stream_encoding": self.format.algorithm.value,
-                                  "hdf5_filter": self.format.filter_name})
-            if channel:
-                dataset.attrs["channel"] = channel
-        detector["data"] = self._frames[0]
+        if spec.parts is None:
+            self._frames = self._frame_datasets(data, n)
+            shown = self._frames
+        else:  # the frames are in the part files: one virtual dataset per channel maps them
+            self._frames = []
+            shown = [_virtual_frames(data, name, n, self.frame_shape, self.dtype, spec.parts)
+                     for name in self._frame_dataset_names()]
+            for dataset, channel in zip(shown, spec.channels or ("",)):
+                dataset.attrs.update({"interpretation": "image", "stream_encoding": self.format.algorithm.value,
+                                      "hdf5_filter": f"{self.format.filter_name}, in the part files",
+                                      "part_files": list(spec.parts.files), "frames_per_block": spec.parts.block})
+                if channel:
+                    dataset.attrs["channel"] = channel
+            data.attrs["part_files"] = list(spec.parts.files)
+        if len(shown) > 1:
+            data.attrs["auxiliary_signals"] = [d.name.rsplit("/", 1)[1] for d in shown[1:]]
+        detector["data"] = shown[0]
         self._missing = data.create_dataset("missing_frames", shape=(0,), maxshape=(None,), dtype=np.int64,
                                             chunks=(512,))
         self._missing.attrs["description"] = "frame numbers whose data is not in the file (read as 0)"
@@ -251,6 +298,41 @@ class NexusSeriesWriter:
         self._frames_done: h5py.Dataset | None = None
         if spec.result_layout:
             self._build_results(entry, scan_shape)
+
+    def _frame_dataset_names(self) -> list[str]:
+        channels = self.spec.channels[1:] if len(self.spec.channels) > 1 else ()
+        return ["data"] + [f"data_{_link_name(name, 'channel')}" for name in channels]
+
+    def _frame_datasets(self, group: h5py.Group, n: int) -> list[h5py.Dataset]:
+        """One chunked dataset per channel, a chunk per frame, with the stream's filter."""
+        maxshape = (n if self.spec.n_frames else None, *self.frame_shape)
+        datasets = [group.create_dataset(name, shape=(n, *self.frame_shape), maxshape=maxshape, dtype=self.dtype,
+                                         chunks=(1, *self.frame_shape), **self.format.dataset_filter())
+                    for name in self._frame_dataset_names()]
+        for dataset, channel in zip(datasets, self.spec.channels or ("",)):
+            dataset.attrs.update({"interpretation": "image", "stream_encoding": self.format.algorithm.value,
+                                  "hdf5_filter": self.format.filter_name})
+            if channel:
+                dataset.attrs["channel"] = channel
+        return datasets
+
+    def _build_part(self) -> None:
+        """A part file: its frames only; the series file says what they are."""
+        spec, parts, f = self.spec, self.spec.parts, self._file
+        series_file = _series_file_of(self.path.name, parts, self.part)
+        f.attrs.update({"NX_class": "NXroot", "default": "entry", "creator": PROGRAM, "file_name": self.path.name,
+                        "file_time": _now(), "HDF5_Version": h5py.version.hdf5_version,
+                        "h5py_version": h5py.version.version})
+        entry = _group(f, "entry", "NXentry", default="data")
+        entry.attrs.update({"series_file": series_file, "part": self.part, "parts": parts.count,
+                            "frames_per_block": parts.block, "series_id": spec.series_id,
+                            "description": f"part {self.part} of {parts.count} of the frames of {series_file}: "
+                                           f"blocks of {parts.block} frames, block b in part b % {parts.count}; "
+                                           "read them through the series file's /entry/data/data"})
+        data = _group(entry, "data", "NXdata", signal="data")
+        self._frames = self._frame_datasets(data, int(self._written.size))
+        self._missing = self._end_time = self._status = None
+        self._results, self._frames_done = {}, None
 
     def _build_results(self, entry: h5py.Group, scan_shape: tuple[int, ...] | None) -> None:
         results = _group(entry, "results", "NXcollection")
@@ -284,11 +366,30 @@ class NexusSeriesWriter:
         """No more frames are written (the disk was full, or a write failed)."""
         return self.stopped_reason is not None
 
+    @property
+    def takes_frames(self) -> bool:
+        """False for a series file whose frames are in part files."""
+        return self.spec.parts is None or self.part is not None
+
+    def _check_takes_frames(self) -> None:
+        if not self.takes_frames:
+            raise SeriesFileError(f"{self.path.name}: the frames of series {self.spec.series_id} go to its part files "
+                                  f"({', '.join(self.spec.parts.files)}), written with part=k")
+
+    def _positions(self, numbers: np.ndarray) -> np.ndarray:
+        """Where frames (numbers within the series) go in this file's frames datasets."""
+        return numbers if self.part is None else self.spec.parts.position(numbers)
+
     def write_frame(self, frame_number: int, blob: Any, *, encoding: str | Algorithm | None = None,
                     channel: int = 0) -> bool:
         """Write one frame's compressed bytes as received; returns whether it was written
         (refusals are counted in :attr:`frames_refused` and listed in the closing notes)."""
+        self._check_takes_frames()
         if self.stopped:
+            return False
+        if self.part is not None and int(self.spec.parts.owner(np.int64(frame_number))) != self.part:
+            self._refuse("part", f"frame {frame_number} belongs to part "
+                                 f"{int(self.spec.parts.owner(np.int64(frame_number)))}, not to this part {self.part}")
             return False
         if encoding is not None and ChunkFormat.of(encoding) != self.format:
             self._refuse("encoding", f"frame {frame_number} is {ChunkFormat.of(encoding).algorithm.value}, "
@@ -305,15 +406,21 @@ class NexusSeriesWriter:
 
     def write_stack(self, handle: FrameStackHandle) -> int:
         """Write every frame of a frame stack (read in place from the shared memory); returns
-        how many were written."""
+        how many were written. A part file takes the stack's frames of its part only."""
+        self._check_takes_frames()
         if self.stopped or handle.frames == 0:
             return 0
         records = handle.index()
         numbers = records["frame"].astype(np.int64)
-        good = np.ones(numbers.size, dtype=bool)
+        if self.part is None:
+            good = np.ones(numbers.size, dtype=bool)
+        else:
+            good = self.spec.parts.owner(numbers) == self.part
+            if not good.any():
+                return 0
         codes = records["encoding"]
-        if (codes != self.format.algorithm.code).any():
-            bad = codes != self.format.algorithm.code
+        bad = good & (codes != self.format.algorithm.code)
+        if bad.any():
             self._refuse("encoding", f"{int(bad.sum())} frame(s) of stack {handle.first_frame}.. are not "
                                      f"{self.format.algorithm.value}, as the file's frames are", int(bad.sum()))
             good &= ~bad
@@ -391,18 +498,17 @@ class NexusSeriesWriter:
                 self._refuse("size", f"frame {number}: {self.format.algorithm.value} header declares {size} bytes, "
                                      f"the frame needs {self.frame_nbytes}")
         keep &= ~wrong
-        numbers, starts, sizes = numbers[keep], starts[keep], sizes[keep]
+        positions, starts, sizes = self._positions(numbers[keep]), starts[keep], sizes[keep]
         write = self._frames[0].id.write_direct_chunk
         done = 0
         try:
-            for number, begin, size in zip(numbers.tolist(), starts.tolist(), sizes.tolist()):
-                write((number, 0, 0), buffer[begin:begin + size])
+            for position, begin, size in zip(positions.tolist(), starts.tolist(), sizes.tolist()):
+                write((position, 0, 0), buffer[begin:begin + size])
                 done += 1
         except _HDF5_ERRORS as error:
             self._give_up(error)
-        numbers = numbers[:done]
         self.bytes_written += int(sizes[:done].sum())
-        fresh = np.unique(numbers)
+        fresh = np.unique(positions[:done])
         fresh = fresh[~self._written[fresh]]
         self.frames_saved += int(fresh.size)
         self._written[fresh] = True
@@ -419,17 +525,18 @@ class NexusSeriesWriter:
         except ChunkRefused as error:
             self._refuse("size", str(error))
             return None
+        position = int(self._positions(np.int64(frame_number)))
         try:
-            self._frames[channel].id.write_direct_chunk((frame_number, 0, 0), chunk)
+            self._frames[channel].id.write_direct_chunk((position, 0, 0), chunk)
         except _HDF5_ERRORS as error:
             self._give_up(error)
             return None
         size = chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
         self.bytes_written += size
         if channel == 0:
-            if not self._written[frame_number]:
+            if not self._written[position]:
                 self.frames_saved += 1
-            self._written[frame_number] = True
+            self._written[position] = True
         return size
 
     def _grow_to(self, numbers: np.ndarray) -> bool:

@@ -1,0 +1,121 @@
+"""Several receiver nodes on one detector stream, one merged result (issue 22).
+
+As a facility deploys it: the embedded Tango database, the simulator as the DCU, three node
+devices each in a server process of its own (``Role node``), merging devices (``Role merger``,
+``Nodes`` = 1, 2 or 3 of them) and a single device (``Role single``) in servers of their own. The
+merged results of a series must be those of the single device on the same series, bit for bit,
+and the simulator's ground truth."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import requests
+import tango
+
+from sim.server import SimulatorServer
+from tango_dectris_live.device.embedded_db import EmbeddedTangoDatabase
+from tango_dectris_live.testing import acquire, wait_for
+
+from .live_reference import VirtualDetectors, reference_results, simulator_ground_truth
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NAV = (24, 24)
+ANALYSES = ["sum", "sumsig", "bf", "adf", "com"]
+DETECTORS = VirtualDetectors(beam_center_xy=(47.0, 45.5), bf_radius=10.0, adf_inner_radius=14.0,
+                             adf_outer_radius=40.0)
+NODES = [f"test/dlnode/{i}" for i in (1, 2, 3)]
+MERGERS = {count: f"test/dlmerge/{count}" for count in (1, 2, 3)}
+SINGLE = "test/dlsingle/1"
+RESULTS = ("sum_image", "sumsig_image", "bf_image", "adf_image", "com_x_image", "com_y_image")
+
+
+class Facility:
+    def __init__(self, sim, db):
+        self.sim = sim
+        self.db = db
+        self.rest = f"{sim.rest_url}/detector/api/1.8.0"
+
+    def proxy(self, name: str) -> tango.DeviceProxy:
+        proxy = tango.DeviceProxy(f"tango://{self.db.tango_host}/{name}")
+        proxy.set_timeout_millis(30_000)
+        return proxy
+
+    def set_stream(self, version: int) -> None:
+        requests.put(f"{self.sim.rest_url}/stream/api/1.8.0/config/format",
+                     json={"value": "legacy" if version == 1 else "cbor"}, timeout=10).raise_for_status()
+
+
+def _common(sim) -> dict[str, object]:
+    return {"DcuHost": "127.0.0.1", "DcuPort": sim.port, "StreamPort": sim.stream_port,
+            "Stream2Port": sim.stream2_port, "StatePollPeriod": 0.2}
+
+
+@pytest.fixture(scope="module")
+def facility():
+    with SimulatorServer(host="127.0.0.1", model="ARINA") as sim, EmbeddedTangoDatabase() as db:
+        saved_host = os.environ.get("TANGO_HOST")
+        os.environ["TANGO_HOST"] = db.tango_host
+        try:
+            rest = f"{sim.rest_url}/detector/api/1.8.0"
+            requests.put(f"{rest}/command/initialize", timeout=60).raise_for_status()
+            for key, value in (("trigger_mode", "ints"), ("binning_mode", "2x2"), ("pixel_format", "uint16")):
+                requests.put(f"{rest}/config/{key}", json={"value": value}, timeout=10).raise_for_status()
+            requests.put(f"{sim.rest_url}/sim/api/config", json={"pacing": "max", "nav_shape": list(NAV)},
+                         timeout=10).raise_for_status()
+            for i, node in enumerate(NODES, start=1):
+                db.register_device(f"node{i}", node, {**_common(sim), "Role": "node", "Workers": 1})
+            for count, merger in MERGERS.items():
+                db.register_device("mergers", merger, {**_common(sim), "Role": "merger"})
+                db.database().put_device_property(merger, {"Nodes": NODES[:count]})
+            db.register_device("single", SINGLE, {**_common(sim), "Workers": 1})
+            for i, node in enumerate(NODES, start=1):
+                db.start_server(f"node{i}", node)
+            db.start_server("single", SINGLE)
+            db.start_server("mergers", MERGERS[1])
+            line = Facility(sim, db)
+            for name in (*MERGERS.values(), SINGLE):
+                device = line.proxy(name)
+                wait_for(lambda: device.state() == tango.DevState.ON, 60, lambda: f"{name} ON ({device.status()})")
+                device.analyses = ANALYSES
+                device.nav_shape = list(NAV)
+                device.beam_center = list(DETECTORS.beam_center_xy)
+                device.adf_outer_radius = DETECTORS.adf_outer_radius
+                device.adf_inner_radius = DETECTORS.adf_inner_radius
+                device.bf_radius = DETECTORS.bf_radius
+            yield line
+        finally:
+            if saved_host is None:
+                os.environ.pop("TANGO_HOST", None)
+            else:
+                os.environ["TANGO_HOST"] = saved_host
+
+
+def _results(device: tango.DeviceProxy) -> dict[str, np.ndarray]:
+    return {name: np.asarray(device.read_attribute(name).value) for name in RESULTS}
+
+
+@pytest.mark.parametrize("version", [2, 1], ids=["v2", "v1"])
+def test_one_two_three_nodes_give_the_single_device_result(facility, version):
+    facility.set_stream(version)
+    single = facility.proxy(SINGLE)
+    acquire(single, result="sum_image")
+    expected = _results(single)
+    truth = reference_results(simulator_ground_truth(facility.sim, NAV), DETECTORS)
+    np.testing.assert_array_equal(expected["sum_image"], truth["sum_image"])
+    for count, name in MERGERS.items():
+        merger = facility.proxy(name)
+        acquire(merger, result="sum_image")
+        assert merger.frames_missing == 0, merger.status()
+        assert merger.frames_processed == NAV[0] * NAV[1], merger.status()
+        assert merger.read_attribute("sum_image").quality == tango.AttrQuality.ATTR_VALID
+        got = _results(merger)
+        for result in RESULTS:
+            np.testing.assert_array_equal(got[result], expected[result], err_msg=f"{count} node(s): {result}")
+        lines = merger.nodes_status
+        assert len(lines) == count and all("FAILED" not in line for line in lines), lines
+        # every node took part: the DCU dealt the frames to each of them
+        shares = [int(line.split(": ")[1].split(" frames received")[0]) for line in lines]
+        assert sum(shares) == NAV[0] * NAV[1] and min(shares) > 0, lines
