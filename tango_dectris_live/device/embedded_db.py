@@ -63,6 +63,7 @@ class EmbeddedTangoDatabase:
         self._proc: subprocess.Popen | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="tango-db-"))
         self._servers: list[subprocess.Popen] = []
+        self.servers: dict[str, subprocess.Popen] = {}  # instance -> its server process (the latest)
 
     @property
     def tango_host(self) -> str:
@@ -116,6 +117,7 @@ class EmbeddedTangoDatabase:
             proc = subprocess.Popen([executable, instance, "-ORBendPoint", f"giop:tcp:{self.host}:0",
                                      *extra_args], stdout=log, stderr=subprocess.STDOUT, env=env)
         self._servers.append(proc)
+        self.servers[instance] = proc
         deadline = time.monotonic() + timeout
         while True:
             try:

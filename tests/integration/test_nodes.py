@@ -119,3 +119,59 @@ def test_one_two_three_nodes_give_the_single_device_result(facility, version):
         # every node took part: the DCU dealt the frames to each of them
         shares = [int(line.split(": ")[1].split(" frames received")[0]) for line in lines]
         assert sum(shares) == NAV[0] * NAV[1] and min(shares) > 0, lines
+
+
+def test_a_node_killed_mid_series_costs_exactly_its_lost_frames_and_the_next_series_runs(facility):
+    """SIGKILL one of three nodes while the series streams: its frames not merged yet are NaN
+    (quality WARNING, Status and nodes_status name the node), every other position is the ground
+    truth; the next series runs on the two nodes left, complete."""
+    facility.set_stream(2)
+    merger = facility.proxy(MERGERS[3])
+    truth = simulator_ground_truth(facility.sim, NAV)
+    frames = NAV[0] * NAV[1]
+    victim = facility.db.servers["node2"]
+    requests.put(f"{facility.rest}/config/frame_time", json={"value": 0.01}, timeout=10).raise_for_status()
+    requests.put(f"{facility.rest}/config/count_time", json={"value": 0.01}, timeout=10).raise_for_status()
+    requests.put(f"{facility.sim.rest_url}/sim/api/config", json={"pacing": "frame_time"},
+                 timeout=10).raise_for_status()
+    try:
+        wait_for(lambda: merger.state() == tango.DevState.ON, 30, lambda: f"ON ({merger.status()})")
+        ended = merger.acquisitions_ended
+        node = facility.proxy(NODES[1])
+        before = node.series_id
+        merger.Start()
+        # the victim has received a part of its share of this series, then the kill
+        wait_for(lambda: node.series_id != before and node.frames_received >= 20, 60,
+                 lambda: f"node 2 receiving ({node.status()})")
+        victim.kill()
+        victim.wait(10)
+        wait_for(lambda: merger.acquisitions_ended > ended, 90, lambda: f"the series' end ({merger.status()})")
+        wait_for(lambda: merger.state() == tango.DevState.ON, 30, lambda: f"ON ({merger.status()})")
+        assert merger.frames_processed < frames, "the killed node lost nothing: killed too late?"
+        assert merger.read_attribute("sumsig_image").quality == tango.AttrQuality.ATTR_WARNING
+        got = _results(merger)
+        lost = np.isnan(got["sumsig_image"]).ravel()
+        assert merger.frames_missing == int(lost.sum()) > 0
+        present = np.flatnonzero(~lost)
+        expected = reference_results(truth, DETECTORS, missing=np.flatnonzero(lost).tolist())
+        for name in ("sumsig_image", "bf_image", "adf_image"):
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+            assert np.array_equal(np.isnan(got[name]).ravel(), lost), name
+        for name in ("com_x_image", "com_y_image"):
+            np.testing.assert_allclose(got[name].ravel()[present], expected[name].ravel()[present], rtol=1e-4,
+                                       atol=1e-4, err_msg=name)
+        np.testing.assert_array_equal(got["sum_image"], truth.sum_frames(present).astype(np.float64))
+        failed = [line for line in merger.nodes_status if "FAILED" in line]
+        assert len(failed) == 1 and failed[0].startswith(NODES[1]), merger.nodes_status
+        assert NODES[1] in merger.status()
+        # the next series: the two nodes left take every frame
+        acquire(merger, result="sum_image")
+        assert (merger.frames_processed, merger.frames_missing) == (frames, 0), merger.status()
+        lines = merger.nodes_status
+        assert any(line.startswith(NODES[1]) and "left out" in line for line in lines), lines
+        np.testing.assert_array_equal(_results(merger)["sumsig_image"],
+                                      reference_results(truth, DETECTORS)["sumsig_image"])
+    finally:
+        requests.put(f"{facility.sim.rest_url}/sim/api/config", json={"pacing": "max"}, timeout=10)
+        if victim.poll() is not None:
+            facility.db.start_server("node2", NODES[1])
