@@ -11,6 +11,13 @@ the header, the frames and the end message together). Once the budget is spent e
 message is offered without waiting and dropped when refused; dropped images are counted per
 series (:meth:`DetectorStreamSink.dropped_frames`, the state machine's ``stream/status/dropped``).
 So arm, trigger and disarm with nobody connected take the exposure time plus at most the budget.
+
+Several consumers on one stream: the PUSH socket deals each message to one connected PULL client,
+round-robin, and skips a client whose queue is full, as a DCU does. How much it queues per client
+is bounded by ``send_hwm`` (ZMQ_SNDHWM, messages) and ``send_buffer_bytes`` (ZMQ_SNDBUF, the
+kernel's send buffer): a DCU's limited buffers, so a slow client is skipped after a few frames.
+ZeroMQ reads both when a socket is bound, so changing them binds the stream sockets again (same
+ports) at once; the compiled sender sends on the same sockets and so honours them too.
 """
 from __future__ import annotations
 
@@ -46,8 +53,12 @@ V1_FRAMINGS = ("multipart", "split_header", "split_all")
 DEFAULT_SIM_CONFIG: dict[str, Any] = {
     "pacing": "frame_time", "nav_shape": None, "seed": 0, "dose": 20.0, "pool_size": 64,
     "faults": [], "replay_file": None, "fast_path": True, "send_timeout_ms": 2000,
-    "v1_framing": "multipart",
+    "v1_framing": "multipart", "send_hwm": None, "send_buffer_bytes": None,
 }
+#: The settings read when a stream socket is bound (changing one binds the sockets again).
+SOCKET_SETTINGS = ("send_hwm", "send_buffer_bytes")
+SEND_HWM_MAX = 1_000_000
+SEND_BUFFER_RANGE = (1024, 1 << 30)
 # Paced sends go in batches, and waits for a consumer in slices, of this length so that ``stop``
 # is honoured within it.
 FAST_BATCH_SECONDS = 0.05
@@ -102,6 +113,19 @@ def _validated_sim_config(current: dict[str, Any], changes: dict[str, Any]) -> d
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 600_000:
                 raise ValueError(f"send_timeout_ms (how long a series may wait in all for a consumer) "
                                  f"must be an integer in 0..600000, got {value!r}")
+        elif key == "send_hwm":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 1 <= value <= SEND_HWM_MAX):
+                raise ValueError(f"send_hwm (messages the stream queues per consumer, ZMQ_SNDHWM) must be "
+                                 f"an integer in 1..{SEND_HWM_MAX} or null (ZeroMQ's default, 1000), "
+                                 f"got {value!r}")
+        elif key == "send_buffer_bytes":
+            low, high = SEND_BUFFER_RANGE
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not low <= value <= high):
+                raise ValueError(f"send_buffer_bytes (the kernel's send buffer of each stream "
+                                 f"connection, ZMQ_SNDBUF) must be an integer in {low}..{high} or null "
+                                 f"(the kernel's autotuning), got {value!r}")
         new[key] = value
     return new
 
@@ -180,6 +204,11 @@ class DetectorStreamSink:
     def _bind_one(self, stream_format: str, port: int) -> None:
         sock = self._context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
+        # ZeroMQ copies these into the listener at bind: they apply to every consumer of this bind
+        if self._sim_config["send_hwm"] is not None:
+            sock.setsockopt(zmq.SNDHWM, self._sim_config["send_hwm"])
+        if self._sim_config["send_buffer_bytes"] is not None:
+            sock.setsockopt(zmq.SNDBUF, self._sim_config["send_buffer_bytes"])
         sock.bind(f"tcp://{self.host}:{port if port else '*'}")
         self._sockets[stream_format] = sock
         self._endpoints[stream_format] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -225,8 +254,21 @@ class DetectorStreamSink:
             return out
 
     def update_sim_config(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Apply simulator settings (ValueError, nothing applied, when one is invalid). A change
+        of ``send_hwm`` / ``send_buffer_bytes`` binds both stream sockets again on their ports
+        (consumers connected then reconnect by themselves), refused while a series is armed."""
         with self._lock:
-            self._sim_config = _validated_sim_config(self._sim_config, changes)
+            new = _validated_sim_config(self._sim_config, changes)
+            rebind = bool(self._sockets) and any(new[k] != self._sim_config[k] for k in SOCKET_SETTINGS)
+            if rebind and self._current is not None:
+                changed = [k for k in SOCKET_SETTINGS if new[k] != self._sim_config[k]]
+                raise ValueError(f"{', '.join(changed)} cannot change while series "
+                                 f"{self._current.series.series_id} is armed (the stream sockets are bound "
+                                 f"again to apply it); disarm first")
+            self._sim_config = new
+            if rebind:
+                for stream_format in list(self._sockets):
+                    self.rebind(stream_format)
             return self.get_sim_config()
 
     def dropped_frames(self) -> int:
