@@ -33,11 +33,11 @@ def frames_of(seed: int = 5) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 300, size=(N, *FRAME), dtype=np.uint16)
 
 
-def run_share(runner, tmp_path, frames, numbers, analyses=ANALYSES, series=3, sequence=1):
+def run_share(runner, tmp_path, frames, numbers, analyses=ANALYSES, series=3, sequence=1, compact=False):
     """One node's run: the series announced, only ``numbers`` arrive; its final partial."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     source = ArrayFrameSource(tmp_path)
-    run = runner.process(source, analyses, PARAMETERS, nav_shape=SCAN)
+    run = runner.process(source, analyses, PARAMETERS, nav_shape=SCAN, compact=compact)
     source.begin_series(series, frames)
     source.send_frames(list(numbers), stack_size=STACK)
     source.finish_series()
@@ -52,21 +52,29 @@ def merger_for(analyses=ANALYSES):
                         "uint16")
 
 
-def dealt(nodes: int) -> list[list[int]]:
-    """Frame numbers per node, stacks of STACK frames dealt round-robin."""
+def dealt(nodes: int, by_frame: bool = False) -> list[list[int]]:
+    """Frame numbers per node, stacks of STACK frames (or, ``by_frame``, single frames, as a DCU
+    deals its messages) dealt round-robin."""
     shares: list[list[int]] = [[] for _ in range(nodes)]
-    for i, start in enumerate(range(0, N, STACK)):
-        shares[i % nodes].extend(range(start, min(N, start + STACK)))
+    step = 1 if by_frame else STACK
+    for i, start in enumerate(range(0, N, step)):
+        shares[i % nodes].extend(range(start, min(N, start + step)))
     return shares
 
 
+@pytest.mark.parametrize("compact", [False, True], ids=["by-frame-number", "compact"])
 @pytest.mark.parametrize("nodes", [1, 2, 3])
-def test_merged_partials_equal_one_run_on_every_frame(runner, tmp_path, nodes):
+def test_merged_partials_equal_one_run_on_every_frame(runner, tmp_path, nodes, compact):
     frames = frames_of()
     whole, _ = run_share(runner, tmp_path / "whole", frames, range(N))
     partials = []
-    for i, share in enumerate(dealt(nodes)):
-        _, partial = run_share(runner, tmp_path / f"node{i}", frames, share)
+    for i, share in enumerate(dealt(nodes, by_frame=compact)):
+        own, partial = run_share(runner, tmp_path / f"node{i}", frames, share, compact=compact)
+        # a node's own scan-shaped results are placed by frame number, whatever its numbering
+        for name in ("sumsig_image", "bf_image"):
+            shown = own.buffers[name].ravel()
+            np.testing.assert_array_equal(shown[share], whole.buffers[name].ravel()[share], err_msg=name)
+            assert np.isnan(np.delete(shown, share)).all(), name
         fmt, data = partial.encode()
         assert fmt == PARTIAL_FORMAT
         decoded = PartialResults.decode(fmt, data)

@@ -749,7 +749,8 @@ class LiveAcquisition:
         self._run = self._runner.process(source, request.analyses, parameters, nav_shape, series,
                                          frames_per_partition=settings.frames_per_partition,
                                          on_change=self._wakeup.set, saving=self.saving,
-                                         detector_config=self.detector.known_config)
+                                         detector_config=self.detector.known_config,
+                                         compact=self._mode == AcquisitionMode.NODE)
         return self._run
 
     def _follow(self, run: SeriesRun) -> None:

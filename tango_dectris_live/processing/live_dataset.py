@@ -218,7 +218,9 @@ class StackTileSource:
     ``first + 1``, ... decoded a tile at a time into ``tile_buffer`` (reused for every tile,
     so a tile is still in the CPU cache when the UDFs read it)."""
 
-    def __init__(self, decode_frames_into: StackDecoder, stack: Any, first: int, tile_buffer: np.ndarray):
+    def __init__(self, decode_frames_into: StackDecoder, stack: Any, first: int, tile_buffer: np.ndarray,
+                 check_numbers: bool = True):
+        self._check_numbers = check_numbers  # False: frames numbered by stack position (compact)
         self._decode = decode_frames_into
         self._stack = stack
         self._first = first
@@ -235,7 +237,7 @@ class StackTileSource:
             tile = self._buffer[:min(depth, count - start)]
             position = self._first + start
             numbers = self._decode(self._stack, position, position + tile.shape[0], tile)
-            if numbers[0] != expected_first + start:
+            if self._check_numbers and numbers[0] != expected_first + start:
                 raise RuntimeError(f"stack position {position} holds frame {numbers[0]}, "
                                    f"expected {expected_first + start}: the stack changed while decoding")
             yield start, tile

@@ -52,6 +52,9 @@ class PartialResults:
     buffers: tuple[dict[str, np.ndarray], ...]
     error: str = ""
     sequence: int = 0  # grows with every partial a node sends for a series (a late one is older)
+    # compact numbering (a node's frames as they came): row i of the scan-shaped buffers is frame
+    # order[i]; None: row i is frame i
+    order: np.ndarray | None = None
     extra: Mapping[str, object] = field(default_factory=dict)
 
     @property
@@ -77,6 +80,10 @@ class PartialResults:
                   "extra": dict(self.extra), "done": {"size": int(self.done.size), "offset": offset,
                                                       "nbytes": len(packed)}, "buffers": entries}
         payload.append(packed)
+        if self.order is not None:
+            order = np.ascontiguousarray(self.order, dtype="<i8")
+            header["order"] = {"size": int(order.size), "offset": offset + len(packed), "nbytes": order.nbytes}
+            payload.append(order.tobytes())
         text = json.dumps(header).encode()
         return PARTIAL_FORMAT, _LENGTH.pack(len(text)) + text + b"".join(payload)
 
@@ -113,13 +120,21 @@ class PartialResults:
             if nbytes != (size + 7) // 8 or offset + nbytes > len(body):
                 raise PartialResultsError(f"done map of {size} positions does not match its {nbytes} bytes")
             done = np.unpackbits(np.frombuffer(body[offset:offset + nbytes], np.uint8), count=size).astype(bool)
+            order = None
+            if header.get("order") is not None:
+                o_size, o_offset, o_bytes = (int(header["order"][k]) for k in ("size", "offset", "nbytes"))
+                if o_bytes != 8 * o_size or o_offset < 0 or o_offset + o_bytes > len(body) or o_size > size:
+                    raise PartialResultsError(f"frame order of {o_size} entries does not match its {o_bytes} bytes")
+                order = np.frombuffer(body[o_offset:o_offset + o_bytes], "<i8").astype(np.int64)
+                if order.size and (order.min() < 0 or order.max() >= size):
+                    raise PartialResultsError(f"frame order names frames outside the scan of {size}")
             state = str(header["state"])
             RunState(state)
             return cls(series=int(header["series"]), state=state, end_seen=bool(header["end_seen"]),
                        frames_received=int(header["frames_received"]),
                        frames_processed=int(header["frames_processed"]), analyses=analyses, done=done,
                        buffers=tuple(buffers), error=str(header.get("error", "")),
-                       sequence=int(header.get("sequence", 0)), extra=dict(header.get("extra", {})))
+                       sequence=int(header.get("sequence", 0)), extra=dict(header.get("extra", {})), order=order)
         except PartialResultsError:
             raise
         except (KeyError, TypeError, ValueError) as error:
@@ -184,7 +199,14 @@ class ResultMerger:
                     if value.shape != dest.shape:
                         raise PartialResultsError(f"analysis {s.name} buffer {name}: shape {value.shape}, "
                                                   f"expected {dest.shape}")
-                    if kind == "nav":
+                    if kind == "nav" and partial.order is not None:
+                        # compact rows: row i is frame order[i]; the rows merged on the node are
+                        # those whose frame it marks done
+                        rows = np.flatnonzero(partial.done[partial.order])
+                        placed = dest.copy()
+                        placed[partial.order[rows]] = value[rows]
+                        value = placed
+                    elif kind == "nav":
                         # placed by frame index: where this node has no frame, what the others gave stays
                         value = value.copy()
                         value[~partial.done] = dest[~partial.done]

@@ -106,6 +106,9 @@ class ProcessStack:
     end: int | None = None
     # a slot of the series' result_slots lent for this stack's sum counts (None: none free)
     result_slot: int | None = None
+    # compact numbering (a receiver node): the scan index of position ``begin``; the part's frames
+    # are then indices local_first, local_first + 1, ... in stack order (None: their frame numbers)
+    local_first: int | None = None
 
 
 class FrameRunResult(NamedTuple):
@@ -208,6 +211,8 @@ class _SeriesSpec:
     result_slots: tuple[str, int] | None = None
     # the slot lent with the stack being processed (a worker sets it per task, see _serve_tasks)
     result_slot: int | None = None
+    # compact numbering of the task being processed (ProcessStack.local_first; set per task)
+    local_first: int | None = None
 
 
 @dataclass(frozen=True)
@@ -280,7 +285,10 @@ def _process_stack(spec: _SeriesSpec, stack: Any, env: Environment, begin: int =
     dataset = LiveDataSet(spec.scan_shape, spec.frame_shape, spec.raw_dtype)
     tiling_scheme = whole_frame_tiling(spec.tile_depth, dataset.shape)
     end = stack.frames if end is None else end
-    numbers = np.asarray(stack.frame_numbers(), dtype=np.int64)[begin:end]
+    if spec.local_first is not None:  # compact numbering: the frames in stack order
+        numbers = np.arange(spec.local_first, spec.local_first + end - begin, dtype=np.int64)
+    else:
+        numbers = np.asarray(stack.frame_numbers(), dtype=np.int64)[begin:end]
     scan_size = int(np.prod(spec.scan_shape))
     in_scan = (numbers >= 0) & (numbers < scan_size)
     out_of_scan = int(np.count_nonzero(~in_scan))
@@ -359,7 +367,8 @@ def _process_in_tiles(spec: _SeriesSpec, stack: Any, env: Environment, dataset: 
     for run_start, run_stop in _frame_runs(numbers):
         for start in range(run_start, run_stop, chunk):
             stop = min(run_stop, start + chunk)
-            source = StackTileSource(spec.decode_frames_into, stack, begin + start, tile_buffer)
+            source = StackTileSource(spec.decode_frames_into, stack, begin + start, tile_buffer,
+                                     check_numbers=spec.local_first is None)
             partition = dataset.partition_for_run(int(numbers[start]), source, stop - start)
             partial.append(FrameRunResult(int(numbers[start]), stop - start,
                                           _run_udfs(spec, env, tiling_scheme, members, partition)))
@@ -382,6 +391,8 @@ def _process_decoded(spec: _SeriesSpec, stack: Any, env: Environment, dataset: L
         chunk_end = min(end, begin + chunk)
         decoded = frames[:chunk_end - begin]
         numbers = np.asarray(spec.decode_frames_into(stack, begin, chunk_end, decoded), dtype=np.int64)
+        if spec.local_first is not None:  # compact numbering: the frames in stack order
+            numbers = np.arange(spec.local_first + begin - first, spec.local_first + chunk_end - first, dtype=np.int64)
         in_scan = (numbers >= 0) & (numbers < scan_size)
         # stacks hold frames in arrival order; LiberTEM wants them in scan order
         numbers, first_index = np.unique(numbers[in_scan], return_index=True)
@@ -443,8 +454,9 @@ def _serve_tasks(tasks: multiprocessing.Queue, results: multiprocessing.Queue, a
                     continue
                 # the slot lent with this stack travels in the spec: _process_stack keeps the
                 # signature the benchmarks' probes wrap
-                task_spec = (spec if task.result_slot is None
-                             else dataclasses.replace(spec, result_slot=task.result_slot))
+                task_spec = (spec if task.result_slot is None and task.local_first is None
+                             else dataclasses.replace(spec, result_slot=task.result_slot,
+                                                      local_first=task.local_first))
                 try:
                     runs, out_of_scan = _process_stack(task_spec, task.stack, env, task.begin, task.end)
                 except Exception as error:  # reported to the main process, which fails the run with it
@@ -541,7 +553,8 @@ class WorkerPool:
         """Workers skip every queued stack from now on (they still answer for each)."""
         self.active_run.value = _NO_RUN
 
-    def dispatch(self, run_id: int, seq: int, stack: Any, begin: int = 0, end: int | None = None) -> int:
+    def dispatch(self, run_id: int, seq: int, stack: Any, begin: int = 0, end: int | None = None,
+                 local_first: int | None = None) -> int:
         """Queue ``stack`` (its positions ``[begin, end)``, default all) on the least busy
         worker, with a result slot if the series lends them and one is free; returns that
         worker's index."""
@@ -552,7 +565,7 @@ class WorkerPool:
             self._lent[seq] = slot
         worker = min(range(self.size), key=self._in_flight.__getitem__)
         self._in_flight[worker] += 1
-        self._tasks[worker].put(ProcessStack(run_id, seq, stack, begin, end, slot))
+        self._tasks[worker].put(ProcessStack(run_id, seq, stack, begin, end, slot, local_first))
         return worker
 
     def idle(self) -> int:
@@ -631,8 +644,14 @@ class SeriesRun:
                  parameters: AnalysisParameters, nav_shape: tuple[int, ...] | None, series: int | None,
                  frames_per_partition: int | None = None, on_change: Callable[[], None] | None = None,
                  saving: SeriesSaving | None = None,
-                 detector_config: Callable[[], dict[str, tuple[Any, Any]]] | None = None):
+                 detector_config: Callable[[], dict[str, tuple[Any, Any]]] | None = None, compact: bool = False):
         self._runner = runner
+        # compact numbering (a receiver node, which gets every n-th frame of the scan): frames are
+        # processed as scan indices 0, 1, 2, ... in the order they are dispatched, so that a
+        # partition is a run of many frames, not of one; _order maps an index to its frame number
+        self._compact = compact
+        self._order = np.zeros(0, np.int64)
+        self._dispatched = 0
         self._saving = saving
         self._detector_config = detector_config or dict  # read only when a series is saved
         self._held_by_writer: dict[int, Any] = {}  # id(stack) -> stack the series file's writer has
@@ -729,10 +748,10 @@ class SeriesRun:
         with self._lock:
             if self._scan is None or not self._selected:
                 return empty_snapshot(self._state, self._series, self._error)
-            done = self._done.reshape(self._scan.shape)
+            done = self._global_done().reshape(self._scan.shape)
             buffers: dict[str, np.ndarray] = {}
             for selected in self._selected:
-                buffers.update(self._extract(selected, done))
+                buffers.update(self._extract(selected, self._done.reshape(self._scan.shape)))
             final = self._state.is_final
             return ResultSnapshot(
                 series=self._series, state=self._state, scan_shape=self._scan.shape,
@@ -749,15 +768,40 @@ class SeriesRun:
         with self._lock:
             if self._scan is None or not self._selected or self._series is None:
                 return None
-            return partial_of(self._selected, self._done, series=int(self._series), state=self._state.value,
-                              frames_processed=self._frames_processed, error=self._error or "", **fields)
+            order = self._order[:self._dispatched].copy() if self._compact else None
+            return partial_of(self._selected, self._global_done(), series=int(self._series), state=self._state.value,
+                              frames_processed=self._frames_processed, error=self._error or "", order=order,
+                              **fields)
+
+    def _global_done(self) -> np.ndarray:
+        """The flat map of scan positions processed, by frame number (compact numbering: mapped)."""
+        if not self._compact:
+            return self._done
+        done = np.zeros(self._done.size, bool)
+        done[self._order[np.flatnonzero(self._done[:self._dispatched])]] = True
+        return done
 
     def _extract(self, selected: SelectedAnalysis, done: np.ndarray) -> dict[str, np.ndarray]:
-        """One analysis' results as published: copies, NaN where a scan position has no frame."""
+        """One analysis' results as published: copies, NaN where a scan position has no frame
+        (compact numbering: scan-shaped results placed by frame number -- values a UDF derives from
+        neighbouring positions, such as CoM's divergence, mean something only once merged)."""
         results = results_of(selected.udf, self._done)
         own = {name: blank_unprocessed(np.array(buf.data), done) if buf.kind == "nav"
                else np.array(buf.data) for name, buf in results.items()}
-        return {k: np.ascontiguousarray(v) for k, v in selected.extract_results(own).items()}
+        extracted = {k: np.ascontiguousarray(v) for k, v in selected.extract_results(own).items()}
+        if self._compact:
+            extracted = {k: self._placed(v, done) for k, v in extracted.items()}
+        return extracted
+
+    def _placed(self, values: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """A scan-shaped result of compact numbering moved to the positions of its frames."""
+        if values.shape[:done.ndim] != done.shape:
+            return values
+        rows = np.flatnonzero(self._done[:self._dispatched])
+        flat = values.reshape(done.size, *values.shape[done.ndim:])
+        placed = np.full_like(flat, np.nan) if np.issubdtype(values.dtype, np.floating) else np.zeros_like(flat)
+        placed[self._order[rows]] = flat[rows]
+        return placed.reshape(values.shape)
 
     # -- the consumer thread -----------------------------------------------------------------
 
@@ -946,6 +990,7 @@ class SeriesRun:
             self._scan = scan
             self._selected = selected
             self._done = np.zeros(int(np.prod(scan.shape)), bool)
+            self._order = np.zeros(self._done.size, np.int64)
         if self._saving is not None:
             run_id = self._run_id
             self._saving.begin(lambda: self._file_spec(scan, frame_shape, raw_dtype),
@@ -970,10 +1015,18 @@ class SeriesRun:
         filled stack) is done by every worker at once instead of by one while the others wait.
         A busy pool gets whole stacks: fewer, larger pieces cost less per frame."""
         parts = max(1, min(self._pool.idle(), stack.frames // _MIN_PART_FRAMES))
+        local_first = None
+        if self._compact:
+            numbers = np.asarray(stack.frame_numbers(), dtype=np.int64)
+            with self._lock:
+                local_first = self._dispatched
+                self._order[local_first:local_first + numbers.size] = numbers
+                self._dispatched += numbers.size
         for part in range(parts):
             seq = next(self._seq)
             begin, end = stack.frames * part // parts, stack.frames * (part + 1) // parts
-            worker = self._pool.dispatch(self._run_id, seq, stack, begin, end)
+            worker = self._pool.dispatch(self._run_id, seq, stack, begin, end,
+                                         None if local_first is None else local_first + begin)
             self._in_flight[seq] = (stack, worker)
 
     def _take_outcome(self, message: StackOutcome) -> None:
@@ -1035,11 +1088,13 @@ class LiveRunner:
                 nav_shape: tuple[int, ...] | None = None, series: int | None = None,
                 frames_per_partition: int | None = None,
                 on_change: Callable[[], None] | None = None, saving: SeriesSaving | None = None,
-                detector_config: Callable[[], dict[str, tuple[Any, Any]]] | None = None) -> SeriesRun:
+                detector_config: Callable[[], dict[str, tuple[Any, Any]]] | None = None,
+                compact: bool = False) -> SeriesRun:
         """Start processing the next series of ``source`` (or series ``series``) in the background.
 
         ``frames_per_partition``: a worker decodes and processes a stack this many frames at a
-        time (None: the whole stack at once).
+        time (None: the whole stack at once). ``compact``: a receiver node's numbering (see
+        :class:`SeriesRun`): its snapshot places the frames by frame number all the same.
 
         Unknown analysis names raise :class:`~.analyses.UnknownAnalysisError` here, before anything runs.
         """
@@ -1049,7 +1104,7 @@ class LiveRunner:
         self.pool.check_alive()
         self._current = SeriesRun(self, next(self._run_ids), source, names, parameters,
                                   tuple(nav_shape) if nav_shape is not None else None, series,
-                                  frames_per_partition, on_change, saving, detector_config)
+                                  frames_per_partition, on_change, saving, detector_config, compact)
         return self._current.start()
 
     @property
