@@ -510,6 +510,9 @@ cdef class StreamLoop:
     # waiting for its appendix or messages not taken yet (or while it waits for a series' end):
     # every message then goes to Python, so that the stream is taken in order
     cdef public bint route_to_python
+    # listening with a template (several receivers on one stream): an image of a series without
+    # a header goes to Python, which may start that series from the template
+    cdef public bint headerless_to_python
     # the last v1 message was an image without an appendix part (taken here, or by Python, which
     # sets it): a replay may send that appendix as the first part of the next ZeroMQ message
     cdef public bint follows_v1_image
@@ -531,6 +534,7 @@ cdef class StreamLoop:
         self.rcap = self.rstart = self.rend = self.rneed = 0
         self.pending_in_buffer = False
         self.route_to_python = False
+        self.headerless_to_python = False
         self.follows_v1_image = False
 
     def __dealloc__(self):
@@ -1086,6 +1090,8 @@ PyBytes_FromStringAndSize(<const char*>self.pdata[i], <Py_ssize_t>self.psize[i])
         if frame < 0 or series < 0:
             return self.hand_to_python(MSG_FALLBACK)
         problem = self.series_problem(series)
+        if problem == C_NO_HEADER and self.headerless_to_python:
+            return self.hand_to_python(MSG_OTHER)
         if problem >= 0:
             self.counts[problem] += 1
             self.follows_v1_image = self.nparts == 4
@@ -1126,6 +1132,8 @@ PyBytes_FromStringAndSize(<const char*>self.pdata[i], <Py_ssize_t>self.psize[i])
         if walked < 0:
             return self.hand_to_python(MSG_FALLBACK)
         problem = self.series_problem(img.series)
+        if problem == C_NO_HEADER and self.headerless_to_python:
+            return self.hand_to_python(MSG_OTHER)
         if problem >= 0:
             self.counts[problem] += 1
             self.close_parts()

@@ -38,7 +38,7 @@ import socket as _socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Union
 
@@ -339,6 +339,8 @@ class StreamReceiver:
         self._series_finished = 0
         self._last_rate_sample = 0.0
         self._last_completed_series: int | None = None
+        self._template: SeriesHeader | None = None  # listen(template): series without a header
+        self._newest_series = -1  # the newest series started here
         self._framing: V1Regrouper | _WholeMessages = V1Regrouper() if stream_version == 1 else _WholeMessages()
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -454,6 +456,8 @@ class StreamReceiver:
                 self._finish("superseded")
             self._mode = ReceiverMode.ARMED
             self._armed_series = series_id
+            self._template = None
+            self._loop.headerless_to_python = False
             self._armed_at = time.monotonic()
             self._awaiting_end_of = None
             self._loop.arm(series_id)
@@ -464,12 +468,20 @@ class StreamReceiver:
             self._route_messages()
         self._command(apply)
 
-    def listen(self) -> None:
-        """Passive mode: take whichever series starts next, and the next one, again and again."""
+    def listen(self, template: SeriesHeader | None = None) -> None:
+        """Passive mode: take whichever series starts next, and the next one, again and again.
+
+        ``template``: the series as the DCU's configuration describes them (number of images,
+        frame shape, pixel type; its id is not used), for a receiver that shares the stream with
+        others and so may never get a series' header: the first image of a series newer than any
+        seen starts that series from the template (a header that does come is held against it,
+        ``header_mismatch``); its end comes with the end message, or :meth:`cancel`."""
         def apply() -> None:
             self._mode = ReceiverMode.LISTENING
             self._armed_series = None
             self._awaiting_end_of = None
+            self._template = template
+            self._loop.headerless_to_python = template is not None
             self._loop.arm(-1)
             self._want_connection()
             self._route_messages()
@@ -1003,6 +1015,7 @@ class StreamReceiver:
                 self._count("duplicate_header")
                 return
             self._finish("superseded")
+        self._newest_series = max(self._newest_series, series_id)
         expected = header.number_of_images or 0
         received = np.zeros(expected if expected > 0 else 1024, dtype=np.uint8)
         shape = header.shape
@@ -1035,6 +1048,13 @@ class StreamReceiver:
 
     def _on_image(self, frame: ImageFrame, parts: list[bytes], kind: int) -> None:
         series = self._series
+        if series is None and self._mode is ReceiverMode.LISTENING and self._template is not None:
+            if frame.series_id <= self._newest_series:
+                self._count("stale")  # the tail of a series already ended here
+                return
+            self._on_header(replace(self._template, series_id=frame.series_id))
+            self._series.announced = True
+            series = self._series
         if series is not None and frame.series_id == series.header.series_id:
             if series.header.shape is not None and frame.shape != series.header.shape:
                 self._count("shape_mismatch")
