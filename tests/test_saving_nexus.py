@@ -2,6 +2,7 @@
 missing frames, results, detector settings, layout."""
 from __future__ import annotations
 
+import dataclasses
 import struct
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import hdf5plugin  # noqa: F401 - registers the HDF5 filters for reading back
 import numpy as np
 import pytest
 
-from tango_dectris_live.saving import NexusSeriesWriter, SeriesFileError, SeriesFileSpec, stored_frames
+from tango_dectris_live.saving import NexusSeriesWriter, PartLayout, SeriesFileError, SeriesFileSpec, stored_frames
 from tango_dectris_live.saving.testing import BlobStacks
 from tango_dectris_live.testing.stream_producer import compress, random_frames
 
@@ -122,18 +123,35 @@ def test_real_dcu_blobs_read_back_as_dectris_compression_decodes_them(tmp_path):
                 np.testing.assert_array_equal(f["/entry/data/data"][i], expected.reshape(frame_shape))
 
 
-def test_libertem_reads_the_file_and_reproduces_sum_and_sumsig(tmp_path):
+@pytest.mark.parametrize("parts", [1, 2], ids=["one file", "two part files"])
+def test_libertem_reads_the_file_and_reproduces_sum_and_sumsig(tmp_path, parts):
+    """With two part files LiberTEM reads the series file's virtual dataset, as with one file."""
     from libertem.api import Context
     from libertem.udf.sum import SumUDF
     from libertem.udf.sumsigudf import SumSigUDF
 
     frames = random_frames(24, SHAPE, seed=11)
     path = tmp_path / "lt.h5"
-    with BlobStacks(1, 24, 2048) as stacks, NexusSeriesWriter(path, spec("bslz4", n_frames=24,
-                                                                         scan_shape=(4, 6))) as writer:
-        handle = stacks.stack([compress(f, "bslz4") for f in frames], list(range(24)), shape=SHAPE, dtype="uint16",
-                              encoding="bslz4")
-        writer.write_stack(handle)
+    series_spec = spec("bslz4", n_frames=24, scan_shape=(4, 6))
+    with BlobStacks(3, 8, 2048) as stacks:
+        handles = [stacks.stack([compress(f, "bslz4") for f in frames[first:first + 8]],
+                                list(range(first, first + 8)), shape=SHAPE, dtype="uint16", encoding="bslz4")
+                   for first in range(0, 24, 8)]
+        if parts == 1:
+            with NexusSeriesWriter(path, series_spec) as writer:
+                for handle in handles:
+                    writer.write_stack(handle)
+        else:
+            layout = PartLayout("lt.h5", ("lt_part0.h5", "lt_part1.h5"), block=8)
+            series_spec = dataclasses.replace(series_spec, parts=layout)
+            with NexusSeriesWriter(path, series_spec) as writer:
+                part_writers = [NexusSeriesWriter(tmp_path / name, series_spec, part=k)
+                                for k, name in enumerate(layout.files)]
+                for handle in handles:  # each part writer takes its own frames of every stack
+                    assert sum(part.write_stack(handle) for part in part_writers) == 8
+                writer.close("complete", [part.close_part() for part in part_writers])
+            with h5py.File(path, "r") as f:
+                assert f["/entry/data/data"].is_virtual
     context = Context.make_with("inline")
     try:
         dataset = context.load("hdf5", path=str(path), ds_path="/entry/data/data")

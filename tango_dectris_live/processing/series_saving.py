@@ -6,6 +6,10 @@
 :meth:`write_stack` for every stack of its frames (``results_and_frames``), :meth:`write_results`
 while it runs and :meth:`end` with its final results. Nothing here stops a series: a saving
 that fails is reported in :meth:`status` and the processing goes on.
+
+``writers``: how many processes write a series' frames (0: automatic, see
+:func:`~tango_dectris_live.saving.automatic_writers`); with more than one, each writes a part file
+beside the series file, whose frames dataset joins them (docs/saving.md).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import numpy as np
 
 from tango_dectris_live.receiver import FrameStackHandle
 from tango_dectris_live.saving import (SavingError, SavingLocation, SavingStatus, SeriesFileSpec,
-                                       SeriesWriterProcess, WriterProcessError)
+                                       SeriesWriterProcess, WriterProcessError, automatic_writers)
 from tango_dectris_live.saving.paths import DEFAULT_PATTERN
 
 log = logging.getLogger(__name__)
@@ -40,8 +44,10 @@ class SavingSettings:
 class SeriesSaving:
     """Where and what to save, and the writer process (started at the first saved series)."""
 
-    def __init__(self, base_directory: str = "", settings: SavingSettings = SavingSettings()) -> None:
+    def __init__(self, base_directory: str = "", settings: SavingSettings = SavingSettings(),
+                 writers: int = 0) -> None:
         self.base_directory = str(base_directory or "")
+        self._writers = self._checked_writers(writers)
         self._lock = threading.Lock()
         self._writer: SeriesWriterProcess | None = None
         self._closed = False
@@ -53,6 +59,29 @@ class SeriesSaving:
         self._results_written_at = 0.0
 
     # ---- settings ------------------------------------------------------------------------
+
+    @property
+    def writers(self) -> int:
+        """Writer processes per series as set (0: automatic); :attr:`resolved_writers` is the number."""
+        return self._writers
+
+    @writers.setter
+    def writers(self, count: int) -> None:
+        self._writers = self._checked_writers(count)
+        with self._lock:
+            if self._writer is not None:
+                self._writer.writers = self.resolved_writers  # from the next series on
+
+    @property
+    def resolved_writers(self) -> int:
+        return self._writers or automatic_writers()
+
+    @staticmethod
+    def _checked_writers(count: int) -> int:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise SavingError(f"the number of writer processes must be a whole number >= 0 (0: automatic), "
+                              f"got {count!r}")
+        return count
 
     @property
     def settings(self) -> SavingSettings:
@@ -76,7 +105,7 @@ class SeriesSaving:
             if self._closed:
                 raise WriterProcessError("saving is closed (the device is shutting down)")
             if self._writer is None:
-                self._writer = SeriesWriterProcess(on_stack_done=self._stack_saved)
+                self._writer = SeriesWriterProcess(on_stack_done=self._stack_saved, writers=self.resolved_writers)
             return self._writer
 
     def check(self, settings: SavingSettings) -> SavingSettings:

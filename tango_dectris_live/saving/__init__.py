@@ -10,12 +10,16 @@ from .errors import (
     UnsafePathError,
     WriterProcessError,
 )
-from .nexus import LIBVER, NexusSeriesWriter, SeriesFileSpec, SeriesSaved
+from .nexus import LIBVER, NexusSeriesWriter, PartSaved, SeriesFileSpec, SeriesSaved
+from .parts import PartLayout, reserve_part_files
 from .paths import DEFAULT_PATTERN, PLACEHOLDERS, ReservedPath, SavingLocation
 from .recovery import clear_write_flags, stored_frames
 from .writer import (
+    ClosePart,
     CloseSeries,
     OpenSeries,
+    PartClosed,
+    PartDone,
     SavingFailed,
     SavingStatus,
     SeriesWriterProcess,
@@ -23,19 +27,25 @@ from .writer import (
     WriterAnswer,
     WriteResults,
     WriteStack,
+    automatic_writers,
 )
 
 __all__ = [
+    "DEFAULT_PATTERN",
+    "LIBVER",
+    "PLACEHOLDERS",
     "BaseDirectoryError",
     "ChunkFormat",
     "ChunkRefused",
+    "ClosePart",
     "CloseSeries",
-    "DEFAULT_PATTERN",
-    "LIBVER",
     "NamePatternError",
     "NexusSeriesWriter",
     "OpenSeries",
-    "PLACEHOLDERS",
+    "PartClosed",
+    "PartDone",
+    "PartLayout",
+    "PartSaved",
     "ReservedPath",
     "SavingError",
     "SavingFailed",
@@ -53,6 +63,8 @@ __all__ = [
     "WriterAnswer",
     "WriterProcessError",
     "algorithm_of",
+    "automatic_writers",
     "clear_write_flags",
+    "reserve_part_files",
     "stored_frames",
 ]

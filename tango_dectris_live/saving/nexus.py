@@ -42,7 +42,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -227,6 +227,8 @@ class NexusSeriesWriter:
         self._started = time.monotonic()
         self._last_flush = self._started
         self._closed: SeriesSaved | None = None
+        self._closed_part: PartSaved | None = None
+        self._part_notes: list[str] = []
         try:
             if self.path.stat().st_size > 0:
                 raise SeriesFileError(f"{self.path} exists and is not empty: not overwritten (reserve a name "
@@ -279,7 +281,7 @@ class NexusSeriesWriter:
             shown = self._frames
         else:  # the frames are in the part files: one virtual dataset per channel maps them
             self._frames = []
-            shown = [_virtual_frames(data, name, n, self.frame_shape, self.dtype, spec.parts)
+            shown = [virtual_frames(data, name, n, self.frame_shape, self.dtype, spec.parts)
                      for name in self._frame_dataset_names()]
             for dataset, channel in zip(shown, spec.channels or ("",)):
                 dataset.attrs.update({"interpretation": "image", "stream_encoding": self.format.algorithm.value,
@@ -305,7 +307,7 @@ class NexusSeriesWriter:
 
     def _frame_datasets(self, group: h5py.Group, n: int) -> list[h5py.Dataset]:
         """One chunked dataset per channel, a chunk per frame, with the stream's filter."""
-        maxshape = (n if self.spec.n_frames else None, *self.frame_shape)
+        maxshape = (n if self.spec.n_frames and n else None, *self.frame_shape)  # (a part may get no frame)
         datasets = [group.create_dataset(name, shape=(n, *self.frame_shape), maxshape=maxshape, dtype=self.dtype,
                                          chunks=(1, *self.frame_shape), **self.format.dataset_filter())
                     for name in self._frame_dataset_names()]
@@ -319,7 +321,7 @@ class NexusSeriesWriter:
     def _build_part(self) -> None:
         """A part file: its frames only; the series file says what they are."""
         spec, parts, f = self.spec, self.spec.parts, self._file
-        series_file = _series_file_of(self.path.name, parts, self.part)
+        series_file = parts.series_file
         f.attrs.update({"NX_class": "NXroot", "default": "entry", "creator": PROGRAM, "file_name": self.path.name,
                         "file_time": _now(), "HDF5_Version": h5py.version.hdf5_version,
                         "h5py_version": h5py.version.version})
@@ -614,11 +616,17 @@ class NexusSeriesWriter:
         self.frames_flushed = self.frames_saved
         self._last_flush = time.monotonic()
 
-    def close(self, end_reason: str = "") -> SeriesSaved:
+    def close(self, end_reason: str = "", parts: Sequence[PartSaved | None] = ()) -> SeriesSaved:
         """Write ``missing_frames``, ``end_time`` and ``saving_status`` and close the file
-        (idempotent); what the file holds. ``end_reason``: how the series ended, for the status."""
+        (idempotent); what the file holds. ``end_reason``: how the series ended, for the status.
+        ``parts`` (a series file over part files): what each part file holds, by part; None (or
+        left out) for a part whose writer stopped without saying: its file's chunk index tells."""
+        if self.part is not None:
+            raise SeriesFileError(f"{self.path.name} is a part file: close it with close_part()")
         if self._closed is not None:
             return self._closed
+        if self.spec.parts is not None and not self.abandoned:
+            self._take_parts(parts)
         length = self._length
         missing = np.flatnonzero(~self._written[:length]).astype(np.int64)
         if not self.abandoned:
@@ -645,9 +653,55 @@ class NexusSeriesWriter:
             file_closed=not self.abandoned, notes=self.notes())
         return self._closed
 
+    def _take_parts(self, parts: Sequence[PartSaved | None]) -> None:
+        """The part files' frames and counts as this series file's (they are its frames)."""
+        layout, n = self.spec.parts, self._length
+        written = np.zeros(n, dtype=bool)
+        for part in range(layout.count):
+            saved = parts[part] if part < len(parts) else None
+            if saved is None:
+                frames, note = part_frames_on_disk(self.path.parent, layout, part, n)
+                self._part_notes.append(note)
+                if self.stopped_reason is None:
+                    self.stopped_reason = f"the writer of part {part} stopped before closing it"
+            else:
+                frames = saved.written_frames()
+                self.frames_refused += saved.frames_refused
+                self.bytes_written += saved.bytes_written
+                self._part_notes.extend(f"part {part}: {note}" for note in saved.notes)
+                if saved.stopped_reason and self.stopped_reason is None:
+                    self.stopped_reason = f"{saved.stopped_reason} (part {part})"
+            written |= frames[:n]
+        self._written = written
+        self.frames_saved = self.frames_flushed = int(written.sum())
+
+    def close_part(self) -> PartSaved:
+        """Close a part file (idempotent); what it holds, for the series file's :meth:`close`."""
+        if self.part is None:
+            raise SeriesFileError(f"{self.path.name} is not a part file: close it with close()")
+        if self._closed_part is not None:
+            return self._closed_part
+        if not self.abandoned:
+            try:
+                self._file.close()
+                self.frames_flushed = self.frames_saved
+            except _HDF5_ERRORS as error:
+                self._give_up(error)
+        if self._space is not None:
+            self._space.close()
+        frames = np.zeros(self._length, dtype=bool)
+        frames[self.spec.parts.frame_numbers(self.part, np.flatnonzero(self._written))] = True
+        self._closed_part = PartSaved(path=str(self.path), part=self.part, written=np.packbits(frames),
+                                      n_frames=self._length, frames_saved=self.frames_saved,
+                                      frames_refused=self.frames_refused, bytes_written=self.bytes_written,
+                                      stopped_reason=self.stopped_reason, notes=self.notes())
+        return self._closed_part
+
     def notes(self) -> tuple[str, ...]:
-        """One line per kind of refused frame: how many, and the first one's reason."""
-        return tuple(f"{count} refused ({kind}): {message}" for kind, (count, message) in self._refusals.items())
+        """One line per kind of refused frame: how many, and the first one's reason (and, for a
+        series file over part files, what its parts said)."""
+        return tuple(f"{count} refused ({kind}): {message}" for kind, (count, message) in self._refusals.items()) \
+            + tuple(self._part_notes)
 
     def _status_text(self, missing: int, end_reason: str) -> str:
         ended = f"; series ended: {end_reason}" if end_reason else ""
@@ -662,7 +716,10 @@ class NexusSeriesWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        if self.part is None:
+            self.close()
+        else:
+            self.close_part()
 
     # ---- failures --------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,10 +194,3 @@ def open_readable(path: str | os.PathLike) -> h5py.File:
     except OSError:
         return h5py.File(path, "r", swmr=True)
 
-
-def merge_written(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """The frames held by any part (bool per frame)."""
-    merged = np.zeros_like(parts[0])
-    for frames in parts:
-        merged |= frames
-    return merged

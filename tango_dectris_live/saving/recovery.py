@@ -58,13 +58,32 @@ def clear_write_flags(path: str | os.PathLike) -> bool:
 def stored_frames(dataset) -> np.ndarray:
     """Which frames (chunks along the first axis) of a ``(n, height, width)`` h5py dataset with
     one frame per chunk are in the file: a bool array of length n. For a file whose writer
-    stopped before writing its ``missing_frames``."""
+    stopped before writing its ``missing_frames``. A series file's virtual dataset over part
+    files (several writers): which frames its part files hold."""
+    if dataset.is_virtual:
+        return _stored_in_parts(dataset)
     present = np.zeros(dataset.shape[0], dtype=bool)
 
     def mark(info) -> None:
         present[info.chunk_offset[0]] = True
 
     dataset.id.chunk_iter(mark)
+    return present
+
+
+def _stored_in_parts(dataset) -> np.ndarray:
+    from .parts import PartLayout, part_frames_on_disk
+
+    files = tuple(str(name) for name in dataset.attrs.get("part_files", ()))
+    if len(files) < 2 or "frames_per_block" not in dataset.attrs:
+        raise SeriesFileError(f"{dataset.name} is a virtual dataset without the part_files and frames_per_block "
+                              "attributes of a series file's frames")
+    layout = PartLayout(series_file=Path(dataset.file.filename).name, files=files,
+                        block=int(dataset.attrs["frames_per_block"]))
+    folder = Path(dataset.file.filename).parent
+    present = np.zeros(dataset.shape[0], dtype=bool)
+    for part in range(layout.count):
+        present |= part_frames_on_disk(folder, layout, part, dataset.shape[0])[0]
     return present
 
 

@@ -1,0 +1,120 @@
+"""Saving through the device with two writer processes (device property SavingWriters = 2): the
+frames of a series go to two part files, the series file's /entry/data/data shows them all, exactly
+as the simulator sent them, to h5py+hdf5plugin and to LiberTEM; dropped frames are listed missing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401 - the HDF5 filters that decode the saved frames
+import numpy as np
+import pytest
+import requests
+from tango import DevState
+from tango.test_context import DeviceTestContext
+
+from sim.server import SimulatorServer
+from tango_dectris_live.device.dectris_live import DectrisLive
+from tango_dectris_live.testing import acquire, wait_for
+
+from .live_reference import simulator_ground_truth
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NAV = (6, 8)
+COUNT = int(np.prod(NAV))
+STACK = 8  # frames per stack: 6 stacks, dealt out to the two writers by blocks of 8 frames
+TIMEOUT = 90.0
+ARINA96 = (("binning_mode", "2x2"), ("pixel_format", "uint16"))  # ARINA binned: 96 x 96 uint16
+
+
+@pytest.fixture(scope="module")
+def two_writers(tmp_path_factory):
+    base = tmp_path_factory.mktemp("saving_base")
+    with SimulatorServer(host="127.0.0.1", model="ARINA") as sim:
+        rest = f"{sim.rest_url}/detector/api/1.8.0"
+        requests.put(f"{rest}/command/initialize", timeout=60).raise_for_status()
+        for key, value in (("trigger_mode", "ints"), *ARINA96):
+            requests.put(f"{rest}/config/{key}", json={"value": value}, timeout=10).raise_for_status()
+        properties = {"DcuHost": "127.0.0.1", "DcuPort": sim.port, "StreamPort": sim.stream_port,
+                      "Stream2Port": sim.stream2_port, "StatePollPeriod": 0.1, "SavingBaseDirectory": str(base),
+                      "SavingWriters": 2, "FrameStackSize": STACK}
+        with DeviceTestContext(DectrisLive, properties=properties, process=True, timeout=60) as proxy:
+            wait_for(lambda: proxy.state() == DevState.ON, 60, lambda: f"State ON ({proxy.status()})")
+            proxy.analyses = ["sum", "sumsig"]
+            proxy.nav_shape = list(NAV)
+            proxy.frame_stack_size = STACK
+            proxy.saving_mode = "results_and_frames"
+            proxy.saving_name_pattern = "scan_{series_id}.h5"
+            yield sim, proxy, base
+
+
+def configure_simulator(sim: SimulatorServer, **settings) -> None:
+    requests.put(f"{sim.rest_url}/sim/api/config", json=settings, timeout=30).raise_for_status()
+
+
+def saved_series(proxy) -> Path:
+    series = proxy.series_id
+    wait_for(lambda: proxy.saving_status.startswith("saved") and f"scan_{series}.h5" in proxy.last_saved_file,
+             TIMEOUT, lambda: f"series {series} saved ({proxy.saving_status})")
+    return Path(proxy.last_saved_file)
+
+
+def test_two_writers_save_the_simulators_frames_exactly_and_libertem_reads_them(two_writers):
+    from libertem.api import Context
+    from libertem.udf.sum import SumUDF
+    from libertem.udf.sumsigudf import SumSigUDF
+
+    sim, proxy, base = two_writers
+    configure_simulator(sim, pacing="max", nav_shape=list(NAV))
+    acquire(proxy, TIMEOUT)
+    path = saved_series(proxy)
+    assert proxy.frames_saved == COUNT
+    parts = [path.with_name(f"{path.stem}_part{k}.h5") for k in range(2)]
+    assert sorted(base.iterdir()) == sorted([path, *parts])
+    truth = simulator_ground_truth(sim, NAV)
+    expected = np.stack([truth.frame(n) for n in range(COUNT)])
+    with h5py.File(path, "r") as f:
+        frames = f["/entry/data/data"]
+        assert frames.is_virtual and frames.shape == (COUNT, 96, 96)
+        np.testing.assert_array_equal(frames[...], expected)
+        assert f["/entry/data/missing_frames"].shape == (0,)
+        np.testing.assert_array_equal(f["/entry/results/sum/sum_image"][...], proxy.sum_image)
+        np.testing.assert_array_equal(f["/entry/results/sumsig/sumsig_image"][...], proxy.sumsig_image)
+    for part in parts:  # each writer wrote half of the frames, as received (bitshuffle chunks)
+        with h5py.File(part, "r") as f:
+            data = f["/entry/data/data"]
+            assert data.shape == (COUNT // 2, 96, 96)
+            assert data.id.get_create_plist().get_filter(0)[0] == 32008
+    context = Context.make_with("inline")
+    try:
+        dataset = context.load("hdf5", path=str(path), ds_path="/entry/data/data")
+        sums = context.run_udf(dataset=dataset, udf=[SumUDF(), SumSigUDF()])
+    finally:
+        context.close()
+    np.testing.assert_array_equal(sums[0]["intensity"].data, expected.sum(axis=0, dtype=np.float64))
+    np.testing.assert_array_equal(sums[0]["intensity"].data, proxy.sum_image)
+    np.testing.assert_array_equal(sums[1]["intensity"].data, expected.sum(axis=(1, 2), dtype=np.float64))
+    np.testing.assert_array_equal(sums[1]["intensity"].data.reshape(NAV), proxy.sumsig_image)
+
+
+def test_frames_the_stream_dropped_are_listed_missing(two_writers):
+    sim, proxy, _base = two_writers
+    dropped = [5, 12]  # one in each writer's part (blocks 0 and 1)
+    configure_simulator(sim, pacing="max", nav_shape=list(NAV), faults=[{"kind": "drop", "frames": dropped}])
+    acquire(proxy, TIMEOUT)
+    series = proxy.series_id
+    wait_for(lambda: f"scan_{series}.h5" in proxy.last_saved_file and proxy.saving_status.startswith("saved"),
+             TIMEOUT, lambda: f"series {series} saved ({proxy.saving_status})")
+    path = Path(proxy.last_saved_file)
+    assert proxy.frames_saved == COUNT - len(dropped)
+    truth = simulator_ground_truth(sim, NAV)
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["/entry/data/missing_frames"][()], dropped)
+        frames = f["/entry/data/data"]
+        kept = [n for n in range(COUNT) if n not in dropped]
+        np.testing.assert_array_equal(frames[kept], np.stack([truth.frame(n) for n in kept]))
+        assert not frames[dropped].any()
+        sumsig = f["/entry/results/sumsig/sumsig_image"][...].ravel()
+        assert np.isnan(sumsig[dropped]).all() and np.isfinite(sumsig[kept]).all()
+        assert f["/entry/saving_status"][()].startswith(b"incomplete: 46 frames saved, 2 missing")
