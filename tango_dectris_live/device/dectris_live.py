@@ -205,6 +205,10 @@ class DectrisLive(Device):
         dtype=str, default_value="",
         doc="The folder below which the device writes series files (saving_directory is relative to it; "
             "nothing is written outside it). Empty: saving unavailable")
+    SavingWriters = device_property(
+        dtype=int, default_value=0,
+        doc="Processes writing a series' frames in parallel, each to a part file beside the series file "
+            "(joined there by a virtual dataset; docs/saving.md). 0: automatic (1 on up to 4 cores, 2 above)")
     Role = device_property(
         dtype=str, default_value="single",
         doc="single: receives and processes the stream itself (the default); node: one of several receivers "
@@ -259,10 +263,15 @@ class DectrisLive(Device):
         address = DetectorAddress(host, port, api_version=self.ApiVersion or None, stream_host=self.StreamHost,
                                   stream_ports={1: self.StreamPort, 2: self.Stream2Port},
                                   poll_period=self.StatePollPeriod)
+        if self.SavingWriters < 0:
+            self._set_condition(DeviceCondition(DeviceState.FAULT, "a device property is refused: SavingWriters "
+                                                f"must be 0 (automatic) or more, got {self.SavingWriters}"))
+            return
         try:
             self._detector = LiveDetector(address, self, settings=self._settings_from_properties(),
                                           saving_base_directory=self.SavingBaseDirectory,
                                           acquisition_factory=factory)
+            self._detector.saving.writers = self.SavingWriters  # from the first series on
         except SettingRefused as exc:
             self._set_condition(DeviceCondition(DeviceState.FAULT, f"a device property is refused: {exc}"))
             return
@@ -560,10 +569,30 @@ class DectrisLive(Device):
     def NodeArm(self, series: int) -> None:
         self._node_call("NodeArm", lambda: self._detector.acquisition.node_arm(series))
 
-    @command(dtype_in=float, doc_in="Role node: the series is over elsewhere; end it once the stream has been "
-                                    "quiet for this many seconds, publish the final partial_results")
-    def NodeFinish(self, quiet: float) -> None:
-        self._node_call("NodeFinish", lambda: self._detector.acquisition.node_finish(quiet))
+    @command(dtype_in=str, doc_in="Role node, passive (the merging device listens): the series as the DCU is "
+                                  "configured (JSON, as NodePrepare); every series someone else arms is taken, "
+                                  "with or without its header, until Stop")
+    def NodeListen(self, announcement: str) -> None:
+        try:
+            parsed = SeriesAnnouncement.from_json(announcement)
+        except AnnouncementError as exc:
+            _throw(exc, "DectrisLive.NodeListen")
+        self._node_call("NodeListen", lambda: self._detector.acquisition.node_listen(parsed))
+
+    @command(dtype_in=(float,), doc_in="Role node: [quiet seconds, series id]: the series is over elsewhere; end "
+                                       "it once the stream has been quiet this long, publish the final "
+                                       "partial_results (empty ones if no frame of it came here)")
+    def NodeFinish(self, argument: list[float]) -> None:
+        if len(argument) != 2 or argument[1] != int(argument[1]):
+            tango.Except.throw_exception("ValueError", f"NodeFinish takes [quiet seconds, series id], got "
+                                         f"{list(argument)}", "DectrisLive.NodeFinish")
+        self._node_call("NodeFinish", lambda: self._detector.acquisition.node_finish(float(argument[0]),
+                                                                                   int(argument[1])))
+
+    @command(doc_in="Role node: drop what is pending of the series now (the merging device aborts); the DCU "
+                    "is not touched (the merging device owns it)")
+    def NodeAbort(self) -> None:
+        self._node_call("NodeAbort", lambda: self._detector.acquisition.abort())
 
     def _add_partial_results_attribute(self) -> None:
         attr = tango.Attr(PARTIAL_RESULTS, tango.DevEncoded, AttrWriteType.READ)

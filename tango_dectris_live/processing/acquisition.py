@@ -28,8 +28,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 
-from tango_dectris_live.receiver import (CONNECTIONS, TRANSPORTS, FrameStackLayout, RateMeter, StreamConnectError,
+from tango_dectris_live.receiver import (CONNECTIONS, TRANSPORTS, FrameStackLayout, RateMeter, ReceiverMode,
+                                         StreamConnectError,
                                          StreamReceiver)  # noqa: F401 - StreamReceiver: the type of _receiver
 from tango_dectris_live.simplon.client import DetectorClient
 from tango_dectris_live.simplon.errors import SimplonError
@@ -284,8 +286,10 @@ class LiveAcquisition:
         self._node_armed = threading.Event()
         self._drain = threading.Event()
         self._drain_quiet = 0.0
+        self._drain_series: int | None = None
         self._partial_sequence = 0
         self._partial_sent_at = 0.0
+        self._partial_processed = -1
         self._publisher = threading.Thread(target=self._publish_loop, name="live-results-publisher", daemon=True)
         self._publisher.start()
 
@@ -383,6 +387,15 @@ class LiveAcquisition:
         """Node role, before the merging device arms the DCU: build the receiver and workers for
         the announced series and connect to the stream; returns once connected (the DCU deals
         messages only to consumers connected when it sends them). :meth:`node_arm` follows."""
+        self._node_begin(announcement, self._run_node)
+
+    def node_listen(self, announcement: SeriesAnnouncement) -> None:
+        """Node role, passive (the merging device listens): take every series someone else arms,
+        one after the other, each from its header or, without it, from its first image and the
+        ``announcement`` (the DCU's configuration), until Stop; :meth:`node_finish` ends each."""
+        self._node_begin(announcement, self._run_node_passive)
+
+    def _node_begin(self, announcement: SeriesAnnouncement, target: Callable[[AcquisitionRequest], None]) -> None:
         request = AcquisitionRequest(announcement.analyses, announcement.parameters, announcement.nav_shape)
         request = self.check_request(request, self.settings, announcement.geometry)
         with self._lock:
@@ -391,6 +404,8 @@ class LiveAcquisition:
             self._stop.clear()
             self._abort.clear()
             self._drain.clear()
+            self._drain_series = None
+            self._empty_final = None
             self._node_armed.clear()
             self._node_series = None
             self._last_error = None
@@ -415,7 +430,7 @@ class LiveAcquisition:
             raise
         self._message = "node: connected, waiting for the merging device's arm"
         with self._lock:
-            self._session = threading.Thread(target=self._session_main, args=(self._run_node, request),
+            self._session = threading.Thread(target=self._session_main, args=(target, request),
                                              name="acquisition-node", daemon=True)
             self._session.start()
 
@@ -429,17 +444,53 @@ class LiveAcquisition:
         self._node_armed.set()
         self._wakeup.set()
 
-    def node_finish(self, quiet: float) -> None:
-        """Node role: the series is over elsewhere (its end reached another node, or every frame
-        is accounted for): end it once no stream message came for ``quiet`` seconds (what this
-        node still has queued is taken first), publish the final partial results."""
+    def node_finish(self, quiet: float, series: int) -> None:
+        """Node role: series ``series`` is over elsewhere (its end reached another node, or every
+        frame is accounted for): end it once no stream message came for ``quiet`` seconds (what
+        this node still has queued is taken first), publish the final partial results -- empty
+        ones when this node got nothing of the series (passive: it may never have started it)."""
         if not math.isfinite(quiet) or quiet < 0 or quiet > MAX_SERIES_TIMEOUT:
             raise ValueError(f"NodeFinish: quiet time {quiet} s must be within 0..{MAX_SERIES_TIMEOUT:g} s")
         if self._mode != AcquisitionMode.NODE:
             return  # ended already (this node had the end message, or was stopped)
+        run = self._run
+        if run is not None and run.series is not None and run.series > series:
+            self._publish_empty_final(series)  # this node is on a newer series already
+            return
         self._drain_quiet = float(quiet)
+        self._drain_series = int(series)
         self._drain.set()
         self._wakeup.set()
+
+    def _publish_empty_final(self, series: int) -> None:
+        """Node role: tell the merging device that this node has no frame of ``series``. Not
+        waited for: the caller may be a Tango command, which holds the device the publisher pushes on."""
+        announcement = self._announced
+        self._partial_sequence += 1
+        partial = PartialResults(series=int(series), state=RunState.FINISHED.value, end_seen=False,
+                                 frames_received=0, frames_processed=0, analyses=tuple(announcement.analyses),
+                                 done=np.zeros(announcement.number_of_images, bool), buffers=(),
+                                 sequence=self._partial_sequence)
+        self._publish_requests.put(_PublishRequest(None, partial))
+
+    def _run_node_passive(self, request: AcquisitionRequest) -> None:
+        announcement = self._announced
+        template = announcement.header(0)
+        self._receiver.listen(template)
+        self._receiver.timeout = self.frame_timeout(announcement.trigger_mode, announcement.frame_time,
+                                                    announcement.number_of_images)
+        try:
+            while not (self._stop.is_set() or self._abort.is_set()):
+                self._message = "node: listening for a series armed by someone else"
+                run = self._process(self._source, request, request.parameters, request.nav_shape, None)
+                self._follow(run)
+                self._drain.clear()
+                if not (self._stop.is_set() or self._abort.is_set()) and \
+                        self._receiver.mode is not ReceiverMode.LISTENING:
+                    self._receiver.listen(template)
+        finally:
+            if self._receiver is not None and self._receiver.running:
+                self._receiver.cancel()
 
     def _run_node(self, request: AcquisitionRequest) -> None:
         announcement = self._announced
@@ -745,6 +796,7 @@ class LiveAcquisition:
         self._process_meter.reset()
         self._series_started_at = time.monotonic()
         self._published_processed = -1  # before the run: the publisher may look at any moment
+        self._partial_processed = -1
         source.on_error = self._wakeup.set
         self._run = self._runner.process(source, request.analyses, parameters, nav_shape, series,
                                          frames_per_partition=settings.frames_per_partition,
@@ -800,8 +852,13 @@ class LiveAcquisition:
                 if stats.messages_received != drain_count or stats.slots_in_use >= stats.slots_total:
                     drain_count, quiet_since = stats.messages_received, now
                 if now - quiet_since >= self._drain_quiet:
-                    self._receiver.cancel()
-                    receiver_cancelled = True
+                    if run.series is None:
+                        # passive: nothing of the series came here; the run waits on for the next
+                        self._publish_empty_final(self._drain_series)
+                        self._drain.clear()
+                    else:
+                        self._receiver.cancel()
+                        receiver_cancelled = True
             elif self._stop.is_set() and not receiver_cancelled:
                 now = time.monotonic()
                 stop_seen_at = now if stop_seen_at is None else stop_seen_at
@@ -942,6 +999,8 @@ class LiveAcquisition:
             try:
                 if request is None:
                     self._publish_intermediate()
+                elif request.final is None and request.partial is not None:
+                    self._publish(AcquisitionUpdate(self.progress(), None, final=False, partial=request.partial))
                 elif request.final is not None:
                     self._publish(AcquisitionUpdate(self.progress(), request.final, final=True, partial=request.partial))
                     self._published_processed = request.final.frames_processed
@@ -959,6 +1018,8 @@ class LiveAcquisition:
             self._publish_progress(force=False)
             return
         _, processed = run.counters()
+        if self._mode == AcquisitionMode.NODE:
+            self._publish_partial_when_due(run, processed)
         if processed == self._published_processed:
             self._publish_progress(force=False)
             return
@@ -967,12 +1028,21 @@ class LiveAcquisition:
             return  # the final result comes as the session's request
         self.saving.write_results(snapshot.buffers, snapshot.done)
         self._published_processed = snapshot.frames_processed
-        partial = None
+        self._publish(AcquisitionUpdate(self.progress(), snapshot, final=False))
+
+    def _publish_partial_when_due(self, run: SeriesRun, processed: int) -> None:
+        """Node role: the partial results, when they changed, at most PARTIAL_RATE times a second --
+        the latest state always goes out (the merging device ends a series as soon as the nodes'
+        partials cover it)."""
         now = time.monotonic()
-        if self._mode == AcquisitionMode.NODE and now - self._partial_sent_at >= 1.0 / PARTIAL_RATE:
-            partial = self.node_partial(run)
-            self._partial_sent_at = now
-        self._publish(AcquisitionUpdate(self.progress(), snapshot, final=False, partial=partial))
+        if processed == self._partial_processed or now - self._partial_sent_at < 1.0 / PARTIAL_RATE:
+            return
+        partial = self.node_partial(run)
+        if partial is None or run.ended:
+            return  # before the series is set up, or the final partial comes with the final result
+        self._partial_sent_at = now
+        self._partial_processed = partial.frames_processed
+        self._publish(AcquisitionUpdate(self.progress(), None, final=False, partial=partial))
 
     def _publish_progress(self, force: bool) -> None:
         progress = self.progress()

@@ -30,21 +30,25 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from tango_dectris_live.saving import SeriesFileSpec
+
 from .acquisition import AcquisitionMode, AcquisitionProgress, AcquisitionRequest, LiveAcquisition
 from .announcement import SeriesAnnouncement
 from .live_dataset import resolve_scan_shape
 from .partials import PartialResults, PartialResultsError, ResultMerger
+from .series_control import StreamGeometry
 from .snapshot import ResultSnapshot, RunState, empty_snapshot
 
 log = logging.getLogger(__name__)
 
 # A node drains (NodeFinish) until its stream has been quiet this long with a slot free
-DRAIN_QUIET = 0.5
+DRAIN_QUIET = 0.2
 # after NodeFinish, how long a node may take to send its final partial results
 FINAL_TIMEOUT = 20.0
 # how often the nodes of a running series are pinged (a dead node answers nothing)
 PING_PERIOD = 0.5
 _WAKE = 0.25
+_SAFETY_WAKE = 2.0  # waits on events are bounded by this, should one ever be missed
 
 
 class NodeError(RuntimeError):
@@ -228,6 +232,9 @@ class MergedAcquisition(LiveAcquisition):
         self.nodes = nodes
         self._node_run: MergedRun | None = None
         self._left_out: dict[str, str] = {}  # nodes not used for the last series, and why
+        # passive: partial results of series not begun yet (series -> node -> latest), the last begun
+        self._early: dict[int, dict[str, PartialResults]] = {}
+        self._passive_last = -1
         nodes.on_partial = self._partial_arrived
         nodes.on_problem = self._node_problem
 
@@ -236,7 +243,16 @@ class MergedAcquisition(LiveAcquisition):
         self.nodes.connect()
 
     def _partial_arrived(self, node: str, partial: PartialResults) -> None:
-        run = self._node_run
+        with self._lock:
+            run = self._node_run
+            if self._mode == AcquisitionMode.PASSIVE and partial.series > self._passive_last and \
+                    (run is None or partial.series != run.series):
+                # passive: a series this device has not begun yet; kept (the latest per node) until it does
+                kept = self._early.setdefault(partial.series, {})
+                if node not in kept or kept[node].sequence < partial.sequence:
+                    kept[node] = partial
+                self._wakeup.set()
+                return
         if run is not None:
             run.offer(node, partial)
 
@@ -266,18 +282,21 @@ class MergedAcquisition(LiveAcquisition):
         self._message = f"preparing {len(nodes)} node(s): receivers connected to the stream"
         failures = self.nodes.command(nodes, "NodePrepare", announcement.to_json())
         if failures:
-            self.nodes.command([n for n in nodes if n not in failures], "NodeFinish", 0.0)
+            self.nodes.command([n for n in nodes if n not in failures], "Stop")
             raise NodeError(failures, "nodes not prepared, the detector was not armed")
         series = self.detector.arm()
         self._armed_series = series
         merger = ResultMerger(self.registry, request.analyses, parameters, resolve_scan_shape(images, tuple(nav_shape)),
                               geometry.frame_shape, geometry.dtype)
         run = MergedRun(series, nodes, merger, self._wakeup.set)
-        self._node_run = run
-        self._run = run
+        with self._lock:
+            self._node_run = run
+            self._run = run
+            self._passive_last = max(self._passive_last, series)
         self._series_started_at = time.monotonic()
         self._process_meter.reset()
         self._published_processed = -1
+        self._begin_saving(run, geometry, parameters)
         for name, reason in self.nodes.command(nodes, "NodeArm", series).items():
             run.fail(name, f"NodeArm refused: {reason}")
         self._message = f"series {series}: armed, {len(nodes)} node(s) receiving"
@@ -295,8 +314,66 @@ class MergedAcquisition(LiveAcquisition):
             raise trigger_errors[0]
 
     def _run_passive(self, request: AcquisitionRequest) -> None:
-        raise NotImplementedError("Listen with nodes (passive mode of a merging device) is not available yet: "
-                                  "Start the series from this device")
+        """Every series someone else arms, merged from the nodes, one after the other, until Stop.
+        A series begins here when the first node sends partial results of it."""
+        geometry = self._start_geometry or self.control.stream_geometry()
+        self._trigger_mode = self.control.trigger_mode()
+        self._frame_time = self.control.frame_time()
+        images = self.control.image_count()
+        parameters = self.control.with_beam_centre(request.parameters)
+        announcement = SeriesAnnouncement(geometry, images, request.analyses, parameters, request.nav_shape,
+                                          self._trigger_mode, self._frame_time)
+        merger = ResultMerger(self.registry, request.analyses, parameters, resolve_scan_shape(images, request.nav_shape),
+                              geometry.frame_shape, geometry.dtype)
+        nodes = self._usable_nodes()
+        with self._lock:
+            self._early = {}
+        failures = self.nodes.command(nodes, "NodeListen", announcement.to_json())
+        if failures:
+            self.nodes.command([n for n in nodes if n not in failures], "Stop")
+            raise NodeError(failures, "nodes not listening")
+        try:
+            while not (self._stop.is_set() or self._abort.is_set()):
+                self._message = f"listening with {len(nodes)} node(s): waiting for a series armed by someone else"
+                self._wakeup.clear()
+                with self._lock:
+                    series = min(self._early) if self._early else None
+                    early = self._early.pop(series, {}) if series is not None else {}
+                if series is None:
+                    self._wakeup.wait(_SAFETY_WAKE)
+                    continue
+                run = MergedRun(series, nodes, merger, self._wakeup.set)
+                with self._lock:
+                    self._node_run = run
+                    self._run = run
+                    self._passive_last = series
+                    # a series' partials that came between the pop above and now
+                    early.update(self._early.pop(series, {}))
+                self._series_started_at = time.monotonic()
+                self._process_meter.reset()
+                self._published_processed = -1
+                self._begin_saving(run, geometry, parameters)
+                for name, partial in early.items():
+                    run.offer(name, partial)
+                self._message = f"series {series}: merging from {len(nodes)} node(s)"
+                self._follow_nodes(run, lambda: False)
+        finally:
+            self.nodes.command(nodes, "Stop")
+
+    def _begin_saving(self, run: MergedRun, geometry: StreamGeometry, parameters: Any) -> None:
+        """The series file of the merged results (the frames stay with the nodes: each saves its
+        share with its own saving settings)."""
+        def spec() -> SeriesFileSpec:
+            layout = run.merger.layout()
+            values = {name: value for name, value in vars(parameters).items()
+                      if value is not None and name != "frame_shape"}
+            return SeriesFileSpec(
+                series_id=int(run.series), frame_shape=tuple(geometry.frame_shape), dtype=geometry.dtype,
+                encoding="none", n_frames=0, scan_shape=tuple(run.merger.scan.shape),
+                title=f"series {run.series}, merged from {', '.join(run.nodes)}",
+                detector_config=self.detector.known_config(), result_layout=layout,
+                analysis_parameters={name: values for name in layout})
+        self.saving.begin(spec, lambda handle: None)
 
     def _usable_nodes(self) -> list[str]:
         """The nodes that answer now; those that do not are left out, with the reason."""
@@ -332,7 +409,7 @@ class MergedAcquisition(LiveAcquisition):
                         self._message = f"series {run.series}: node {name} failed ({problem}); the others go on"
             pending = run.pending()
             if self._abort.is_set():
-                self.nodes.command(pending, "Abort")
+                self.nodes.command(pending, "NodeAbort")
                 run.abort()
                 break
             complete = bool(run.union_done().all())
@@ -343,7 +420,7 @@ class MergedAcquisition(LiveAcquisition):
                 if reason is not None:
                     self._message = f"series {run.series}: {reason}; the nodes drain"
                     quiet = 0.0 if complete else DRAIN_QUIET
-                    for name, problem in self.nodes.command(pending, "NodeFinish", quiet).items():
+                    for name, problem in self.nodes.command(pending, "NodeFinish", [quiet, run.series]).items():
                         run.fail(name, f"NodeFinish refused: {problem}")
                     finish_sent_at = now
             if not run.pending():
@@ -356,6 +433,7 @@ class MergedAcquisition(LiveAcquisition):
                 continue
             self._wakeup.wait(_WAKE)
         final = run.snapshot()
+        self.saving.end(final.buffers, final.done, "complete" if final.state == RunState.FINISHED else final.state.value)
         self._last_final = final
         self._series_completed += 1
         self._message = self._final_message(final)
@@ -378,7 +456,7 @@ class MergedAcquisition(LiveAcquisition):
     def _recover(self) -> None:
         run = self._node_run
         if run is not None and not run.ended:
-            self.nodes.command(run.pending(), "Abort")
+            self.nodes.command(run.pending(), "NodeAbort")
         super()._recover()
 
     def close(self) -> None:

@@ -172,6 +172,18 @@ class ResultMerger:
             allocate_full_results(s.udf, self._dataset, udf_input_dtype(s.udf, self._raw_dtype))
         return selected
 
+    def layout(self) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+        """analysis -> result -> (shape, dtype) of what :meth:`merge` gives (for the series file)."""
+        layout = {}
+        empty = np.zeros(self.size, bool)
+        shaped = empty.reshape(self.scan.shape)
+        for s in self._fresh():
+            results = results_of(s.udf, empty)
+            own = {name: blank_unprocessed(np.array(buf.data), shaped) if buf.kind == "nav" else np.array(buf.data)
+                   for name, buf in results.items()}
+            layout[s.name] = {name: (value.shape, value.dtype.str) for name, value in s.extract_results(own).items()}
+        return layout
+
     def check(self, partial: PartialResults) -> None:
         """:class:`PartialResultsError` unless ``partial`` is of this series' analyses and scan."""
         if partial.analyses != self.analyses:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import h5py
 import numpy as np
 import pytest
 import requests
@@ -54,7 +55,8 @@ def _common(sim) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def facility():
+def facility(tmp_path_factory):
+    data = tmp_path_factory.mktemp("merged")
     with SimulatorServer(host="127.0.0.1", model="ARINA") as sim, EmbeddedTangoDatabase() as db:
         saved_host = os.environ.get("TANGO_HOST")
         os.environ["TANGO_HOST"] = db.tango_host
@@ -68,7 +70,8 @@ def facility():
             for i, node in enumerate(NODES, start=1):
                 db.register_device(f"node{i}", node, {**_common(sim), "Role": "node", "Workers": 1})
             for count, merger in MERGERS.items():
-                db.register_device("mergers", merger, {**_common(sim), "Role": "merger"})
+                db.register_device("mergers", merger, {**_common(sim), "Role": "merger",
+                                                       "SavingBaseDirectory": str(data)})
                 db.database().put_device_property(merger, {"Nodes": NODES[:count]})
             db.register_device("single", SINGLE, {**_common(sim), "Workers": 1})
             for i, node in enumerate(NODES, start=1):
@@ -107,6 +110,7 @@ def test_one_two_three_nodes_give_the_single_device_result(facility, version):
     np.testing.assert_array_equal(expected["sum_image"], truth["sum_image"])
     for count, name in MERGERS.items():
         merger = facility.proxy(name)
+        merger.saving_mode = "results"
         acquire(merger, result="sum_image")
         assert merger.frames_missing == 0, merger.status()
         assert merger.frames_processed == NAV[0] * NAV[1], merger.status()
@@ -114,6 +118,15 @@ def test_one_two_three_nodes_give_the_single_device_result(facility, version):
         got = _results(merger)
         for result in RESULTS:
             np.testing.assert_array_equal(got[result], expected[result], err_msg=f"{count} node(s): {result}")
+        # the merged results are saved by the merging device, as a single device saves its own
+        series = merger.series_id
+        wait_for(lambda: merger.saving_status.startswith("saved") and f"_{series}" in merger.last_saved_file, 60,
+                 lambda: f"series {series} saved ({merger.saving_status})")
+        with h5py.File(merger.last_saved_file, "r") as saved:
+            for analysis, result in (("sum", "sum_image"), ("bf", "bf_image"), ("com", "com_x_image")):
+                np.testing.assert_array_equal(saved[f"entry/results/{analysis}/{result}"][()].reshape(got[result].shape),
+                                              got[result], err_msg=f"saved {result}")
+        merger.saving_mode = "off"
         lines = merger.nodes_status
         assert len(lines) == count and all("FAILED" not in line for line in lines), lines
         # every node took part: the DCU dealt the frames to each of them
@@ -175,3 +188,41 @@ def test_a_node_killed_mid_series_costs_exactly_its_lost_frames_and_the_next_ser
         requests.put(f"{facility.sim.rest_url}/sim/api/config", json={"pacing": "max"}, timeout=10)
         if victim.poll() is not None:
             facility.db.start_server("node2", NODES[1])
+
+
+@pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
+def test_passive_two_nodes_merge_every_series_someone_else_arms(facility, version):
+    """Listen on a merger of two nodes; a script arms, triggers and disarms twice through the DCU's
+    REST API: each series is merged complete and equals the single device's result (ground truth)."""
+    from tango_dectris_live.testing import EventRecorder
+
+    facility.set_stream(version)
+    merger = facility.proxy(MERGERS[2])
+    wait_for(lambda: merger.state() == tango.DevState.ON, 30, lambda: f"ON ({merger.status()})")
+    truth = reference_results(simulator_ground_truth(facility.sim, NAV), DETECTORS)
+    requests.put(f"{facility.rest}/config/nimages", json={"value": NAV[0] * NAV[1]}, timeout=10).raise_for_status()
+    requests.put(f"{facility.rest}/config/ntrigger", json={"value": 1}, timeout=10).raise_for_status()
+    with EventRecorder(merger, data_ready=("sum_image",)) as log:
+        merger.Listen()
+        try:
+            wait_for(lambda: all("listening" in facility.proxy(n).acquisition_status for n in NODES[:2]), 60,
+                     lambda: "both nodes listening")
+            for round_ in (1, 2):
+                series = requests.put(f"{facility.rest}/command/arm", timeout=30).json()["sequence id"]
+                requests.put(f"{facility.rest}/command/trigger", timeout=60).raise_for_status()
+                requests.put(f"{facility.rest}/command/disarm", timeout=30).raise_for_status()
+                wait_for(lambda: len(log.data_ready("sum_image")) >= round_, 60,
+                         lambda: f"series {series} merged ({merger.status()}; nodes: " + "; ".join(
+                             f"{n}: {facility.proxy(n).status()}" for n in NODES[:2]) + ")")
+                assert merger.series_id == series
+                assert (merger.frames_processed, merger.frames_missing) == (NAV[0] * NAV[1], 0), merger.status()
+                got = _results(merger)
+                for name in ("sum_image", "sumsig_image", "bf_image", "adf_image"):
+                    np.testing.assert_array_equal(got[name], truth[name], err_msg=f"series {series}: {name}")
+                lines = merger.nodes_status
+                assert len(lines) == 2 and all("FAILED" not in line for line in lines), lines
+        finally:
+            merger.Stop()
+        wait_for(lambda: merger.state() == tango.DevState.ON, 30, lambda: f"ON after Stop ({merger.status()})")
+        for node in NODES[:2]:
+            wait_for(lambda: facility.proxy(node).state() == tango.DevState.ON, 30, lambda: f"{node} idle")
