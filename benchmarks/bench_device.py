@@ -112,8 +112,9 @@ class DeviceBench(ClosingBench):
     def __init__(self, scenario: Scenario, analyses: str, *, workers: int = 2, stream_format: str = "legacy",
                  header_detail: str = "basic", frame_rate: float | None = None, num_slots: int | None = None,
                  frame_stack_size: int | None = None, result_event_rate: float = 10.0, saving: str = "off",
-                 saving_base: str | None = None) -> None:
+                 saving_base: str | None = None, saving_writers: int = 0) -> None:
         self.scenario = scenario
+        self.saving_writers = saving_writers
         self.saving = saving
         # the series files go to a fresh folder (default: a temporary one, removed at the end)
         self._own_saving_base = saving != "off" and saving_base is None
@@ -123,7 +124,8 @@ class DeviceBench(ClosingBench):
         self.analyses = analyses_by_name(analyses)
         self.settings = {"workers": workers, "receiver_mode": "listen", "stream_format": stream_format,
                          "header_detail": header_detail, "num_slots": num_slots, "frame_stack_size": frame_stack_size,
-                         "frame_rate": frame_rate, "result_event_rate": result_event_rate, "saving_mode": saving}
+                         "frame_rate": frame_rate, "result_event_rate": result_event_rate, "saving_mode": saving,
+                         "saving_writers": saving_writers}
         self.db = EmbeddedTangoDatabase()
         self.sim: SimulatorProcess | None = None
         self.events: EventRecorder | None = None
@@ -146,7 +148,8 @@ class DeviceBench(ClosingBench):
         self.db.register_device(INSTANCE, DEVICE, {
             "DcuHost": "127.0.0.1", "DcuPort": self.sim.rest_port, "StreamPort": self.sim.stream_port,
             "Stream2Port": self.sim.stream2_port, "Workers": workers, "NumSlots": num_slots or 0,
-            "FrameStackSize": frame_stack_size or 0, "SavingBaseDirectory": self.saving_base})
+            "FrameStackSize": frame_stack_size or 0, "SavingBaseDirectory": self.saving_base,
+            "SavingWriters": self.saving_writers})
         self.server_pid = self.db.start_server(INSTANCE, DEVICE).pid
         self.proxy = tango.DeviceProxy(f"tango://{self.db.tango_host}/{DEVICE}")
         self.proxy.set_timeout_millis(10_000)
@@ -292,6 +295,8 @@ def main() -> None:
     parser.add_argument("--saving", default="off", choices=("off", "results", "results_and_frames"),
                         help="the device's saving_mode (files in a temporary folder, or --saving-base)")
     parser.add_argument("--saving-base", default=None, help="SavingBaseDirectory: measure this disk")
+    parser.add_argument("--saving-writers", type=int, default=0,
+                        help="the SavingWriters property: frame writer processes (0: automatic)")
     parser.add_argument("--json", type=Path, default=None, help="write the runs' figures here")
     args = parser.parse_args()
     if args.runs < 1:
@@ -303,7 +308,7 @@ def main() -> None:
                           workers=args.workers, stream_format=args.stream_format, header_detail=args.header_detail,
                           frame_rate=args.frame_rate, num_slots=args.num_slots,
                           frame_stack_size=args.frame_stack_size, result_event_rate=args.result_event_rate,
-                          saving=args.saving, saving_base=args.saving_base)
+                          saving=args.saving, saving_base=args.saving_base, saving_writers=args.saving_writers)
     except KeyboardInterrupt:
         sys.exit("interrupted; every process this benchmark started is stopped")
     print_figures(figures)

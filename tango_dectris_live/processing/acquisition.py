@@ -65,6 +65,8 @@ FRAME_TIMEOUT_EXTERNAL = 60.0  # + the series' duration at the frame time
 NODE_ARM_TIMEOUT = 30.0
 # node role: partial results (whole-scan buffers) sent at most this often while a series runs
 PARTIAL_RATE = 4.0
+# ... or sooner, when the stream has paused this long and the node processed all it received
+STREAM_PAUSE = 0.05
 
 
 class AcquisitionMode(str, enum.Enum):
@@ -811,7 +813,7 @@ class LiveAcquisition:
         receiver_cancelled = False
         series_seen = False
         errors_before = self._source.errors_seen
-        drain_count, quiet_since = -1, time.monotonic()
+        blocked_at, quiet_since = 0.0, time.monotonic()  # NodeFinish: last time the receiver had no free slot
         while True:
             self._wakeup.clear()  # before looking: what happens from here on wakes the wait below
             if run.ended:
@@ -849,8 +851,9 @@ class LiveAcquisition:
                 # waiting for a slot leaves its messages queued: not drained)
                 stats = self._receiver.stats()
                 now = time.monotonic()
-                if stats.messages_received != drain_count or stats.slots_in_use >= stats.slots_total:
-                    drain_count, quiet_since = stats.messages_received, now
+                if stats.slots_in_use >= stats.slots_total:
+                    blocked_at = now
+                quiet_since = max(self._receiver.last_message_at, blocked_at)
                 if now - quiet_since >= self._drain_quiet:
                     if run.series is None:
                         # passive: nothing of the series came here; the run waits on for the next
@@ -1031,12 +1034,19 @@ class LiveAcquisition:
         self._publish(AcquisitionUpdate(self.progress(), snapshot, final=False))
 
     def _publish_partial_when_due(self, run: SeriesRun, processed: int) -> None:
-        """Node role: the partial results, when they changed, at most PARTIAL_RATE times a second --
-        the latest state always goes out (the merging device ends a series as soon as the nodes'
+        """Node role: the partial results, when they changed, at most PARTIAL_RATE times a second
+        while frames flow, and as soon as the stream pauses with every frame processed -- the
+        latest state always goes out (the merging device ends a series as soon as the nodes'
         partials cover it)."""
         now = time.monotonic()
-        if processed == self._partial_processed or now - self._partial_sent_at < 1.0 / PARTIAL_RATE:
+        if processed == self._partial_processed:
             return
+        if now - self._partial_sent_at < 1.0 / PARTIAL_RATE:
+            # sooner only once the stream paused and every frame received is processed: at a
+            # series' end the merging device then sees the nodes' last state at once
+            received = self._receiver.stats().frames_received - self._received_at_start
+            if now - self._receiver.last_message_at < STREAM_PAUSE or processed < received:
+                return
         partial = self.node_partial(run)
         if partial is None or run.ended:
             return  # before the series is set up, or the final partial comes with the final result

@@ -42,7 +42,7 @@ from .snapshot import ResultSnapshot, RunState, empty_snapshot
 log = logging.getLogger(__name__)
 
 # A node drains (NodeFinish) until its stream has been quiet this long with a slot free
-DRAIN_QUIET = 0.2
+DRAIN_QUIET = 0.5
 # after NodeFinish, how long a node may take to send its final partial results
 FINAL_TIMEOUT = 20.0
 # how often the nodes of a running series are pinged (a dead node answers nothing)
@@ -395,6 +395,7 @@ class MergedAcquisition(LiveAcquisition):
     def _follow_nodes(self, run: MergedRun, dcu_done: Callable[[], bool]) -> None:
         """Wait for the series to end (see the module docstring), then publish the merged result."""
         finish_sent_at: float | None = None
+        finish_quiet = 0.0
         last_ping = 0.0
         silence = self.frame_timeout(self._trigger_mode, self._frame_time, run.merger.size)
         while not run.ended:
@@ -413,14 +414,18 @@ class MergedAcquisition(LiveAcquisition):
                 run.abort()
                 break
             complete = bool(run.union_done().all())
+            if finish_sent_at is not None and complete and finish_quiet > 0:
+                # every frame merged meanwhile: nothing is left to drain
+                self.nodes.command(pending, "NodeFinish", [0.0, run.series])
+                finish_quiet = 0.0
             if finish_sent_at is None:
                 reason = ("every frame merged" if complete else "the end reached a node" if run.end_seen()
                           else "stopped" if self._stop.is_set() else "the detector's series is over" if dcu_done()
                           else "no frame for the series timeout" if now - run.last_arrival > silence else None)
                 if reason is not None:
                     self._message = f"series {run.series}: {reason}; the nodes drain"
-                    quiet = 0.0 if complete else DRAIN_QUIET
-                    for name, problem in self.nodes.command(pending, "NodeFinish", [quiet, run.series]).items():
+                    finish_quiet = 0.0 if complete else DRAIN_QUIET
+                    for name, problem in self.nodes.command(pending, "NodeFinish", [finish_quiet, run.series]).items():
                         run.fail(name, f"NodeFinish refused: {problem}")
                     finish_sent_at = now
             if not run.pending():

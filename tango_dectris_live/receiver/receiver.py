@@ -390,6 +390,12 @@ class StreamReceiver:
         return self._connected.is_set()
 
     @property
+    def last_message_at(self) -> float:
+        """``time.monotonic()`` when the last stream message came (0: none yet)."""
+        loop = self._loop
+        return float(loop.last_message_at) if loop is not None else 0.0
+
+    @property
     def timeout(self) -> float:
         """Seconds without a message before a running series ends (``timeout``), and seconds an
         :meth:`arm` waits for its header (``no_header``); may be changed at any time, e.g. for
