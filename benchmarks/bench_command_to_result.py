@@ -39,7 +39,6 @@ import os
 import platform
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -96,6 +95,7 @@ def make_device_bench(scenario: Any, analyses: str, workers: int) -> Any:
     import tango
 
     from benchmarks import bench_device
+    from benchmarks.start_timer import StartTimer
     from tango_dectris_live.testing import wait_for
 
     bench_device.SimulatorProcess = TimedSimulatorProcess  # this child process only
@@ -110,81 +110,22 @@ def make_device_bench(scenario: Any, analyses: str, workers: int) -> Any:
             self.proxy.Stop()
             wait_for(lambda: "Live processing (idle)" in self.proxy.status(), 60,
                      lambda: f"the device idle after Stop (Status: {self.proxy.status()})", interval=0.05)
-            self._lock = threading.Lock()
-            self._t0 = float("inf")
-            self._ready: dict[str, float] = {}
-            self._states: list[tuple[float, Any]] = []
-            self._done = threading.Event()
-            self._initial_state = False
-            self._ids = [self.proxy.subscribe_event(name, tango.EventType.DATA_READY_EVENT, self._on_data_ready(name))
-                         for name in self.results]
-            self._ids.append(self.proxy.subscribe_event("State", tango.EventType.CHANGE_EVENT, self._on_state))
-            # the subscription's initial State event has come; give the event channel a moment before
-            # the first Start (an event pushed right after subscribing may not reach the client)
-            wait_for(lambda: self._initial_state, 30, "the State subscription's initial event", interval=0.01)
-            time.sleep(1.0)
-
-        def _on_data_ready(self, name: str) -> Any:
-            def callback(event: Any) -> None:
-                now = time.perf_counter()
-                if not event.err and now > self._t0:
-                    with self._lock:
-                        self._ready.setdefault(name, now)
-                    self._check_done()
-            return callback
-
-        def _on_state(self, event: Any) -> None:
-            now = time.perf_counter()
-            if event.err or event.attr_value is None:
-                return
-            if now <= self._t0:
-                self._initial_state = True
-                return
-            with self._lock:
-                self._states.append((now, event.attr_value.value))
-            self._check_done()
-
-        def _ready_at(self) -> float | None:
-            """The first State ON received after a RUNNING (or other non-ON) state of this Start."""
-            seen_other = False
-            for received, state in self._states:
-                if state != tango.DevState.ON:
-                    seen_other = True
-                elif seen_other:
-                    return received
-            return None
-
-        def _check_done(self) -> None:
-            with self._lock:
-                if len(self._ready) == len(self.results) and self._ready_at() is not None:
-                    self._done.set()
+            self.timer = StartTimer(self.proxy, tuple(self.results))
 
         def close(self) -> None:
-            for event_id in getattr(self, "_ids", []):
-                try:
-                    self.proxy.unsubscribe_event(event_id)
-                except tango.DevFailed:
-                    pass
+            if getattr(self, "timer", None) is not None:
+                self.timer.close()
             super().close()
 
         def run_once(self) -> dict[str, Any]:
             series = self._next_series
             self.events.clear()
-            with self._lock:
-                self._ready.clear()
-                self._states.clear()
-                self._done.clear()
-                self._t0 = started = time.perf_counter()
-            self.proxy.Start()
-            if not self._done.wait(RUN_TIMEOUT_S):
-                with self._lock:
-                    seen = (f"data-ready of {sorted(self._ready)}, State events "
-                            f"{[(round(t - started, 3), str(s)) for t, s in self._states]}")
-                raise RuntimeError(f"no final result and State ON within {RUN_TIMEOUT_S} s: {seen} "
-                                   f"(Status: {self.proxy.status()}; errors: {self.events.errors})")
+            started = self.timer.start()
+            try:
+                result_at, ready_at = self.timer.wait(RUN_TIMEOUT_S)
+            except RuntimeError as error:
+                raise RuntimeError(f"{error} (errors: {self.events.errors})") from None
             self._next_series += 1
-            with self._lock:
-                result_at, ready_at = max(self._ready.values()), self._ready_at()
             final = bench_device.final_results(self.events, self.results)
             problems = []
             if final is None:

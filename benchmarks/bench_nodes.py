@@ -42,7 +42,6 @@ import platform
 import signal
 import struct
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ from benchmarks import scenarios  # noqa: E402
 from benchmarks.scenarios import (  # noqa: E402
     Scenario, SimulatorControl, SimulatorProcess, check_results, child_pids, cpu_seconds, ground_truth, median,
     scenario_by_name)
+from benchmarks.start_timer import StartTimer  # noqa: E402
 from tango_dectris_live.device.embedded_db import EmbeddedTangoDatabase, stop_process  # noqa: E402
 from tango_dectris_live.processing.analyses import AnalysisParameters  # noqa: E402
 from tango_dectris_live.testing import result_attributes, stop_leftovers, wait_for  # noqa: E402
@@ -117,77 +117,13 @@ def partial_header(value: Any) -> tuple[dict[str, Any], int]:
 # ---------------------------------------------------------------------------------------------
 # Start -> final result and State ON, as a client sees it
 
-class SeriesTimer:
-    """Subscribes to the data-ready event of ``sum_image`` and to State change events of one device."""
-
-    def __init__(self, proxy: tango.DeviceProxy) -> None:
-        self.proxy = proxy
-        self._lock = threading.Lock()
-        self._t0 = float("inf")
-        self._ready_at: float | None = None
-        self._states: list[tuple[float, Any]] = []
-        self._done = threading.Event()
-        self._initial_state = False
-        self._ids = [proxy.subscribe_event("sum_image", tango.EventType.DATA_READY_EVENT, self._on_data_ready),
-                     proxy.subscribe_event("State", tango.EventType.CHANGE_EVENT, self._on_state)]
-        wait_for(lambda: self._initial_state, 30, "the State subscription's initial event", interval=0.01)
-        # an event pushed right after subscribing may not reach the client: as bench_command_to_result
-        time.sleep(1.0)
-
-    def _on_data_ready(self, event: Any) -> None:
-        now = time.perf_counter()
-        if not event.err and now > self._t0:
-            with self._lock:
-                if self._ready_at is None:
-                    self._ready_at = now
-            self._check()
-
-    def _on_state(self, event: Any) -> None:
-        now = time.perf_counter()
-        if event.err or event.attr_value is None:
-            return
-        if now <= self._t0:
-            self._initial_state = True
-            return
-        with self._lock:
-            self._states.append((now, event.attr_value.value))
-        self._check()
-
-    def _on_at(self) -> float | None:
-        """The first State ON after a non-ON state of this Start."""
-        seen_other = False
-        for received, state in self._states:
-            if state != tango.DevState.ON:
-                seen_other = True
-            elif seen_other:
-                return received
-        return None
-
-    def _check(self) -> None:
-        with self._lock:
-            if self._ready_at is not None and self._on_at() is not None:
-                self._done.set()
-
-    def run(self) -> tuple[float, float, float]:
-        """Start one series; (started, final result received, State ON received), perf_counter."""
-        wait_for(lambda: self.proxy.state() == tango.DevState.ON, 60, lambda: f"State ON ({self.proxy.status()})")
-        with self._lock:
-            self._ready_at = None
-            self._states.clear()
-            self._done.clear()
-            self._t0 = started = time.perf_counter()
-        self.proxy.Start()
-        if not self._done.wait(RUN_TIMEOUT_S):
-            raise RuntimeError(f"no final result and State ON within {RUN_TIMEOUT_S} s (Status: {self.proxy.status()})")
-        with self._lock:
-            return started, self._ready_at, self._on_at()
-
-    def close(self) -> None:
-        for event_id in self._ids:
-            try:
-                self.proxy.unsubscribe_event(event_id)
-            except tango.DevFailed:
-                pass
+def run_series(timer: StartTimer) -> tuple[float, float, float]:
+    """Start one series; (started, final result received, State ON received), perf_counter."""
+    proxy = timer.proxy
+    wait_for(lambda: proxy.state() == tango.DevState.ON, 60, lambda: f"State ON ({proxy.status()})")
+    started = timer.start()
+    result_at, on_at = timer.wait(RUN_TIMEOUT_S)
+    return started, result_at, on_at
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +244,7 @@ def measure_config(deployment: Deployment, config: str, analyses_name: str, runs
     nodes = NODES[:count]
     node_proxies = {node: deployment.proxy(node) for node in nodes}
     frames = deployment.scenario.frames
-    timer = SeriesTimer(proxy)
+    timer = StartTimer(proxy)
     records = []
     try:
         for index in range(warmup + runs):
@@ -318,7 +254,7 @@ def measure_config(deployment: Deployment, config: str, analyses_name: str, runs
             cpu_before = {**{n: tree_cpu(pid) for n, pid in trees.items()},
                           "simulator": {"main": cpu_seconds(deployment.sim.pid)},
                           "client": {"main": cpu_seconds(os.getpid())}}
-            started, result_at, on_at = timer.run()
+            started, result_at, on_at = run_series(timer)
             cpu_after = {**{n: tree_cpu(pid) for n, pid in trees.items()},
                          "simulator": {"main": cpu_seconds(deployment.sim.pid)},
                          "client": {"main": cpu_seconds(os.getpid())}}

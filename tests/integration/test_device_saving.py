@@ -3,6 +3,7 @@ pattern; every series a NeXus file with the exact frames the simulator sent and 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -28,9 +29,10 @@ TIMEOUT = 90.0
 ARINA96 = (("binning_mode", "2x2"), ("pixel_format", "uint16"))  # ARINA binned: 96 x 96 uint16
 
 
-@pytest.fixture(scope="module")
-def saving_device(tmp_path_factory):
-    base = tmp_path_factory.mktemp("saving_base")
+@contextmanager
+def arina_saving_device(base: Path, **properties: object):
+    """The simulator (ARINA binned, ints) and a DectrisLive device saving below ``base``, with
+    ``properties`` besides the DCU's address; yields (simulator, device)."""
     with SimulatorServer(host="127.0.0.1", model="ARINA") as sim:
         rest = f"{sim.rest_url}/detector/api/1.8.0"
         requests.put(f"{rest}/command/initialize", timeout=60).raise_for_status()
@@ -39,12 +41,20 @@ def saving_device(tmp_path_factory):
         requests.put(f"{sim.rest_url}/sim/api/config", json={"pacing": "max", "nav_shape": list(NAV)},
                      timeout=10).raise_for_status()
         properties = {"DcuHost": "127.0.0.1", "DcuPort": sim.port, "StreamPort": sim.stream_port,
-                      "Stream2Port": sim.stream2_port, "StatePollPeriod": 0.1, "SavingBaseDirectory": str(base)}
+                      "Stream2Port": sim.stream2_port, "StatePollPeriod": 0.1, "SavingBaseDirectory": str(base),
+                      **properties}
         with DeviceTestContext(DectrisLive, properties=properties, process=True, timeout=60) as proxy:
             wait_for(lambda: proxy.state() == DevState.ON, 60, lambda: f"State ON ({proxy.status()})")
             proxy.analyses = ["sum", "sumsig"]
             proxy.nav_shape = list(NAV)
-            yield sim, proxy, base
+            yield sim, proxy
+
+
+@pytest.fixture(scope="module")
+def saving_device(tmp_path_factory):
+    base = tmp_path_factory.mktemp("saving_base")
+    with arina_saving_device(base) as (sim, proxy):
+        yield sim, proxy, base
 
 
 def saved_file(proxy: tango.DeviceProxy, series: int) -> Path:

@@ -10,43 +10,28 @@ import hdf5plugin  # noqa: F401 - the HDF5 filters that decode the saved frames
 import numpy as np
 import pytest
 import requests
-from tango import DevState
-from tango.test_context import DeviceTestContext
 
 from sim.server import SimulatorServer
-from tango_dectris_live.device.dectris_live import DectrisLive
 from tango_dectris_live.testing import acquire, wait_for
 
 from .live_reference import simulator_ground_truth
+from .test_device_saving import NAV, arina_saving_device
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-NAV = (6, 8)
 COUNT = int(np.prod(NAV))
 STACK = 8  # frames per stack: 6 stacks, dealt out to the two writers by blocks of 8 frames
 TIMEOUT = 90.0
-ARINA96 = (("binning_mode", "2x2"), ("pixel_format", "uint16"))  # ARINA binned: 96 x 96 uint16
 
 
 @pytest.fixture(scope="module")
 def two_writers(tmp_path_factory):
     base = tmp_path_factory.mktemp("saving_base")
-    with SimulatorServer(host="127.0.0.1", model="ARINA") as sim:
-        rest = f"{sim.rest_url}/detector/api/1.8.0"
-        requests.put(f"{rest}/command/initialize", timeout=60).raise_for_status()
-        for key, value in (("trigger_mode", "ints"), *ARINA96):
-            requests.put(f"{rest}/config/{key}", json={"value": value}, timeout=10).raise_for_status()
-        properties = {"DcuHost": "127.0.0.1", "DcuPort": sim.port, "StreamPort": sim.stream_port,
-                      "Stream2Port": sim.stream2_port, "StatePollPeriod": 0.1, "SavingBaseDirectory": str(base),
-                      "SavingWriters": 2, "FrameStackSize": STACK}
-        with DeviceTestContext(DectrisLive, properties=properties, process=True, timeout=60) as proxy:
-            wait_for(lambda: proxy.state() == DevState.ON, 60, lambda: f"State ON ({proxy.status()})")
-            proxy.analyses = ["sum", "sumsig"]
-            proxy.nav_shape = list(NAV)
-            proxy.frame_stack_size = STACK
-            proxy.saving_mode = "results_and_frames"
-            proxy.saving_name_pattern = "scan_{series_id}.h5"
-            yield sim, proxy, base
+    with arina_saving_device(base, SavingWriters=2, FrameStackSize=STACK) as (sim, proxy):
+        proxy.frame_stack_size = STACK
+        proxy.saving_mode = "results_and_frames"
+        proxy.saving_name_pattern = "scan_{series_id}.h5"
+        yield sim, proxy, base
 
 
 def configure_simulator(sim: SimulatorServer, **settings) -> None:
