@@ -79,6 +79,32 @@ class TangoNodes:
                 self.on_partial(name, partial)
         return take
 
+    def progress(self, name: str) -> tuple[int, int] | str:
+        """(series id, frames processed) of node ``name`` as it reports them now, or why it does
+        not answer (a short timeout: a dead node must not hold the series up)."""
+        try:
+            values = self._proxy(name, ping=True).read_attributes(["series_id", "frames_processed"])
+            return int(values[0].value), int(values[1].value)
+        except tango.DevFailed as error:
+            return _reason(error)
+
+    def read_partial(self, name: str) -> PartialResults | None:
+        """The node's partial results read directly (when its events did not come: a node
+        restarted since the subscription is subscribed again by Tango only after a while)."""
+        try:
+            value = self._proxy(name).read_attribute(PARTIAL_RESULTS).value
+        except tango.DevFailed as error:
+            log.debug("reading the partial results of node %s: %s", name, _reason(error))
+            return None
+        if not value or len(value) != 2 or not value[1]:
+            return None
+        try:
+            return PartialResults.decode(value[0], value[1])
+        except PartialResultsError as error:
+            if self.on_problem is not None:
+                self.on_problem(name, str(error))
+            return None
+
     def alive(self, name: str) -> str:
         try:
             self._proxy(name, ping=True).ping()

@@ -526,7 +526,10 @@ class LiveAcquisition:
         received = self._final_received if final is not None else \
             max(0, self._receiver.stats().frames_received - self._received_at_start)
         self._partial_sequence += 1
-        return run.partial(end_seen=end_seen, frames_received=received, sequence=self._partial_sequence)
+        # what this node's receiver refused (a header that contradicts the announcement, ...)
+        rejected = dict(self._rejected_since_arm(self._receiver.stats()))
+        return run.partial(end_seen=end_seen, frames_received=received, sequence=self._partial_sequence,
+                           extra={"rejected": rejected} if rejected else {})
 
     def stop(self) -> None:
         """Graceful: the DCU cancels (active mode), what arrived is processed and published."""

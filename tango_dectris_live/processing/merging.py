@@ -47,6 +47,8 @@ DRAIN_QUIET = 0.5
 FINAL_TIMEOUT = 20.0
 # how often the nodes of a running series are pinged (a dead node answers nothing)
 PING_PERIOD = 0.5
+# a node that reports more progress than its partial results showed for this long is read directly
+EVENT_GRACE = 1.0
 _WAKE = 0.25
 _SAFETY_WAKE = 2.0  # waits on events are bounded by this, should one ever be missed
 
@@ -73,6 +75,12 @@ class NodeSet(Protocol):
     def alive(self, name: str) -> str:
         """"" when ``name`` answers, else why not."""
 
+    def progress(self, name: str) -> tuple[int, int] | str:
+        """(series id, frames processed) that ``name`` reports now, or why it does not answer."""
+
+    def read_partial(self, name: str) -> PartialResults | None:
+        """``name``'s partial results, read (not waited for as an event)."""
+
     def command(self, names: list[str], command: str, argument: Any = None) -> dict[str, str]:
         """Run ``command`` on every node of ``names`` at once; {name: error} of those that failed."""
 
@@ -97,6 +105,7 @@ class MergedRun:
         self._error: str | None = None
         self._ended = threading.Event()
         self._cache: tuple[tuple, ResultSnapshot] | None = None
+        self._behind_since: dict[str, float] = {}  # node -> when it first reported more than it sent
         self.last_arrival = time.monotonic()
 
     # -- what the nodes send ------------------------------------------------------------------
@@ -116,6 +125,18 @@ class MergedRun:
             self._latest[node] = partial
             self.last_arrival = time.monotonic()
         self._on_change()
+
+    def behind(self, node: str, state: tuple[int, int], now: float) -> bool:
+        """Whether ``node`` reports (series, frames processed) ``state`` that its latest partial
+        results do not show, for longer than a partial result takes to come."""
+        with self._lock:
+            latest = self._latest.get(node)
+            shown = (latest.series, latest.frames_processed) if latest is not None else None
+            if state[0] != self.series or state == shown:
+                self._behind_since.pop(node, None)
+                return False
+            since = self._behind_since.setdefault(node, now)
+        return now - since >= EVENT_GRACE
 
     def reject(self, node: str, reason: str) -> None:
         with self._lock:
@@ -170,8 +191,11 @@ class MergedRun:
                 if name in self._failed:
                     lines.append(f"{name}: FAILED ({self._failed[name]}); {got}")
                 else:
-                    rejected = self._rejected.get(name, 0)
-                    lines.append(f"{name}: {got}" + (f"; {rejected} partial results refused" if rejected else ""))
+                    refused = self._rejected.get(name, 0)
+                    stream = partial.extra.get("rejected", {}) if partial is not None else {}
+                    lines.append(f"{name}: {got}" + (f"; {refused} partial results refused" if refused else "")
+                                 + ("; stream messages rejected: " + ", ".join(f"{k} {v}" for k, v in stream.items())
+                                    if stream else ""))
             return lines
 
     def counters(self) -> tuple[int, int]:
@@ -340,7 +364,8 @@ class MergedAcquisition(LiveAcquisition):
                     series = min(self._early) if self._early else None
                     early = self._early.pop(series, {}) if series is not None else {}
                 if series is None:
-                    self._wakeup.wait(_SAFETY_WAKE)
+                    if not self._wakeup.wait(PING_PERIOD):
+                        self._look_for_new_series(nodes)
                     continue
                 run = MergedRun(series, nodes, merger, self._wakeup.set)
                 with self._lock:
@@ -375,6 +400,20 @@ class MergedAcquisition(LiveAcquisition):
                 analysis_parameters={name: values for name in layout})
         self.saving.begin(spec, lambda handle: None)
 
+    def _look_for_new_series(self, nodes: list[str]) -> None:
+        """Passive, while no series is merged: a node on a series newer than any whose partial
+        results came (their events lost) is read directly."""
+        for name in nodes:
+            state = self.nodes.progress(name)
+            if isinstance(state, str) or state[0] <= self._passive_last or state[1] == 0:
+                continue
+            with self._lock:
+                if name in self._early.get(state[0], {}):
+                    continue
+            partial = self.nodes.read_partial(name)
+            if partial is not None:
+                self._partial_arrived(name, partial)
+
     def _usable_nodes(self) -> list[str]:
         """The nodes that answer now; those that do not are left out, with the reason."""
         left_out = {}
@@ -404,10 +443,16 @@ class MergedAcquisition(LiveAcquisition):
             if now - last_ping >= PING_PERIOD:
                 last_ping = now
                 for name in run.pending():
-                    problem = self.nodes.alive(name)
-                    if problem:
-                        run.fail(name, problem)
-                        self._message = f"series {run.series}: node {name} failed ({problem}); the others go on"
+                    state = self.nodes.progress(name)
+                    if isinstance(state, str):
+                        run.fail(name, state)
+                        self._message = f"series {run.series}: node {name} failed ({state}); the others go on"
+                    elif run.behind(name, state, now):
+                        # the node has more than its events brought (an event lost, a node
+                        # restarted since it was subscribed): read its partial results instead
+                        partial = self.nodes.read_partial(name)
+                        if partial is not None:
+                            run.offer(name, partial)
             pending = run.pending()
             if self._abort.is_set():
                 self.nodes.command(pending, "NodeAbort")
