@@ -398,7 +398,7 @@ class MergedAcquisition(LiveAcquisition):
                 title=f"series {run.series}, merged from {', '.join(run.nodes)}",
                 detector_config=self.detector.known_config(), result_layout=layout,
                 analysis_parameters={name: values for name in layout})
-        self.saving.begin(spec, lambda handle: None)
+        self.saving.begin(spec, lambda handle: None, frames_here=False)
 
     def _look_for_new_series(self, nodes: list[str]) -> None:
         """Passive, while no series is merged: a node on a series newer than any whose partial

@@ -130,10 +130,13 @@ class SeriesSaving:
     # ---- one series ----------------------------------------------------------------------
 
     def begin(self, make_spec: Callable[[], SeriesFileSpec],
-              on_stack_saved: Callable[[FrameStackHandle], None]) -> None:
+              on_stack_saved: Callable[[FrameStackHandle], None], frames_here: bool = True) -> None:
         """A series is set up: reserve its file and open it (with the mode set now; ``make_spec``
-        is called only then)."""
+        is called only then). ``frames_here`` False: this process has no frames to save (a
+        merging device: its nodes save theirs), ``results_and_frames`` saves the results."""
         settings = self._settings
+        if not frames_here and settings.mode == "results_and_frames":
+            settings = dataclasses.replace(settings, mode="results")
         self._series_mode = "off"
         self._problem = ""
         if settings.mode == "off":
