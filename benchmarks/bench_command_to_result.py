@@ -32,11 +32,9 @@ all rounds.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing
 import os
-import platform
 import signal
 import sys
 import time
@@ -48,7 +46,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import scenarios  # noqa: E402
-from benchmarks.scenarios import SimulatorProcess, analyses_by_name, median, scenario_by_name  # noqa: E402
+from benchmarks.scenarios import (SimulatorProcess, analyses_by_name, median, record_header,  # noqa: E402
+                                  scenario_by_name)
 
 SYSTEMS = ("ours", "libertem-live")
 LABELS = {"ours": "ours (DectrisLive, Start)", "libertem-live": "LiberTEM-live 0.3"}
@@ -335,11 +334,7 @@ def main() -> None:
           f"after {' '.join(f'{x:.2f}' for x in load_after)}; {time.time() - started:.0f} s")
     if args.json is not None:
         args.json.write_text(json.dumps({
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                        "load_average_before": [round(x, 2) for x in load_before],
-                        "load_average_after": [round(x, 2) for x in load_after]},
+            **record_header(load_before, load_after),
             "intervals": INTERVALS, "summaries": summaries, "measured": measured}, indent=1) + "\n")
         print(f"written {args.json}")
     if not all(s["rows"].get(system, {}).get("correct") and not s["rows"][system]["failed_rounds"]

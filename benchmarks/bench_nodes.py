@@ -34,11 +34,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
 import signal
 import struct
 import sys
@@ -54,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import scenarios  # noqa: E402
 from benchmarks.scenarios import (  # noqa: E402
+    record_header,
     Scenario, SimulatorControl, SimulatorProcess, check_results, child_pids, cpu_seconds, ground_truth, median,
     scenario_by_name)
 from benchmarks.start_timer import StartTimer  # noqa: E402
@@ -594,11 +593,7 @@ def main() -> None:
           f"after {' '.join(f'{x:.2f}' for x in load_after)}; {time.time() - began:.0f} s")
     if args.json is not None:
         args.json.write_text(json.dumps({
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                        "load_average_before": [round(x, 2) for x in load_before],
-                        "load_average_after": [round(x, 2) for x in load_after]},
+            **record_header(load_before, load_after),
             "scenario": {"name": scenario.name, "frames": scenario.frames, "nav_shape": list(scan),
                          "frame_shape": list(scenario.frame_shape), "dtype": scenario.dtype, "compression": "bslz4",
                          "pacing": "max", "stream_format": args.stream_format,

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.scenarios import ANALYSIS_SETS, SCENARIOS, median, scenario_by_name  # noqa: E402
+from benchmarks.scenarios import ANALYSIS_SETS, SCENARIOS, median, record_header, scenario_by_name  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -228,11 +227,7 @@ def main() -> None:
                   f"(searched up to {limit['searched_up_to_hz']:,.0f} Hz)")
 
     record = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        **record_header(load_before),
         "duration_s": round(time.time() - started, 1),
         "notes": notes + ["numbers from a shared machine (other jobs running): noisy"],
         "rows": rows, "realtime": realtime,

@@ -14,11 +14,15 @@ Timing figures come from :mod:`benchmarks.bench_pipeline` and :mod:`benchmarks.b
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import multiprocessing
 import os
+import platform
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping
 
 import numpy as np
@@ -425,6 +429,17 @@ def thread_id(name_prefix: str) -> int | None:
         if thread.name.startswith(name_prefix) and thread.native_id is not None:
             return thread.native_id
     return None
+
+
+def record_header(load_before: tuple[float, ...], load_after: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """When, how and where a benchmark record (benchmarks/results/*.json) was measured: the date,
+    the command line, the machine and its load average before and after (default: now)."""
+    after = os.getloadavg() if load_after is None else load_after
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "load_average_before": [round(x, 2) for x in load_before],
+                        "load_average_after": [round(x, 2) for x in after]}}
 
 
 def median(values: list[float]) -> float:

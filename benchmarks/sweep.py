@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_pipeline import json_default, measure, realtime_limit  # noqa: E402
 from benchmarks.scenarios import (  # noqa: E402
+    record_header,
     ANALYSIS_SETS, SCENARIOS, RunFigures, Scenario, median, scenario_by_name)
 from tango_dectris_live.receiver.framestack import FrameStackLayout  # noqa: E402
 
@@ -273,12 +273,8 @@ def main() -> None:
         print_table(result)
 
     record = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **record_header(load_before),
         "depth": "pipeline", "runs": args.runs, "warmup": args.warmup, "defaults": DEFAULTS,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "duration_s": round(time.time() - started, 1),
         "scenarios": results,
     }
