@@ -22,7 +22,7 @@ from tango_dectris_live.processing.stack_sums import StackSums
 from tango_dectris_live.processing.udfs import ExactSumSigUDF, ExactSumUDF, fused_sum_roles
 from tango_dectris_live.receiver import StreamReceiver, _stack_decode, decode_frames_into
 from tango_dectris_live.receiver.native import function_addresses
-from tango_dectris_live.stream import Algorithm, CorruptFrameError, FrameSizeMismatchError
+from tango_dectris_live.stream import Algorithm, CorruptFrameError
 from tango_dectris_live.testing.stream_producer import StreamProducer, random_frames
 from tests.processing_fakes import ArrayFrameSource
 from tests.test_receiver_stack_decode import BAD_BLOBS, FRAME, GOOD, ODD_SHAPE, _blob, frame_stack

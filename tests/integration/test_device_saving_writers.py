@@ -46,9 +46,7 @@ def saved_series(proxy) -> Path:
 
 
 def test_two_writers_save_the_simulators_frames_exactly_and_libertem_reads_them(two_writers):
-    from libertem.api import Context
-    from libertem.udf.sum import SumUDF
-    from libertem.udf.sumsigudf import SumSigUDF
+    from tests.libertem_reading import libertem_sums  # LiberTEM loads slowly: only where it is needed
 
     sim, proxy, base = two_writers
     configure_simulator(sim, pacing="max", nav_shape=list(NAV))
@@ -71,16 +69,11 @@ def test_two_writers_save_the_simulators_frames_exactly_and_libertem_reads_them(
             data = f["/entry/data/data"]
             assert data.shape == (COUNT // 2, 96, 96)
             assert data.id.get_create_plist().get_filter(0)[0] == 32008
-    context = Context.make_with("inline")
-    try:
-        dataset = context.load("hdf5", path=str(path), ds_path="/entry/data/data")
-        sums = context.run_udf(dataset=dataset, udf=[SumUDF(), SumSigUDF()])
-    finally:
-        context.close()
-    np.testing.assert_array_equal(sums[0]["intensity"].data, expected.sum(axis=0, dtype=np.float64))
-    np.testing.assert_array_equal(sums[0]["intensity"].data, proxy.sum_image)
-    np.testing.assert_array_equal(sums[1]["intensity"].data, expected.sum(axis=(1, 2), dtype=np.float64))
-    np.testing.assert_array_equal(sums[1]["intensity"].data.reshape(NAV), proxy.sumsig_image)
+    total, per_frame = libertem_sums(path)
+    np.testing.assert_array_equal(total, expected.sum(axis=0, dtype=np.float64))
+    np.testing.assert_array_equal(total, proxy.sum_image)
+    np.testing.assert_array_equal(per_frame, expected.sum(axis=(1, 2), dtype=np.float64))
+    np.testing.assert_array_equal(per_frame.reshape(NAV), proxy.sumsig_image)
 
 
 def test_frames_the_stream_dropped_are_listed_missing(two_writers):
