@@ -482,6 +482,9 @@ class MergedAcquisition(LiveAcquisition):
                     run.fail(name, f"no final partial results {FINAL_TIMEOUT:g} s after NodeFinish")
                 continue
             self._wakeup.wait(_WAKE)
+        if self._abort.is_set():
+            # an Abort that ended the run before this loop saw it: the nodes drop their frames too
+            self.nodes.command(run.pending(), "NodeAbort")
         final = run.snapshot()
         self.saving.end(final.buffers, final.done, "complete" if final.state == RunState.FINISHED else final.state.value)
         self._last_final = final

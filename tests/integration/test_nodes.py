@@ -238,3 +238,41 @@ def test_passive_nodes_merge_every_series_someone_else_arms(facility, version, c
         wait_for(lambda: merger.state() == tango.DevState.ON, 30, lambda: f"ON after Stop ({merger.status()})")
         for node in NODES[:count]:
             wait_for(lambda: facility.proxy(node).state() == tango.DevState.ON, 30, lambda: f"{node} idle")
+
+
+def test_stop_and_abort_mid_series_end_on_every_node_and_the_next_series_runs(facility):
+    """Stop (the DCU cancels, what arrived is merged) and Abort (pending frames dropped) on a merger
+    of two nodes while the series streams: State ON again, no node failed, the merged positions are
+    the ground truth; then a full series."""
+    facility.set_stream(2)
+    merger = facility.proxy(MERGERS[2])
+    frames = NAV[0] * NAV[1]
+    truth = reference_results(simulator_ground_truth(facility.sim, NAV), DETECTORS)
+    requests.put(f"{facility.rest}/config/frame_time", json={"value": 0.01}, timeout=10).raise_for_status()
+    requests.put(f"{facility.rest}/config/count_time", json={"value": 0.01}, timeout=10).raise_for_status()
+    requests.put(f"{facility.sim.rest_url}/sim/api/config", json={"pacing": "frame_time"},
+                 timeout=10).raise_for_status()
+    try:
+        for how in ("Stop", "Abort"):
+            wait_for(lambda: merger.state() == tango.DevState.ON, 30, lambda: f"ON ({merger.status()})")
+            ended = merger.acquisitions_ended
+            node = facility.proxy(NODES[0])
+            before = node.series_id
+            merger.Start()
+            wait_for(lambda: node.series_id != before and node.frames_received >= 20, 60,
+                     lambda: f"node 1 receiving ({node.status()})")
+            getattr(merger, how)()
+            wait_for(lambda: merger.acquisitions_ended > ended, 60, lambda: f"{how} ended ({merger.status()})")
+            wait_for(lambda: merger.state() == tango.DevState.ON, 30, lambda: f"ON after {how} ({merger.status()})")
+            assert 0 < merger.frames_processed < frames, (how, merger.status())
+            got = _results(merger)["sumsig_image"]
+            merged = ~np.isnan(got)
+            np.testing.assert_array_equal(got[merged], truth["sumsig_image"][merged], err_msg=how)
+            assert not any("FAILED" in line for line in merger.nodes_status), merger.nodes_status
+            for name in NODES[:2]:  # the nodes were told: none ended the series by its frame timeout
+                wait_for(lambda: "(idle)" in facility.proxy(name).status(), 30, lambda: f"{name} idle")
+                assert "no frame for" not in facility.proxy(name).acquisition_status, (how, name)
+    finally:
+        requests.put(f"{facility.sim.rest_url}/sim/api/config", json={"pacing": "max"}, timeout=10)
+    acquire(merger, result="sum_image")
+    assert (merger.frames_processed, merger.frames_missing) == (frames, 0), merger.status()
