@@ -52,6 +52,8 @@ class DectrisLiveDriver(TangoDevice):
     saving_status: SignalR[str]
     last_saved_file: SignalR[str]
     frames_saved: SignalR[int]
+    # single, node or merger (a merging device saves no frames: its nodes do); None: a device before roles
+    role: SignalR[str] | None
     # SIMPLON parameters (SIMPLON_SIGNALS)
     count_time: SignalRW[float] | None
     frame_time: SignalRW[float] | None

@@ -75,6 +75,11 @@ async def read_layout(driver: DectrisLiveDriver) -> SeriesLayout:
                          f"(DectrisLiveDetector(..., nav_shape=(rows, columns)) or det.driver.nav_shape)")
     if saving_mode not in SAVING_MODES:
         raise ValueError(f"saving_mode {saving_mode!r} of {driver.get_trl()} is none of {', '.join(SAVING_MODES)}")
+    if saving_mode == "results_and_frames" and driver.role is not None and \
+            await driver.role.get_value() == "merger":
+        raise ValueError(f"{driver.get_trl()} is a merging device (Role merger): its series files hold the "
+                         f"results, the frames are in its nodes' files; set its saving_mode to results (and the "
+                         f"nodes' saving_mode to results_and_frames to keep the frames)")
     by_analysis = parse_result_attributes(result_lines)
     missing = [name for name in analyses if name not in by_analysis]
     if missing:

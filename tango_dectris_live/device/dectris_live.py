@@ -621,7 +621,16 @@ class DectrisLive(Device):
         names = self._detector.result_names if self._detector is not None else {}
         attr.set_value([f"{name}: {', '.join(results)}" for name, results in names.items()])
 
+    def _read_role(self, attr: tango.Attribute) -> None:
+        attr.set_value(getattr(self, "_role", "") or self.Role.strip().lower())
+
     def _add_information_attributes(self) -> None:
+        role = tango.Attr("role", tango.DevString, AttrWriteType.READ)
+        props = tango.UserDefaultAttrProp()
+        props.set_description("The Role property: single, node or merger (a merging device saves no frames: "
+                              "its nodes do)")
+        role.set_default_properties(props)
+        self.add_attribute(role, r_meth=self._read_role)
         for name, doc, reader in (
                 ("available_analyses", "Names of the analyses that can be selected", self._read_available_analyses),
                 ("result_attributes", "'analysis: result attribute, ...' for every available analysis",

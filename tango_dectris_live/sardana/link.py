@@ -100,6 +100,7 @@ class DeviceLink:
         self._saving: dict[str, tuple[str, str | None, int]] = {}
         self._enum_labels: dict[str, list[str]] = {}
         self._result_analyses: dict[str, str] | None = None  # read once: see result_analyses
+        self._role: str | None = None  # read once: see saves_frames
         # (the device's saving mode before the link raised it, the mode the link set) or None
         self._raised: tuple[str, str] | None = None
 
@@ -138,6 +139,17 @@ class DeviceLink:
                             out[name.strip()] = analysis.strip()
                 self._result_analyses = out
             return dict(self._result_analyses)
+
+    def saves_frames(self) -> bool:
+        """Whether the device's series files can hold the frames: not a merging device's (Role
+        merger: its nodes receive and save the frames); read once."""
+        with self._lock:
+            if self._role is None:
+                try:
+                    self._role = str(self.proxy.role)
+                except (tango.DevFailed, AttributeError):
+                    self._role = "single"  # a device of a version before roles
+            return self._role != "merger"
 
     def analysis_of(self, result: str) -> str:
         """The analysis that publishes ``result`` (LinkError when the device has none)."""

@@ -271,6 +271,11 @@ class DectrisLiveTwoDController(_DeviceChannels, TwoDController, Referable):
             raise LinkError("value references point at one image per acquisition: in a hardware-synchronised "
                             "scan switch ValueRefEnabled off (the images come from the series file, which "
                             "Sardana's recorder cannot reference frame by frame)")
+        elif not self._link.saves_frames():
+            raise LinkError(f"{self.Device} is a merging device (Role merger): its series files hold the results, "
+                            f"the frames are in its nodes' files; a hardware-synchronised scan's images are the "
+                            f"frames: leave this image channel out of the continuous scan's measurement group "
+                            f"(the counters work)")
         else:
             # one series for the whole scan: each point's image is its frame, read from the
             # series file the device saves (the Pool must see the device's SavingBaseDirectory)
@@ -343,6 +348,9 @@ def _saved_frames(path: str) -> np.ndarray:
     except OSError as error:
         raise LinkError(f"the series file {path} cannot be read from the Pool's machine ({error}): the Pool "
                         f"must see the device's SavingBaseDirectory for the images of a continuous scan") from error
+    if frames.shape[0] == 0:
+        raise LinkError(f"the series file {path} holds no frames (saved without them): the images of a "
+                        f"hardware-synchronised scan are the frames")
     frames[missing[missing < len(frames)]] = np.nan
     return frames
 
