@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +111,25 @@ class DoorClient:
                 self.proxy.unsubscribe_event(subscription)
             except tango.DevFailed:
                 pass
+
+
+@contextmanager
+def default_database(tango_host: str) -> Iterator[None]:
+    """Inside the block this process' default Tango database -- the one short device names and
+    Sardana's aliases are looked up in -- is the one at ``tango_host``. The client library reads
+    TANGO_HOST once and keeps that database for the process, so for a second (embedded) database in
+    the same process, such as another test module's, its state is dropped first
+    (``ApiUtil.cleanup``: proxies made before are not valid any more)."""
+    saved = os.environ.get("TANGO_HOST")
+    os.environ["TANGO_HOST"] = tango_host
+    tango.ApiUtil.cleanup()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TANGO_HOST", None)
+        else:
+            os.environ["TANGO_HOST"] = saved
 
 
 class SardanaServers:

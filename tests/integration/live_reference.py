@@ -91,3 +91,14 @@ def reference_results(truth: ScanDataGenerator, detectors: VirtualDetectors,
     results["sum_image"] = truth.sum_frames(present).astype(np.float64)
     results["last_frame"] = truth.frame(present[-1]).astype(np.float64)
     return results
+
+
+def assert_equals_truth(name: str, value: np.ndarray, expected: np.ndarray) -> None:
+    """A published result against its reference: the integer sums exactly, the mask and CoM
+    results to LiberTEM's float32 precision."""
+    value = np.asarray(value)
+    assert value.shape == expected.shape, f"{name}: {value.shape} != {expected.shape}"
+    if name in ("sum_image", "sumsig_image"):
+        np.testing.assert_array_equal(value, expected, err_msg=name)  # exact integer sums
+    else:
+        np.testing.assert_allclose(value, expected, rtol=2e-5, err_msg=name)  # LiberTEM's float32 masks

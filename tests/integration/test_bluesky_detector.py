@@ -26,7 +26,7 @@ from tango_dectris_live.bluesky import AcquisitionError, DectrisLiveDetector, Se
 from tango_dectris_live.device.dectris_live import DectrisLive
 from tango_dectris_live.testing import wait_for
 
-from .live_reference import VirtualDetectors, reference_results, simulator_ground_truth
+from .live_reference import VirtualDetectors, assert_equals_truth, reference_results, simulator_ground_truth
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -117,15 +117,6 @@ def read_resource(resource: dict) -> np.ndarray:
     assert resource["uri"].startswith("file://localhost/")
     with h5py.File(urlparse(resource["uri"]).path, "r") as file:
         return file[resource["parameters"]["dataset"]][()]
-
-
-def assert_equals_truth(name: str, value: np.ndarray, expected: np.ndarray) -> None:
-    value = np.asarray(value)
-    assert value.shape == expected.shape, f"{name}: {value.shape} != {expected.shape}"
-    if name in ("sum_image", "sumsig_image"):
-        np.testing.assert_array_equal(value, expected, err_msg=name)  # exact integer sums
-    else:
-        np.testing.assert_allclose(value, expected, rtol=2e-5, err_msg=name)  # LiberTEM's float32 masks
 
 
 def assert_stream_resources(documents: list[tuple[str, dict]], data_keys: set[str], events: int,

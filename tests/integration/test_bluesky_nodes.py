@@ -20,7 +20,7 @@ from sim.server import SimulatorServer
 from tango_dectris_live.device.embedded_db import EmbeddedTangoDatabase
 from tango_dectris_live.testing import wait_for
 
-from .live_reference import VirtualDetectors, reference_results, simulator_ground_truth
+from .live_reference import VirtualDetectors, assert_equals_truth, reference_results, simulator_ground_truth
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -89,23 +89,19 @@ def truth(merger_line) -> dict[str, np.ndarray]:
     return reference_results(simulator_ground_truth(sim, NAV), DETECTORS)
 
 
-def _assert_equals_truth(name: str, value: np.ndarray, expected: np.ndarray) -> None:
-    value = np.asarray(value)
-    assert value.shape == expected.shape, f"{name}: {value.shape} != {expected.shape}"
-    if name in ("sum_image", "sumsig_image"):
-        np.testing.assert_array_equal(value, expected, err_msg=name)  # exact integer sums
-    else:
-        np.testing.assert_allclose(value, expected, rtol=2e-5, err_msg=name)  # LiberTEM's float32 masks
-
-
 class Session:
-    """One RunEngine for the module, as one user session: pytango's asyncio proxies belong to the
-    event loop of the first RunEngine, so a second RunEngine in the process cannot connect them."""
+    """One RunEngine for the module, as one user session. pytango's asyncio executor (a process
+    global) stays bound to the event loop it was first used on -- here that of the RunEngine of
+    test_bluesky_detector.py, run before in the same process -- and a proxy made for another loop
+    cannot be awaited: the executor is dropped first, so that pytango makes one for this session's."""
 
     def __init__(self) -> None:
         pytest.importorskip("ophyd_async",
                             reason="ophyd-async is not installed (pip install tango-dectris-live[bluesky])")
         from bluesky import RunEngine
+        from tango.asyncio_executor import set_global_executor
+
+        set_global_executor(None)
 
         self.engine = RunEngine()
         self.documents: list[tuple[str, dict]] = []
@@ -148,7 +144,7 @@ def test_count_on_the_merger_puts_each_series_merged_results_in_its_event(merger
     for event in events:
         assert (event["data"]["det-frames_processed"], event["data"]["det-frames_missing"]) == (NAV[0] * NAV[1], 0)
         for name in RESULTS:
-            _assert_equals_truth(name, event["data"][f"det-{name}"], truth[name])
+            assert_equals_truth(name, event["data"][f"det-{name}"], truth[name])
     assert not _of_kind(documents, "stream_resource")  # saving off: nothing in files
     assert_merged_by_every_node(merger)
 
@@ -173,7 +169,7 @@ def test_count_on_the_merger_with_saving_reads_the_merged_results_from_its_files
         with h5py.File(path, "r") as saved:
             data = saved[resource["parameters"]["dataset"]][()]
         name = resource["data_key"].removeprefix("det-")
-        _assert_equals_truth(name, data, truth[name])
+        assert_equals_truth(name, data, truth[name])
 
 
 def test_count_on_the_merger_with_frames_says_the_merger_has_no_frames(merger_line, session):

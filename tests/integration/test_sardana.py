@@ -25,7 +25,7 @@ from tango_dectris_live.testing import wait_for  # noqa: E402
 
 from .live_reference import VirtualDetectors, reference_results, simulator_ground_truth  # noqa: E402
 from tango_dectris_live.sardana import CONTROLLER_PATH, MACRO_PATH  # noqa: E402
-from tango_dectris_live.testing.sardana_servers import DoorClient, SardanaServers  # noqa: E402
+from tango_dectris_live.testing.sardana_servers import DoorClient, SardanaServers, default_database  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -61,9 +61,8 @@ class Beamline:
 @pytest.fixture(scope="module")
 def beamline(tmp_path_factory):
     base = tmp_path_factory.mktemp("sardana")
-    with SimulatorServer(host="127.0.0.1", model="ARINA") as sim, EmbeddedTangoDatabase() as db:
-        saved_host = os.environ.get("TANGO_HOST")
-        os.environ["TANGO_HOST"] = db.tango_host
+    with SimulatorServer(host="127.0.0.1", model="ARINA") as sim, EmbeddedTangoDatabase() as db, \
+            default_database(db.tango_host):
         sardana = None
         door = None
         try:
@@ -99,10 +98,6 @@ def beamline(tmp_path_factory):
                 door.close()
             if sardana is not None:
                 sardana.stop()
-            if saved_host is None:
-                os.environ.pop("TANGO_HOST", None)
-            else:
-                os.environ["TANGO_HOST"] = saved_host
 
 
 def _truth(line: Beamline, nav_shape: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -115,7 +110,8 @@ def _scan_entry(path: Path) -> h5py.Group:
     return f[entries[-1]]
 
 
-def test_ct_gives_the_detector_image_and_the_virtual_counters(beamline):
+def check_ct(beamline: Beamline) -> None:
+    """``ct 0.01`` with the dlive_mg group: the image and every counter equal the ground truth."""
     beamline.sim_config(nav_shape=[1, 1])
     beamline.run("senv", "ActiveMntGrp", "dlive_mg")
     result = beamline.run("ct", "0.01")
@@ -126,6 +122,10 @@ def test_ct_gives_the_detector_image_and_the_virtual_counters(beamline):
         assert channel in result.output
     np.testing.assert_array_equal(tango.DeviceProxy("dlive_image").Value, truth["sum_image"])
     assert beamline.device.state() == tango.DevState.ON
+
+
+def test_ct_gives_the_detector_image_and_the_virtual_counters(beamline):
+    check_ct(beamline)
 
 
 def test_ascan_records_every_point_with_image_references_into_the_saved_files(beamline):

@@ -16,11 +16,11 @@ pytest.importorskip("sardana", reason="Sardana is not installed (pip install tan
 from sim.server import SimulatorServer  # noqa: E402
 from tango_dectris_live.device.embedded_db import EmbeddedTangoDatabase  # noqa: E402
 from tango_dectris_live.sardana import CONTROLLER_PATH, MACRO_PATH  # noqa: E402
-from tango_dectris_live.testing.sardana_servers import DoorClient, SardanaServers  # noqa: E402
+from tango_dectris_live.testing.sardana_servers import DoorClient, SardanaServers, default_database  # noqa: E402
 
 from .test_bluesky_nodes import MERGER, assert_merged_by_every_node, deploy_merger  # noqa: E402
 from .test_sardana import (COUNTERS, DETECTORS, TOLERANCE, Beamline, _hardware_group, _scan_entry,  # noqa: E402
-                           _truth)
+                           _truth, check_ct)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,9 +30,8 @@ def beamline(tmp_path_factory):
     """The simulator as the DCU, two node servers and the merging server (three processes), the
     Sardana server, a dummy motor and ``dectris_live_setup`` run on the merging device."""
     base = tmp_path_factory.mktemp("sardana_nodes")
-    with SimulatorServer(host="127.0.0.1", model="ARINA") as sim, EmbeddedTangoDatabase() as db:
-        saved_host = os.environ.get("TANGO_HOST")
-        os.environ["TANGO_HOST"] = db.tango_host
+    with SimulatorServer(host="127.0.0.1", model="ARINA") as sim, EmbeddedTangoDatabase() as db, \
+            default_database(db.tango_host):
         sardana = None
         door = None
         try:
@@ -52,23 +51,10 @@ def beamline(tmp_path_factory):
                 door.close()
             if sardana is not None:
                 sardana.stop()
-            if saved_host is None:
-                os.environ.pop("TANGO_HOST", None)
-            else:
-                os.environ["TANGO_HOST"] = saved_host
 
 
 def test_ct_on_the_merger_gives_the_detector_image_and_the_virtual_counters(beamline):
-    beamline.sim_config(nav_shape=[1, 1])
-    beamline.run("senv", "ActiveMntGrp", "dlive_mg")
-    result = beamline.run("ct", "0.01")
-    truth = _truth(beamline, (1, 1))
-    for channel, name in COUNTERS.items():
-        value = tango.DeviceProxy(channel).Value
-        np.testing.assert_allclose(value, truth[name].ravel()[0], err_msg=channel, **TOLERANCE)
-        assert channel in result.output
-    np.testing.assert_array_equal(tango.DeviceProxy("dlive_image").Value, truth["sum_image"])
-    assert beamline.device.state() == tango.DevState.ON
+    check_ct(beamline)
     assert_merged_by_every_node(beamline.device)
 
 
