@@ -350,8 +350,12 @@ class MergedAcquisition(LiveAcquisition):
         merger = ResultMerger(self.registry, request.analyses, parameters, resolve_scan_shape(images, request.nav_shape),
                               geometry.frame_shape, geometry.dtype)
         nodes = self._usable_nodes()
+        # what the nodes did before (another merging device's series, an earlier Listen) is not
+        # this Listen's: only series newer than any a node reports now begin here
+        newest = [state[0] for state in map(self.nodes.progress, nodes) if not isinstance(state, str)]
         with self._lock:
             self._early = {}
+            self._passive_last = max([self._passive_last, *newest])
         failures = self.nodes.command(nodes, "NodeListen", announcement.to_json())
         if failures:
             self.nodes.command([n for n in nodes if n not in failures], "Stop")
