@@ -286,6 +286,7 @@ class LiveAcquisition:
         self._announced: SeriesAnnouncement | None = None
         self._node_series: int | None = None
         self._node_armed = threading.Event()
+        self._node_received_before = 0
         self._drain = threading.Event()
         self._drain_quiet = 0.0
         self._drain_series: int | None = None
@@ -441,6 +442,8 @@ class LiveAcquisition:
         announcement = self._announced
         if self._mode != AcquisitionMode.NODE or announcement is None or self._node_armed.is_set():
             raise AcquisitionBusyError("NodeArm needs a prepared node (NodePrepare first, one NodeArm per series)")
+        # frames may come before the session thread starts the run: counted from here
+        self._node_received_before = self._receiver.stats().frames_received
         self._receiver.arm(int(series), announcement.header(series))
         self._node_series = int(series)
         self._node_armed.set()
@@ -507,7 +510,8 @@ class LiveAcquisition:
                 self._receiver.cancel()
                 return
         series = self._node_series
-        run = self._process(self._source, request, request.parameters, request.nav_shape, series)
+        run = self._process(self._source, request, request.parameters, request.nav_shape, series,
+                            self._node_received_before)
         self._receiver.timeout = self.frame_timeout(announcement.trigger_mode, announcement.frame_time,
                                                     announcement.number_of_images)
         self._message = f"series {series}: node receiving and processing its share"
