@@ -86,18 +86,23 @@ def beamline(tmp_path_factory):
             sardana = SardanaServers(db.tango_host, base, CONTROLLER_PATH, MACRO_PATH).start()
             door = DoorClient(sardana.door)
             line = Beamline(sim, device, door, sardana, base)
-            line.run("defctrl", "DummyMotorController", "motctrl", timeout=60)
-            line.run("defelem", "dummy_mot", "motctrl", "1", timeout=60)
-            setup = line.run("dectris_live_setup", DEVICE, timeout=60)
-            assert "dlive_mg" in setup.output
-            line.run("senv", "ScanDir", str(base / "scans"))
-            (base / "scans").mkdir()
+            set_up_beamline(line, DEVICE)
             yield line
         finally:
             if door is not None:
                 door.close()
             if sardana is not None:
                 sardana.stop()
+
+
+def set_up_beamline(line: Beamline, device: str) -> None:
+    """A dummy motor, ``dectris_live_setup`` on ``device`` (group dlive_mg), the scan directory."""
+    line.run("defctrl", "DummyMotorController", "motctrl", timeout=60)
+    line.run("defelem", "dummy_mot", "motctrl", "1", timeout=60)
+    setup = line.run("dectris_live_setup", device, timeout=60)
+    assert "dlive_mg" in setup.output
+    (line.base / "scans").mkdir()
+    line.run("senv", "ScanDir", str(line.base / "scans"))
 
 
 def _truth(line: Beamline, nav_shape: tuple[int, int]) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ from tango_dectris_live.testing.sardana_servers import DoorClient, SardanaServer
 
 from .test_bluesky_nodes import MERGER, assert_merged_by_every_node, deploy_merger  # noqa: E402
 from .test_sardana import (COUNTERS, DETECTORS, TOLERANCE, Beamline, _hardware_group, _scan_entry,  # noqa: E402
-                           _truth, check_ct)
+                           _truth, check_ct, set_up_beamline)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,12 +39,7 @@ def beamline(tmp_path_factory):
             sardana = SardanaServers(db.tango_host, base, CONTROLLER_PATH, MACRO_PATH).start()
             door = DoorClient(sardana.door)
             line = Beamline(sim, device, door, sardana, base)
-            line.run("defctrl", "DummyMotorController", "motctrl", timeout=60)
-            line.run("defelem", "dummy_mot", "motctrl", "1", timeout=60)
-            setup = line.run("dectris_live_setup", MERGER, timeout=60)
-            assert "dlive_mg" in setup.output
-            (base / "scans").mkdir()
-            line.run("senv", "ScanDir", str(base / "scans"))
+            set_up_beamline(line, MERGER)
             yield line
         finally:
             if door is not None:
